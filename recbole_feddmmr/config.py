@@ -1,0 +1,44 @@
+"""Config: RecBole's Config plus the plugin's yaml layers and data folder."""
+
+from __future__ import annotations
+
+import os
+
+from recbole.config import Config as RecBoleConfig
+
+from recbole_feddmmr.compat import apply_numpy_aliases
+from recbole_feddmmr.utils import get_model, properties_dir
+
+
+class Config(RecBoleConfig):
+    """RecBole's Config that also knows the plugin's models, yaml files and ``dataset_atomic/``.
+
+    Priority, lowest first: RecBole's internal yaml, the plugin's ``overall.yaml``,
+    ``model/<Model>.yaml``, ``dataset/<dataset>.yaml``, then (as in RecBole) config
+    files, config dict and ``--key=value`` command-line arguments.
+    """
+
+    def compatibility_settings(self) -> None:
+        apply_numpy_aliases()
+        super().compatibility_settings()
+
+    def _get_model_and_dataset(self, model, dataset):
+        if model is None:
+            model = self.external_config_dict.get("model")
+        if isinstance(model, str):
+            model = get_model(model)
+        return super()._get_model_and_dataset(model, dataset)
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        plugin = properties_dir()
+        for path in (plugin / "overall.yaml", plugin / "model" / f"{model}.yaml", plugin / "dataset" / f"{dataset}.yaml"):
+            if path.is_file():
+                self._update_internal_config_dict(str(path))
+
+    def _set_default_parameters(self) -> None:
+        data_root = self.final_config_dict["data_path"]
+        super()._set_default_parameters()
+        # RecBole points ml-100k at the copy inside its wheel; the plugin reads
+        # dataset_atomic/<dataset>/ for every dataset (that is where the .itememb lives).
+        self.final_config_dict["data_path"] = os.path.join(data_root, self.dataset)

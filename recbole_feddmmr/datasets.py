@@ -1,0 +1,90 @@
+"""Datasets the plugin can build by itself, offline.
+
+``ml-100k``: the atomic files inside RecBole's wheel (.inter, .item, .user) are
+copied to ``dataset_atomic/ml-100k/`` and ``ml-100k.itememb`` is added with
+384-d SBERT features (offline all-MiniLM-L6-v2) of "Title (year). Genres: ...",
+for exactly the items of the .inter file (an item that only appears in the
+.itememb would become a ranking candidate in RecBole).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from recbole_feddmmr.features.atomic import write_itememb
+from recbole_feddmmr.features.text import encode_texts, load_sentence_encoder
+
+ML100K = "ml-100k"
+ML100K_COPIED = ("inter", "item", "user")
+logger = logging.getLogger(__name__)
+
+
+def recbole_ml100k_dir() -> Path:
+    import recbole
+
+    return Path(recbole.__file__).resolve().parent / "dataset_example" / ML100K
+
+
+def read_atomic(path: str | Path) -> pd.DataFrame:
+    """An atomic file as strings, columns named without their ``:type`` suffix."""
+    frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
+    frame.columns = [column.split(":")[0] for column in frame.columns]
+    return frame
+
+
+def ml100k_item_texts(item_file: str | Path, item_ids: list[str]) -> list[str]:
+    """"Title (year). Genres: A, B" for each of ``item_ids``, from RecBole's ml-100k.item."""
+    items = read_atomic(item_file).set_index("item_id")
+    missing = [item for item in item_ids if item not in items.index]
+    if missing:
+        raise ValueError(f"{item_file}: no row for item ids {missing[:5]} that appear in the .inter file")
+    texts = []
+    for item in item_ids:
+        row = items.loc[item]
+        year = f" ({row['release_year']})" if row["release_year"] else ""
+        genres = ", ".join(row["class"].split())
+        texts.append(f"{row['movie_title']}{year}. Genres: {genres}" if genres else f"{row['movie_title']}{year}")
+    return texts
+
+
+def prepare_ml100k(target_dir: str | Path, encoder=None, show_progress: bool = True) -> Path:
+    """Write any missing file of ``target_dir`` (= dataset_atomic/ml-100k); existing files are kept."""
+    target = Path(target_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    source = recbole_ml100k_dir()
+    for suffix in ML100K_COPIED:
+        destination = target / f"{ML100K}.{suffix}"
+        if not destination.exists():
+            shutil.copyfile(source / f"{ML100K}.{suffix}", destination.with_name(destination.name + ".tmp"))
+            destination.with_name(destination.name + ".tmp").replace(destination)
+    itememb = target / f"{ML100K}.itememb"
+    if not itememb.exists():
+        started = time.perf_counter()
+        item_ids = sorted(read_atomic(target / f"{ML100K}.inter")["item_id"].unique(), key=int)
+        texts = ml100k_item_texts(target / f"{ML100K}.item", item_ids)
+        logger.info(f"encoding {len(texts)} ml-100k item texts with SBERT (offline all-MiniLM-L6-v2)")
+        embeddings = encode_texts(texts, encoder or load_sentence_encoder(), show_progress=show_progress)
+        write_itememb(itememb, item_ids, {"sbert_emb": embeddings})
+        logger.info(
+            f"wrote {itememb}: {len(item_ids)} items x {embeddings.shape[1]}-d sbert_emb "
+            f"in {time.perf_counter() - started:.1f}s"
+        )
+    return target
+
+
+def ensure_dataset(dataset: str, data_path: str | Path, show_progress: bool = True) -> None:
+    """Make ``data_path`` (= dataset_atomic/<dataset>) usable, or fail with what to do."""
+    data_path = Path(data_path)
+    if dataset == ML100K:
+        prepare_ml100k(data_path, show_progress=show_progress)
+    elif not (data_path / f"{dataset}.inter").is_file():
+        raise FileNotFoundError(
+            f"no {data_path / (dataset + '.inter')}: put the atomic files of '{dataset}' in {data_path} "
+            "(see README, 'Your own dataset')"
+        )

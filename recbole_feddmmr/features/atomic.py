@@ -1,0 +1,33 @@
+"""Write RecBole ``.itememb`` atomic files (one ``token`` id column, ``float_seq`` feature columns)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def write_itememb(
+    path: str | Path, item_ids: list[str], features: dict[str, np.ndarray], id_field: str = "iid"
+) -> Path:
+    """Write ``path`` with header ``iid:token <name>:float_seq ...`` and one row per item.
+
+    ``features`` maps a column name to a [len(item_ids), D] array. The file is written
+    to a temporary name and renamed, so a crash never leaves a truncated file behind.
+    """
+    path = Path(path)
+    for name, matrix in features.items():
+        if matrix.shape[0] != len(item_ids):
+            raise ValueError(f"feature '{name}' has {matrix.shape[0]} rows for {len(item_ids)} items")
+        if not np.isfinite(matrix).all():
+            raise ValueError(f"feature '{name}' contains NaN or inf values")
+    header = "\t".join([f"{id_field}:token"] + [f"{name}:float_seq" for name in features])
+    rendered = {name: [" ".join(f"{v:.7g}" for v in row) for row in matrix] for name, matrix in features.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(header + "\n")
+        for row, item_id in enumerate(item_ids):
+            handle.write("\t".join([str(item_id)] + [rendered[name][row] for name in features]) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,308 @@
+"""UR4RecV2MoE: a SASRec backbone and three experts fused by an item-centric router.
+
+Score of candidate item i for a user with sequence representation ``s``::
+
+    score(i) = w_seq(i) * s . r_i + w_vis(i) * s . vis_emb(i) + w_sem(i) * s . sem_emb(i)
+
+with ``r_i`` the item's ID representation, the experts reading the user's memory,
+and ``w = softmax`` of the router over the experts that are live for (user, i):
+an expert is off where the dataset lacks its modality, the item lacks the
+feature, or the user's memory holds no slot of that modality.
+
+Loss: BPR of the positive against ``train_neg_num`` uniformly sampled negatives
+(never the positive), or full-softmax CE; plus ``load_balance_weight *
+sum_e (mean router weight_e - 1/E)^2`` over the E experts the dataset enables.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+from torch import Tensor, nn
+
+from recbole_feddmmr.memory import ItemFeatures, MemoryReadout, RecentHistoryMemory
+from recbole_feddmmr.model.layers import (
+    ItemCentricRouter,
+    SASRecBackbone,
+    SemanticExpert,
+    VisualExpert,
+    candidate_dot,
+    select_candidates,
+)
+
+EXPERTS = ("sequential", "visual", "semantic")
+
+
+def item_feature_table(dataset, id_field: str, value_field: str | None, expected_dim: int) -> Tensor | None:
+    """``[n_items, D]`` float table of ``value_field`` from RecBole's feature of ``id_field`` (row = item id).
+
+    ``id_field`` is an alias of the item id (``alias_of_item_id``), so RecBole has
+    already remapped it to the internal ids. ``None`` when the dataset has no such field.
+    """
+    if not value_field or value_field not in dataset.field2source or id_field not in dataset.field2source:
+        return None
+    feat = dataset.field2feats(id_field)[0]
+    values = torch.as_tensor(feat[value_field], dtype=torch.float32)  # [rows, D]
+    if values.dim() != 2 or values.size(1) != expected_dim:
+        raise ValueError(
+            f"feature field '{value_field}' has dimension {tuple(values.shape[1:])}, "
+            f"the model expects {expected_dim}: fix the .itememb file or set the matching *_dim option"
+        )
+    table = torch.zeros(dataset.item_num, expected_dim)
+    table[torch.as_tensor(feat[id_field]).long()] = values
+    return table
+
+
+def bpr_loss(scores: Tensor) -> Tensor:
+    """``scores`` [B, 1 + N], positive in column 0 -> mean over B x N of -log sigmoid(pos - neg)."""
+    return -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean()
+
+
+def load_balance_loss(router_weights: Tensor, enabled: Tensor) -> Tensor:
+    """``router_weights`` [B, C, X], ``enabled`` [X] bool -> sum over enabled e of (mean w_e - 1/E)^2."""
+    usage = router_weights.reshape(-1, router_weights.size(-1)).mean(dim=0)[enabled]  # [E]
+    return ((usage - 1.0 / usage.numel()) ** 2).sum()
+
+
+def sample_negatives(positives: Tensor, num_items: int, num_negatives: int, generator=None) -> Tensor:
+    """Uniform negatives over items 1..num_items-1 excluding each row's positive: [B] -> [B, N]."""
+    draws = torch.randint(
+        1, num_items - 1, (positives.size(0), num_negatives), device=positives.device, generator=generator
+    )  # [B, N] in 1..num_items-2
+    return draws + (draws >= positives[:, None]).long()  # shift past the positive
+
+
+class UR4RecV2MoE(SequentialRecommender):
+    """FedDMMR's recommender (centralised view; federation only ever sees its parameters and loss)."""
+
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset) -> None:
+        super().__init__(config, dataset)
+        self.item_emb_dim = config["item_emb_dim"]
+        self.user_emb_dim = config["user_emb_dim"]
+        self.hidden_dim = config["sasrec_hidden_dim"]
+        self.loss_type = config["loss_type"]
+        self.train_neg_num = config["train_neg_num"]
+        self.load_balance_weight = config["load_balance_weight"]
+        self.eval_user_chunk = config["eval_user_chunk"] or 256
+        if self.loss_type not in ("BPR", "CE"):
+            raise ValueError(f"loss_type must be 'BPR' or 'CE', got {self.loss_type!r}")
+        if self.max_seq_length > config["max_seq_len"]:
+            raise ValueError(
+                f"MAX_ITEM_LIST_LENGTH={self.max_seq_length} exceeds the model's max_seq_len={config['max_seq_len']}"
+            )
+        dropout = config["dropout"]
+
+        self.item_embedding = nn.Embedding(self.n_items, self.item_emb_dim, padding_idx=0)
+        self.item_proj = nn.Linear(self.item_emb_dim, self.hidden_dim)  # ID embedding -> hidden size
+        self.backbone = SASRecBackbone(
+            self.hidden_dim,
+            config["sasrec_num_blocks"],
+            config["sasrec_num_heads"],
+            config["sasrec_inner_dim"],
+            config["max_seq_len"],
+            dropout,
+        )
+        if self.user_emb_dim:
+            self.user_embedding = nn.Embedding(dataset.user_num, self.user_emb_dim)
+            self.user_proj = nn.Linear(self.user_emb_dim, self.hidden_dim, bias=False)
+
+        id_field = config["feature_id_field"]
+        self.item_features = ItemFeatures(
+            visual=item_feature_table(dataset, id_field, config["visual_feature_field"], config["visual_dim"]),
+            text=item_feature_table(dataset, id_field, config["text_feature_field"], config["text_dim"]),
+        )
+        self.visual_expert = VisualExpert(config["visual_dim"], self.hidden_dim)
+        self.semantic_expert = SemanticExpert(
+            self.item_emb_dim, config["text_dim"], self.hidden_dim, config["semantic_num_heads"], dropout
+        )
+        self.router = ItemCentricRouter(self.item_emb_dim, config["router_hidden_dim"], len(EXPERTS), dropout)
+        self.memory = RecentHistoryMemory(self.item_features, top_k=config["memory_top_k"])
+        self.register_buffer(
+            "expert_enabled",
+            torch.tensor([True, self.item_features.has_visual, self.item_features.has_text]),
+            persistent=False,
+        )  # [X]
+
+        self.apply(self._init_weights)
+        self.logger.info(f"UR4RecV2MoE live experts: {', '.join(self.live_experts)}" + self._off_reason())
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def live_experts(self) -> list[str]:
+        return [name for name, on in zip(EXPERTS, self.expert_enabled.tolist()) if on]
+
+    def _off_reason(self) -> str:
+        off = [name for name, on in zip(EXPERTS, self.expert_enabled.tolist()) if not on]
+        return f" (off, no item features of that modality in the dataset: {', '.join(off)})" if off else ""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Embedding):
+            module.weight.data.normal_(mean=0.0, std=0.02)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+
+    # ---------------------------------------------------------------- scoring
+    def encode_sequence(self, item_seq: Tensor, item_seq_len: Tensor, user_ids: Tensor | None = None) -> Tensor:
+        """``item_seq`` [B, L] right-padded, ``item_seq_len`` [B] -> seq_repr [B, H]."""
+        seq_repr = self.backbone(self.item_proj(self.item_embedding(item_seq)), item_seq_len)  # [B, H]
+        if self.user_emb_dim and user_ids is not None:
+            seq_repr = seq_repr + self.user_proj(self.user_embedding(user_ids))
+        return seq_repr
+
+    def score_candidates(
+        self,
+        seq_repr: Tensor,
+        memory: MemoryReadout,
+        candidates: Tensor | None = None,
+        target_visual: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Scores and router weights of candidates for each user.
+
+        ``candidates``: [B, C] item ids per user, or ``None`` for all items (shared, [N]).
+        ``target_visual`` [B, C, Fv] overrides the visual feature-table lookup of per-user candidates.
+        -> final scores [B, C] (or [B, N]), router weights [B, C, X].
+        """
+        if candidates is None:
+            items, index = torch.arange(self.n_items, device=seq_repr.device), None  # [N], shared by all users
+        else:
+            # item-only work runs once per distinct item of the batch, then is gathered per user
+            items, index = torch.unique(candidates, return_inverse=True)  # [U], [B, C]
+        features = self.item_features
+        item_id_emb = self.item_embedding(items)  # [U, E]
+        sequential_scores = candidate_dot(self.item_proj(item_id_emb), seq_repr, index)  # [B, C]
+        no_expert = torch.zeros_like(sequential_scores)
+        expert_scores = [sequential_scores, no_expert, no_expert]
+        live = [torch.ones_like(sequential_scores, dtype=torch.bool), no_expert.bool(), no_expert.bool()]
+        user_memory = {"visual": (memory.visual, memory.visual_mask), "semantic": (memory.text, memory.text_mask)}
+
+        for slot, name in ((1, "visual"), (2, "semantic")):
+            memory_feats, memory_mask = user_memory[name]
+            if not self.expert_enabled[slot] or memory_feats is None:
+                continue
+            available = features.visual_available if name == "visual" else features.text_available
+            user_has_memory = memory_mask.any(dim=1)[:, None]  # [B, 1]
+            live[slot] = select_candidates(available[items], index) & user_has_memory  # [B, C]
+            if name == "visual" and target_visual is not None:
+                expert_scores[slot] = self.visual_expert(seq_repr, target_visual, memory_feats.float(), memory_mask)
+            elif name == "visual":
+                expert_scores[slot] = self.visual_expert(
+                    seq_repr, features.visual[items], memory_feats.float(), memory_mask, index
+                )
+            else:
+                expert_scores[slot] = self.semantic_expert(
+                    seq_repr, item_id_emb, memory_feats.float(), memory_mask, index
+                )
+
+        router_weights = self.router(item_id_emb, torch.stack(live, dim=-1), index)  # [B, C, X]
+        final = (router_weights * torch.stack(expert_scores, dim=-1)).sum(dim=-1)  # [B, C]
+        return final, router_weights
+
+    def forward(
+        self,
+        user_ids: Tensor,
+        input_seq: Tensor,
+        target_items: Tensor,
+        memory_visual: Tensor | None = None,
+        memory_text: Tensor | None = None,
+        target_visual: Tensor | None = None,
+        target_text: Tensor | None = None,
+        *,
+        item_seq_len: Tensor | None = None,
+        memory_visual_mask: Tensor | None = None,
+        memory_text_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The seed's signature: -> (final_scores [B, C], rec_loss, lb_loss).
+
+        ``input_seq`` [B, L] right-padded (length = non-zero count unless ``item_seq_len``);
+        ``target_items`` [B, C] with the positive in column 0 (``rec_loss`` is BPR over the rest);
+        memories [B, K, F] with optional [B, K] masks (default: every slot valid);
+        ``target_text`` is accepted for the seed's signature: the semantic expert queries with ID embeddings.
+        """
+        del target_text
+        if item_seq_len is None:
+            item_seq_len = (input_seq > 0).sum(dim=1)
+        batch_size = input_seq.size(0)
+
+        def full_mask(feats: Tensor | None, mask: Tensor | None) -> Tensor:
+            if mask is not None:
+                return mask.bool()
+            slots = 0 if feats is None else feats.size(1)
+            return torch.full((batch_size, slots), feats is not None, dtype=torch.bool, device=input_seq.device)
+
+        memory = MemoryReadout(
+            memory_visual, full_mask(memory_visual, memory_visual_mask), memory_text, full_mask(memory_text, memory_text_mask)
+        )
+        seq_repr = self.encode_sequence(input_seq, item_seq_len, user_ids)
+        scores, router_weights = self.score_candidates(seq_repr, memory, target_items, target_visual)
+        rec_loss = bpr_loss(scores) if scores.size(1) > 1 else scores.new_zeros(())
+        return scores, rec_loss, load_balance_loss(router_weights, self.expert_enabled)
+
+    # ------------------------------------------------------- RecBole interface
+    def _read_batch(self, interaction) -> tuple[Tensor, Tensor, Tensor, Tensor, MemoryReadout]:
+        user_ids = interaction[self.USER_ID]
+        item_seq = interaction[self.ITEM_SEQ]  # [B, L]
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]  # [B]
+        memory = self.memory.retrieve(user_ids, item_seq, item_seq_len)
+        return user_ids, item_seq, item_seq_len, self.encode_sequence(item_seq, item_seq_len, user_ids), memory
+
+    def _loss(self, seq_repr: Tensor, memory: MemoryReadout, positives: Tensor) -> tuple[Tensor, Tensor]:
+        """``seq_repr`` [P, H] and memory of P prediction points, ``positives`` [P] -> (rec loss, weighted lb loss)."""
+        if self.loss_type == "BPR":
+            negatives = sample_negatives(positives, self.n_items, self.train_neg_num)  # [P, N]
+            candidates = torch.cat([positives[:, None], negatives], dim=1)  # [P, 1 + N]
+            scores, router_weights = self.score_candidates(seq_repr, memory, candidates)
+            rec_loss = bpr_loss(scores)
+        else:
+            scores, router_weights = self.score_candidates(seq_repr, memory)  # [P, n_items]
+            scores = scores.index_fill(1, scores.new_zeros(1, dtype=torch.long), float("-inf"))  # never the padding item
+            rec_loss = F.cross_entropy(scores, positives)
+        return rec_loss, self.load_balance_weight * load_balance_loss(router_weights, self.expert_enabled)
+
+    def calculate_loss(self, interaction) -> tuple[Tensor, Tensor]:
+        """RecBole's per-sample batch -> (recommendation loss, weighted load-balance loss); the trainer logs both."""
+        _, _, _, seq_repr, memory = self._read_batch(interaction)
+        return self._loss(seq_repr, memory, interaction[self.ITEM_ID])
+
+    def calculate_window_loss(
+        self, user_ids: Tensor, windows: Tensor, targets: Tensor, target_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The same loss over every marked position of whole sequence windows, in one backbone pass.
+
+        ``windows`` [B, L] items (right-padded), ``targets`` [B, L] the item that follows each
+        position, ``target_mask`` [B, L] which positions are training targets. Position t is the
+        prediction point of a sample whose input is ``windows[:, :t + 1]``: exactly RecBole's
+        sample for that target whenever the window starts at the user's first item.
+        """
+        hidden = self.backbone.all_positions(self.item_proj(self.item_embedding(windows)))  # [B, L, H]
+        row, position = target_mask.nonzero(as_tuple=True)  # [P], [P]
+        seq_repr = hidden[row, position]  # [P, H]
+        users = user_ids[row]  # [P]
+        if self.user_emb_dim:
+            seq_repr = seq_repr + self.user_proj(self.user_embedding(users))
+        memory = self.memory.retrieve(users, windows[row], position + 1)
+        return self._loss(seq_repr, memory, targets[row, position])
+
+    def predict(self, interaction) -> Tensor:
+        """Score of each row's ``item_id`` -> [B]."""
+        _, _, _, seq_repr, memory = self._read_batch(interaction)
+        scores, _ = self.score_candidates(seq_repr, memory, interaction[self.ITEM_ID][:, None])
+        return scores[:, 0]
+
+    def full_sort_predict(self, interaction) -> Tensor:
+        """Scores of every item for every user of the batch -> [B, n_items] (users in chunks to bound memory)."""
+        _, _, _, seq_repr, memory = self._read_batch(interaction)
+        chunks = []
+        for start in range(0, seq_repr.size(0), self.eval_user_chunk):
+            part = slice(start, start + self.eval_user_chunk)
+            chunk_memory = MemoryReadout(*(None if t is None else t[part] for t in memory))
+            chunks.append(self.score_candidates(seq_repr[part], chunk_memory)[0])
+        return torch.cat(chunks, dim=0)
+
+    def router_weights_for(self, interaction) -> Tensor:
+        """Router weights of every item for the batch's users, [B, n_items, X] (analysis, e.g. expert usage)."""
+        _, _, _, seq_repr, memory = self._read_batch(interaction)
+        return self.score_candidates(seq_repr, memory)[1]

@@ -1,0 +1,164 @@
+"""Trainer for UR4RecV2MoE: RecBole's Trainer with a fast training data path.
+
+RecBole trains a sequential model on one augmented sample per training target
+(the target's prefix, up to MAX_ITEM_LIST_LENGTH items), each run through the
+Transformer on its own, and builds every batch as a new ``Interaction`` from
+numpy. On a CPU the backbone then runs ~50 times per user window and the
+data path costs as much as the model.
+
+Here the same training targets are served as whole sequence windows
+(:class:`SequenceWindows`): one causal pass gives the prediction point of every
+target in the window, as in the original SASRec. Each training target is
+trained exactly once per epoch, as with RecBole's samples. A user's first
+window starts at the first item, so its targets see exactly RecBole's input;
+later windows overlap the previous one by half and train only their second
+half, so such targets see between L/2 + 1 and L items of history (RecBole: L).
+Evaluation, early stopping, checkpoints, logging and TensorBoard are RecBole's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+from torch import Tensor
+from torch.nn.utils import clip_grad_norm_
+from tqdm import tqdm
+
+from recbole_feddmmr.compat import TrustedCheckpointMixin
+
+
+def user_sequences(user_ids: np.ndarray, item_lists: np.ndarray, item_lengths: np.ndarray, targets: np.ndarray):
+    """Each user's full training sequence from RecBole's augmented samples (rows in time order per user).
+
+    -> {user: int64 array of items}; the first sample's input plus every target in order.
+    Raises if the rows are not consecutive prefixes (they always are for RecBole's augmentation).
+    """
+    order = np.argsort(user_ids, kind="stable")
+    sequences = {}
+    boundaries = np.flatnonzero(np.diff(user_ids[order])) + 1
+    for rows in np.split(order, boundaries):
+        first = rows[0]
+        sequence = np.concatenate([item_lists[first, : item_lengths[first]], targets[rows]])
+        last = rows[-1]
+        length = item_lengths[last]
+        if not np.array_equal(item_lists[last, :length], sequence[len(sequence) - 1 - length : len(sequence) - 1]):
+            raise ValueError(f"training samples of user {user_ids[first]} are not consecutive prefixes")
+        sequences[int(user_ids[first])] = sequence
+    return sequences
+
+
+def cut_windows(sequence: np.ndarray, max_len: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Windows (inputs [<=L], next items [<=L], train mask [<=L]) covering each target of ``sequence`` once.
+
+    Targets are ``sequence[1:]``. Window starts 0, L/2, L, ...; a window after the first trains
+    only positions >= L - L/2, which the previous window did not reach.
+    """
+    stride = max(1, max_len // 2)
+    windows, start, covered = [], 0, 0  # covered: targets 1..covered are done
+    while covered < len(sequence) - 1:
+        inputs = sequence[start : start + max_len]
+        nexts = sequence[start + 1 : start + 1 + max_len]
+        inputs = inputs[: len(nexts)]
+        target_index = start + 1 + np.arange(len(nexts))  # index of each position's target in sequence
+        windows.append((inputs, nexts, target_index > covered))
+        covered = int(target_index[-1])
+        start += stride if start + max_len < len(sequence) - 1 else max_len
+    return windows
+
+
+class SequenceWindows:
+    """The training split as device tensors of sequence windows, served in shuffled mini-batches.
+
+    A batch holds about ``train_batch_size`` training targets, so an epoch takes about as many
+    optimizer steps as RecBole's per-sample epoch.
+    """
+
+    def __init__(self, train_data, model, batch_size: int, device: torch.device, seed: int) -> None:
+        feat = train_data._dataset.inter_feat
+        max_len = feat[model.ITEM_SEQ].size(1)
+        sequences = user_sequences(
+            feat[model.USER_ID].numpy(), feat[model.ITEM_SEQ].numpy(), feat[model.ITEM_SEQ_LEN].numpy(),
+            feat[model.ITEM_ID].numpy(),
+        )
+        users, rows = [], []
+        for user, sequence in sequences.items():
+            for window in cut_windows(sequence, max_len):
+                users.append(user)
+                rows.append(window)
+        count = len(rows)
+        self.user_ids = torch.tensor(users, dtype=torch.long, device=device)  # [W]
+        self.windows = torch.zeros(count, max_len, dtype=torch.long)  # [W, L]
+        self.targets = torch.zeros(count, max_len, dtype=torch.long)  # [W, L]
+        self.target_mask = torch.zeros(count, max_len, dtype=torch.bool)  # [W, L]
+        for index, (inputs, nexts, mask) in enumerate(rows):
+            self.windows[index, : len(inputs)] = torch.from_numpy(inputs)
+            self.targets[index, : len(nexts)] = torch.from_numpy(nexts)
+            self.target_mask[index, : len(mask)] = torch.from_numpy(mask)
+        self.windows, self.targets, self.target_mask = (t.to(device) for t in (self.windows, self.targets, self.target_mask))
+        self.num_targets = int(self.target_mask.sum())
+        if self.num_targets != len(feat):
+            raise ValueError(f"windows cover {self.num_targets} targets, the training split has {len(feat)}")
+        self.windows_per_batch = max(1, round(batch_size * count / self.num_targets))
+        self.shuffle = train_data.shuffle
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return -(-len(self.user_ids) // self.windows_per_batch)
+
+    def epoch(self, epoch_idx: int):
+        """Yield (user_ids [b], windows [b, L], targets [b, L], target_mask [b, L]); order set by (seed, epoch)."""
+        count = len(self.user_ids)
+        if self.shuffle:
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch_idx))
+        else:
+            order = torch.arange(count)
+        order = order.to(self.user_ids.device)
+        for start in range(0, count, self.windows_per_batch):
+            index: Tensor = order[start : start + self.windows_per_batch]
+            yield self.user_ids[index], self.windows[index], self.targets[index], self.target_mask[index]
+
+
+class UR4RecV2MoETrainer(TrustedCheckpointMixin, Trainer):
+    """RecBole Trainer whose training epochs use :class:`SequenceWindows` and ``model.calculate_window_loss``."""
+
+    def __init__(self, config, model) -> None:
+        super().__init__(config, model)
+        self._windows: SequenceWindows | None = None
+        self._windows_source = None
+
+    def sequence_windows(self, train_data) -> SequenceWindows:
+        """The (cached) windows of ``train_data``."""
+        if self._windows is None or self._windows_source is not train_data:
+            self._windows = SequenceWindows(
+                train_data, self.model, self.config["train_batch_size"], self.device, self.config["seed"]
+            )
+            self._windows_source = train_data
+        return self._windows
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self.model.train()
+        loss_func = loss_func or self.model.calculate_window_loss
+        batches = self.sequence_windows(train_data)
+        iterator = batches.epoch(epoch_idx)
+        if show_progress:
+            iterator = tqdm(iterator, total=len(batches), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+        total_loss = None
+        for batch in iterator:
+            self.optimizer.zero_grad()
+            with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
+                losses = loss_func(*batch)
+            if isinstance(losses, tuple):
+                loss = sum(losses)
+                parts = tuple(part.item() for part in losses)
+                total_loss = parts if total_loss is None else tuple(map(sum, zip(total_loss, parts)))
+            else:
+                loss = losses
+                total_loss = loss.item() if total_loss is None else total_loss + loss.item()
+            self._check_nan(loss)
+            loss.backward()
+            if self.clip_grad_norm:
+                clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+            self.optimizer.step()
+        return total_loss

@@ -1,0 +1,75 @@
+"""Shared fixtures: the tiny atomic dataset of tests/test_data/tiny (see make_tiny.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TEST_DATA = Path(__file__).parent / "test_data"
+
+TINY_CONFIG = {
+    "data_path": str(TEST_DATA),
+    "load_col": {
+        "inter": ["user_id", "item_id", "rating", "timestamp"],
+        "item": ["item_id", "movie_title", "release_year", "class"],
+        "itememb": ["iid", "sbert_emb", "clip_emb"],
+    },
+    "additional_feat_suffix": ["itememb"],
+    "alias_of_item_id": ["iid"],
+    "normalize_all": False,
+    "text_dim": 8,
+    "visual_dim": 6,
+    "item_emb_dim": 8,
+    "user_emb_dim": 4,
+    "sasrec_hidden_dim": 16,
+    "sasrec_inner_dim": 32,
+    "router_hidden_dim": 8,
+    "MAX_ITEM_LIST_LENGTH": 10,
+    "max_seq_len": 10,
+    "memory_top_k": 4,
+    "train_neg_num": 5,
+    "train_batch_size": 16,
+    "epochs": 1,
+    "show_progress": False,
+    "state": "WARNING",
+}
+
+
+def tiny_config(tmp_path: Path, **overrides):
+    from recbole_feddmmr.config import Config
+
+    settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"), **overrides)
+    return Config(model=settings.pop("model", "UR4RecV2MoE"), dataset="tiny", config_dict=settings)
+
+
+def tiny_run(tmp_path: Path, **overrides):
+    """(config, dataset, (train, valid, test), model) on the tiny dataset."""
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import init_seed
+
+    from recbole_feddmmr.utils import get_model
+
+    config = tiny_config(tmp_path, **overrides)
+    init_seed(config["seed"], True)
+    dataset = create_dataset(config)
+    splits = data_preparation(config, dataset)
+    init_seed(config["seed"], True)
+    model = get_model(config["model"])(config, splits[0]._dataset)
+    return config, dataset, splits, model
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return tiny_run(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """RecBole's Config reads ``--key=value`` from sys.argv: keep pytest's own flags out of it.
+    Logs (RecBole writes ./log, ./log_tensorboard) go to the test's temporary folder."""
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)

@@ -1,0 +1,152 @@
+"""Layers of UR4RecV2MoE: shapes, masking, equivalences with reference computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from recbole_feddmmr.model.layers import (
+    CausalSelfAttentionBlock,
+    ItemCentricRouter,
+    LightweightAttention,
+    SASRecBackbone,
+    SemanticExpert,
+    VisualExpert,
+    candidate_dot,
+    fast_dropout,
+    masked_softmax,
+)
+
+B, K, N, H = 3, 5, 7, 16
+
+
+def test_masked_softmax_gives_exact_zero_to_masked_slots_and_zero_rows_when_nothing_valid():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]])
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    weights = masked_softmax(logits, mask)
+    assert weights[0, 1].item() == 0.0
+    expected = torch.softmax(torch.tensor([1.0, 3.0]), 0)
+    torch.testing.assert_close(weights[0, [0, 2]], expected)
+    assert torch.equal(weights[1], torch.zeros(3))
+
+
+def test_lightweight_attention_shapes_and_masked_slots_get_zero_weight():
+    attention = LightweightAttention(feature_dim=6, attention_dim=4)
+    candidate, memory = torch.randn(N, 6), torch.randn(B, K, 6)
+    mask = torch.ones(B, K, dtype=torch.bool)
+    mask[0, 3:] = False
+    weights = attention(candidate, memory, mask)
+    assert weights.shape == (B, N, K) and weights.dtype == torch.float32
+    assert torch.all(weights[0, :, 3:] == 0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(B, N))
+    # by hand: softmax(q k^T / sqrt(d)) for user 1, candidate 2
+    q = attention.query_proj(candidate[2])
+    k = attention.key_proj(memory[1])
+    torch.testing.assert_close(weights[1, 2], torch.softmax(k @ q / math.sqrt(4), 0))
+
+
+def test_visual_expert_fast_score_equals_dot_with_its_embedding():
+    expert = VisualExpert(visual_dim=6, hidden_dim=H, attention_dim=4)
+    seq_repr, candidate, memory = torch.randn(B, H), torch.randn(N, 6), torch.randn(B, K, 6)
+    mask = torch.rand(B, K) > 0.3
+    mask[:, 0] = True
+    emb = expert.embed(candidate, memory, mask)
+    assert emb.shape == (B, N, H)
+    scores = expert(seq_repr, candidate, memory, mask)
+    assert scores.shape == (B, N)
+    torch.testing.assert_close(scores, (emb * seq_repr[:, None]).sum(-1), rtol=1e-5, atol=1e-5)
+    # per-user candidates (shared table + index) give the same numbers as gathering afterwards
+    index = torch.randint(0, N, (B, 4))
+    torch.testing.assert_close(expert(seq_repr, candidate, memory, mask, index), scores.gather(1, index))
+
+
+def test_semantic_expert_matches_nn_multihead_attention_with_residual_and_layernorm():
+    expert = SemanticExpert(id_dim=8, text_dim=12, hidden_dim=H, num_heads=4, dropout=0.0).eval()
+    candidate_id, memory = torch.randn(N, 8), torch.randn(B, K, 12)
+    mask = torch.ones(B, K, dtype=torch.bool)
+    mask[1, 2:] = False
+    emb = expert.embed(candidate_id, memory, mask)
+    assert emb.shape == (B, N, H)
+    query = expert.query_proj(candidate_id).expand(B, N, H)
+    reference, _ = expert.cross_attention(query, memory, memory, key_padding_mask=~mask)
+    torch.testing.assert_close(emb, expert.norm(query + reference), rtol=1e-5, atol=1e-5)
+
+
+def test_semantic_expert_masked_slots_get_zero_attention_and_their_content_is_ignored():
+    expert = SemanticExpert(id_dim=8, text_dim=12, hidden_dim=H, num_heads=4, dropout=0.0).eval()
+    candidate_id, memory = torch.randn(N, 8), torch.randn(B, K, 12)
+    mask = torch.ones(B, K, dtype=torch.bool)
+    mask[:, -2:] = False
+    _, weights, _ = expert.attention_weights(candidate_id, memory, mask)
+    assert weights.shape == (B, 4, N, K)
+    assert torch.all(weights[..., -2:] == 0)
+    scrambled = memory.clone()
+    scrambled[:, -2:] = 1e3 * torch.randn(B, 2, 12)
+    seq_repr = torch.randn(B, H)
+    torch.testing.assert_close(expert(seq_repr, candidate_id, memory, mask), expert(seq_repr, candidate_id, scrambled, mask))
+
+
+def test_router_weights_sum_to_one_and_switched_off_experts_get_zero():
+    router = ItemCentricRouter(item_emb_dim=8, hidden_dim=16, num_experts=3, dropout=0.0)
+    live = torch.ones(B, N, 3, dtype=torch.bool)
+    live[0, :, 1] = False  # visual off for user 0
+    live[:, 2, 2] = False  # semantic off for item 2
+    weights = router(torch.randn(N, 8), live)
+    assert weights.shape == (B, N, 3)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(B, N))
+    assert torch.all(weights[0, :, 1] == 0) and torch.all(weights[:, 2, 2] == 0)
+    only_seq = torch.zeros(B, N, 3, dtype=torch.bool)
+    only_seq[..., 0] = True
+    assert torch.equal(router(torch.randn(N, 8), only_seq)[..., 0], torch.ones(B, N))
+
+
+def test_candidate_dot_shared_indexed_and_per_user_agree():
+    shared, user = torch.randn(N, H), torch.randn(B, H)
+    index = torch.randint(0, N, (B, 4))
+    full = candidate_dot(shared, user)
+    assert full.shape == (B, N)
+    torch.testing.assert_close(candidate_dot(shared, user, index), full.gather(1, index))
+    torch.testing.assert_close(candidate_dot(shared[index], user), full.gather(1, index))
+
+
+def test_backbone_reads_last_valid_position_and_ignores_padding_after_it():
+    backbone = SASRecBackbone(hidden_dim=H, num_blocks=2, num_heads=4, inner_dim=32, max_seq_len=6, dropout=0.0).eval()
+    seq = torch.randn(2, 6, H)
+    lengths = torch.tensor([3, 6])
+    out = backbone(seq, lengths)
+    assert out.shape == (2, H)
+    changed = seq.clone()
+    changed[0, 3:] = torch.randn(3, H)  # user 0's padding region
+    torch.testing.assert_close(backbone(changed, lengths), out)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        backbone(torch.randn(1, 7, H), torch.tensor([7]))
+
+
+def test_causal_block_matches_torch_transformer_layer_math():
+    block = CausalSelfAttentionBlock(hidden_dim=H, num_heads=4, inner_dim=32, dropout=0.0).eval()
+    reference = nn.TransformerEncoderLayer(H, 4, 32, 0.0, activation="gelu", batch_first=True, layer_norm_eps=1e-12).eval()
+    with torch.no_grad():
+        reference.self_attn.in_proj_weight.copy_(block.qkv.weight)
+        reference.self_attn.in_proj_bias.copy_(block.qkv.bias)
+        reference.self_attn.out_proj.load_state_dict(block.out.state_dict())
+        reference.linear1.load_state_dict(block.ff_in.state_dict())
+        reference.linear2.load_state_dict(block.ff_out.state_dict())
+        reference.norm1.load_state_dict(block.norm1.state_dict())
+        reference.norm2.load_state_dict(block.norm2.state_dict())
+    x = torch.randn(2, 5, H)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    torch.testing.assert_close(block(x), reference(x, src_mask=causal, is_causal=True), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_dropout_keep_rate_scaling_and_eval_identity():
+    x = torch.ones(200_000)
+    assert torch.equal(fast_dropout(x, 0.1, training=False), x)
+    dropped = fast_dropout(x, 0.1, training=True)
+    kept = dropped != 0
+    keep_rate = kept.float().mean().item()
+    assert abs(keep_rate - (256 - 26) / 256) < 0.005  # p = 0.1 rounds to 26/256
+    torch.testing.assert_close(dropped[kept], torch.full_like(dropped[kept], 256 / 230))
+    assert abs(dropped.mean().item() - 1.0) < 0.01  # inverted dropout keeps the expectation

@@ -1,0 +1,164 @@
+"""UR4RecV2MoE on the tiny dataset: features, losses by hand, gradients, predict vs full sort."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TEST_DATA, tiny_run
+
+from recbole_feddmmr.memory import ItemFeatures, MemoryReadout, RecentHistoryMemory
+from recbole_feddmmr.model.ur4rec_v2_moe import bpr_loss, load_balance_loss, sample_negatives
+
+
+def _batch(splits, size=8):
+    train_data = splits[0]
+    return train_data._dataset.inter_feat[:size]
+
+
+def test_features_land_on_the_right_item_rows(tiny):
+    _, dataset, _, model = tiny
+    rows = {}
+    for line in (TEST_DATA / "tiny" / "tiny.itememb").read_text().splitlines()[1:]:
+        token, text, visual = line.split("\t")
+        rows[token] = (np.array(text.split(), dtype=np.float32), visual)
+    features = model.item_features
+    for token, (text, visual) in rows.items():
+        item = dataset.token2id("item_id", token)
+        np.testing.assert_allclose(features.text[item].numpy(), text, rtol=1e-6)
+        assert bool(features.visual_available[item]) == bool(visual)
+    assert not features.text_available[0] and not features.visual_available[0]  # padding row
+    assert features.text.dtype == torch.float32 and features.text.shape == (dataset.item_num, 8)
+    assert features.visual.shape == (dataset.item_num, 6)
+    assert model.live_experts == ["sequential", "visual", "semantic"]
+
+
+def test_bpr_and_load_balance_losses_equal_hand_computation():
+    scores = torch.tensor([[2.0, 1.0, 3.0], [0.0, -1.0, -2.0]])
+    by_hand = -(
+        np.log(1 / (1 + np.exp(-1.0))) + np.log(1 / (1 + np.exp(1.0)))
+        + np.log(1 / (1 + np.exp(-1.0))) + np.log(1 / (1 + np.exp(-2.0)))
+    ) / 4
+    assert bpr_loss(scores).item() == pytest.approx(by_hand, rel=1e-6)
+
+    weights = torch.tensor([[[0.5, 0.25, 0.25], [0.7, 0.0, 0.3]]])  # [B=1, C=2, X=3]
+    usage = np.array([0.6, 0.125, 0.275])
+    all_on = torch.tensor([True, True, True])
+    assert load_balance_loss(weights, all_on).item() == pytest.approx(((usage - 1 / 3) ** 2).sum(), rel=1e-6)
+    visual_off = torch.tensor([True, False, True])
+    expected = (0.6 - 0.5) ** 2 + (0.275 - 0.5) ** 2  # E = 2 enabled experts
+    assert load_balance_loss(weights, visual_off).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_negatives_are_uniform_over_other_items_and_never_the_positive():
+    positives = torch.tensor([1, 5, 9] * 2000)
+    negatives = sample_negatives(positives, num_items=10, num_negatives=7)
+    assert negatives.shape == (6000, 7)
+    assert not (negatives == positives[:, None]).any()
+    assert negatives.min() >= 1 and negatives.max() <= 9
+    counts = torch.bincount(negatives[positives == 5].flatten(), minlength=10)[1:]
+    others = torch.cat([counts[:4], counts[5:]]).float()
+    assert counts[4] == 0 and others.min() > 0.9 * others.mean()
+
+
+def test_calculate_loss_is_bpr_plus_weighted_load_balance(tiny):
+    _, _, splits, model = tiny
+    model.eval()  # no dropout: the two passes below see the same network
+    batch = _batch(splits)
+    torch.manual_seed(3)
+    rec_loss, weighted_lb = model.calculate_loss(batch)
+    torch.manual_seed(3)
+    negatives = sample_negatives(batch["item_id"], model.n_items, model.train_neg_num)
+    candidates = torch.cat([batch["item_id"][:, None], negatives], 1)
+    user, seq, length = batch["user_id"], batch["item_id_list"], batch["item_length"]
+    memory = model.memory.retrieve(user, seq, length)
+    scores, weights = model.score_candidates(model.encode_sequence(seq, length, user), memory, candidates)
+    torch.testing.assert_close(rec_loss, bpr_loss(scores))
+    torch.testing.assert_close(weighted_lb, model.load_balance_weight * load_balance_loss(weights, model.expert_enabled))
+
+
+def test_gradients_reach_every_trainable_parameter(tiny):
+    _, _, splits, model = tiny
+    model.train()
+    rec_loss, lb = model.calculate_loss(_batch(splits, 32))
+    (rec_loss + lb).backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert missing == []
+
+
+def test_ce_loss_is_full_softmax_cross_entropy(tmp_path):
+    _, _, splits, model = tiny_run(tmp_path, loss_type="CE")
+    model.eval()
+    batch = _batch(splits)
+    rec_loss, _ = model.calculate_loss(batch)
+    scores = model.full_sort_predict(batch)
+    scores[:, 0] = float("-inf")
+    torch.testing.assert_close(rec_loss, F.cross_entropy(scores, batch["item_id"]))
+
+
+def test_predict_and_full_sort_predict_agree(tiny):
+    _, _, splits, model = tiny
+    model.eval()
+    batch = _batch(splits, 12)
+    full = model.full_sort_predict(batch)
+    assert full.shape == (12, model.n_items)
+    torch.testing.assert_close(model.predict(batch), full[torch.arange(12), batch["item_id"]], rtol=1e-5, atol=1e-5)
+    model.eval_user_chunk = 5  # chunking users changes nothing
+    torch.testing.assert_close(model.full_sort_predict(batch), full)
+
+
+def test_items_without_visual_feature_get_zero_visual_weight_and_weights_sum_to_one(tiny):
+    _, _, splits, model = tiny
+    model.eval()
+    batch = _batch(splits, 12)
+    weights = model.router_weights_for(batch)  # [B, n_items, 3]
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]))
+    no_visual = ~model.item_features.visual_available
+    assert no_visual[1:].any()
+    assert torch.all(weights[:, no_visual, 1] == 0)
+    # users whose memory holds a visual slot use the visual expert on items that have an image
+    has_visual_memory = model.memory.retrieve(batch["user_id"], batch["item_id_list"], batch["item_length"]).visual_mask.any(1)
+    assert has_visual_memory.any() and not has_visual_memory.all()
+    assert torch.all(weights[has_visual_memory][:, ~no_visual, 1] > 0)
+    assert torch.all(weights[~has_visual_memory][..., 1] == 0)
+
+
+def test_dataset_without_features_switches_experts_off_and_says_so(tmp_path, caplog):
+    _, _, splits, model = tiny_run(tmp_path, load_col={"inter": ["user_id", "item_id", "rating", "timestamp"]},
+                                   additional_feat_suffix=None, alias_of_item_id=None, state="INFO")
+    assert model.live_experts == ["sequential"]
+    model.eval()
+    weights = model.router_weights_for(_batch(splits, 4))
+    assert torch.equal(weights[..., 0], torch.ones(weights.shape[:2]))
+
+
+def test_memory_stand_in_holds_recent_history_before_the_prediction_point():
+    table = torch.arange(10, dtype=torch.float32)[:, None].repeat(1, 3)  # item i -> [i, i, i]
+    features = ItemFeatures(text=table)
+    memory = RecentHistoryMemory(features, top_k=3)
+    seq = torch.tensor([[4, 5, 6, 7, 0], [8, 0, 0, 0, 0]])
+    readout = memory.retrieve(torch.tensor([1, 2]), seq, torch.tensor([4, 1]))
+    assert readout.visual is None and not readout.visual_mask.any()
+    assert readout.text[0, :, 0].tolist() == [7.0, 6.0, 5.0]  # most recent first, never the target
+    assert readout.text_mask.tolist() == [[True, True, True], [True, False, False]]
+    assert readout.text[1, 1:].abs().sum() == 0
+
+
+def test_forward_has_the_seed_signature(tiny):
+    _, _, _, model = tiny
+    model.eval()
+    seq = torch.tensor([[3, 4, 5, 0, 0, 0, 0, 0, 0, 0], [7, 8, 0, 0, 0, 0, 0, 0, 0, 0]])
+    targets = torch.tensor([[6, 1, 2], [9, 10, 11]])
+    memory_visual, memory_text = torch.randn(2, 4, 6), torch.randn(2, 4, 8)
+    scores, rec_loss, lb_loss = model(torch.tensor([1, 2]), seq, targets, memory_visual, memory_text,
+                                      torch.randn(2, 3, 6), torch.randn(2, 3, 8))
+    assert scores.shape == (2, 3) and rec_loss.ndim == 0 and lb_loss.ndim == 0
+    assert rec_loss.item() == pytest.approx(bpr_loss(scores).item(), rel=1e-6)
+    # explicit masks: hiding every text slot switches the semantic expert off
+    readout_mask = torch.zeros(2, 4, dtype=torch.bool)
+    scores_masked, _, _ = model(torch.tensor([1, 2]), seq, targets, None, memory_text, None, None,
+                                memory_text_mask=readout_mask)
+    seq_only = model.score_candidates(model.encode_sequence(seq, torch.tensor([3, 2]), torch.tensor([1, 2])),
+                                      MemoryReadout(None, readout_mask, None, readout_mask), targets)[0]
+    torch.testing.assert_close(scores_masked, seq_only)

@@ -1,0 +1,106 @@
+"""End to end on the tiny dataset: train, evaluate with RecBole's evaluator, reload checkpoints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_CONFIG, tiny_config, tiny_run
+
+from recbole_feddmmr.quick_start import run_recbole_feddmmr
+from recbole_feddmmr.utils import get_model, get_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = {f"{m}@{k}" for m in ("hit", "ndcg", "mrr") for k in (5, 10, 20)}
+
+
+def test_tiny_dataset_trains_an_epoch_and_evaluates_with_recbole_evaluator(tmp_path):
+    result = run_recbole_feddmmr(
+        model="UR4RecV2MoE", dataset="tiny", config_dict=dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"))
+    )
+    assert set(result["test_result"]) == METRICS and set(result["best_valid_result"]) == METRICS
+    for name, value in result["test_result"].items():
+        assert 0.0 <= value <= 1.0, name
+    assert result["test_result"]["hit@20"] >= result["test_result"]["hit@5"]
+    assert Path(result["checkpoint"]).is_file()
+
+
+def test_uni100_protocol_runs_through_predict(tmp_path):
+    # tiny has 30 items, so sample 20 negatives instead of 100
+    result = run_recbole_feddmmr(
+        model="UR4RecV2MoE",
+        dataset="tiny",
+        config_dict=dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"),
+                         eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "uni20"}),
+    )
+    assert set(result["test_result"]) == METRICS
+
+
+def test_best_checkpoint_reloads_on_torch_2_6_and_gives_identical_scores(tmp_path):
+    config, _, (train_data, valid_data, test_data), model = tiny_run(tmp_path)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    # plain torch.load (weights_only=True since torch 2.6) refuses RecBole's pickled Config ...
+    with pytest.raises(Exception, match="weights_only|Weights only"):
+        torch.load(trainer.saved_model_file)
+    # ... the plugin's trainer loads it; a fresh model from the checkpoint scores like the trained one
+    in_memory = trainer.evaluate(test_data, load_best_model=False)
+    reloaded = trainer.evaluate(test_data, load_best_model=True)
+    assert reloaded == in_memory
+
+    _, _, _, fresh_model = tiny_run(tmp_path, seed=123)
+    fresh = get_trainer(config["MODEL_TYPE"], config["model"])(config, fresh_model)
+    assert fresh.evaluate(test_data, load_best_model=True, model_file=trainer.saved_model_file) == in_memory
+
+    fresh.resume_checkpoint(trainer.saved_model_file)
+    assert fresh.start_epoch == 1
+
+
+def test_model_and_trainer_lookup_prefers_plugin_and_falls_back_to_recbole():
+    from recbole.model.sequential_recommender import SASRec
+    from recbole.trainer import Trainer
+    from recbole.utils import ModelType
+
+    from recbole_feddmmr.compat import TrustedCheckpointMixin
+    from recbole_feddmmr.model import UR4RecV2MoE
+    from recbole_feddmmr.trainer import UR4RecV2MoETrainer
+
+    assert get_model("UR4RecV2MoE") is UR4RecV2MoE
+    assert get_model("SASRec") is SASRec
+    assert get_trainer(ModelType.SEQUENTIAL, "UR4RecV2MoE") is UR4RecV2MoETrainer
+    sasrec_trainer = get_trainer(ModelType.SEQUENTIAL, "SASRec")
+    assert issubclass(sasrec_trainer, Trainer) and issubclass(sasrec_trainer, TrustedCheckpointMixin)
+    with pytest.raises(ValueError):
+        get_model("NoSuchModel")
+
+
+def test_config_layers_plugin_yaml_and_reads_dataset_atomic(tmp_path):
+    config = tiny_config(tmp_path, learning_rate=0.005)
+    assert config["item_emb_dim"] == 8  # config_dict beats the plugin's model yaml
+    assert config["load_balance_weight"] == 0.01  # plugin model yaml
+    assert config["valid_metric"] == "NDCG@10" and config["topk"] == [5, 10, 20]  # plugin overall.yaml
+    assert config["learning_rate"] == 0.005
+    from recbole_feddmmr.config import Config
+
+    ml = Config(model="SASRec", dataset="ml-100k", config_dict={"state": "WARNING"})
+    assert ml["data_path"] == str(Path("dataset_atomic") / "ml-100k")  # not RecBole's bundled folder
+    assert ml["normalize_all"] is False and ml["additional_feat_suffix"] == ["itememb"]
+
+
+def test_sasrec_runs_through_the_plugin_entry_point(tmp_path):
+    overrides = [f"--{key}={value}" for key, value in {
+        "data_path": TINY_CONFIG["data_path"], "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "show_progress": False,
+        "checkpoint_dir": tmp_path / "saved", "hidden_size": 16, "inner_size": 32, "train_batch_size": 16,
+    }.items()]
+    load_col = "--load_col={'inter':['user_id','item_id','rating','timestamp']}"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "run_recbole_feddmmr.py"), "--model", "SASRec", "--dataset", "tiny", load_col,
+         "--additional_feat_suffix=None", *overrides],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    log = completed.stdout + completed.stderr
+    assert "SASRec(" in log and "test result" in log and "ndcg@10" in log

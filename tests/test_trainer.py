@@ -1,0 +1,73 @@
+"""The trainer's window data path covers RecBole's training targets exactly once, with RecBole's inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from recbole_feddmmr.trainer import SequenceWindows, cut_windows, user_sequences
+
+
+def test_windows_cover_every_target_once_with_at_least_half_a_window_of_history():
+    sequence = np.arange(100, 221)  # 121 items -> 120 targets
+    windows = cut_windows(sequence, max_len=50)
+    covered = []
+    for inputs, nexts, mask in windows:
+        assert len(inputs) == len(nexts) <= 50
+        start = int(np.flatnonzero(sequence == inputs[0])[0])
+        np.testing.assert_array_equal(nexts, sequence[start + 1 : start + 1 + len(nexts)])
+        for position in np.flatnonzero(mask):
+            covered.append(start + 1 + position)
+            assert start == 0 or position + 1 >= 26  # history seen by this target inside its window
+    assert sorted(covered) == list(range(1, 121))
+    assert windows[0][2].all() and len(windows[0][0]) == 50  # first window: RecBole's exact prefixes
+
+    short = cut_windows(np.array([5, 6, 7]), max_len=50)
+    assert len(short) == 1 and short[0][0].tolist() == [5, 6] and short[0][1].tolist() == [6, 7]
+
+
+def test_user_sequences_rebuilds_each_training_sequence(tiny):
+    _, dataset, (train_data, _, _), model = tiny
+    feat = train_data._dataset.inter_feat
+    sequences = user_sequences(feat["user_id"].numpy(), feat["item_id_list"].numpy(),
+                               feat["item_length"].numpy(), feat["item_id"].numpy())
+    samples = dataset.inter_feat  # every augmented sample, time-ordered per user; the last two are valid and test
+    assert len(sequences) == len(set(samples["user_id"].tolist()))
+    for user, sequence in sequences.items():
+        mine = samples["user_id"] == user
+        targets = samples["item_id"][mine].numpy()
+        np.testing.assert_array_equal(sequence[1:], targets[:-2])
+        assert sequence[0] == samples["item_id_list"][mine][0, 0]
+
+
+def test_window_positions_equal_recbole_samples_in_representation_and_memory(tiny):
+    config, _, (train_data, _, _), model = tiny
+    model.eval()
+    windows = SequenceWindows(train_data, model, batch_size=16, device=torch.device("cpu"), seed=1)
+    assert windows.num_targets == len(train_data._dataset.inter_feat)
+    hidden = model.backbone.all_positions(model.item_proj(model.item_embedding(windows.windows)))  # [W, L, H]
+    row, position = windows.target_mask.nonzero(as_tuple=True)
+    by_target = {(int(windows.user_ids[r]), int(windows.windows[r, : p + 1].sum()), int(windows.targets[r, p])): (r, p)
+                 for r, p in zip(row.tolist(), position.tolist())}
+    feat = train_data._dataset.inter_feat
+    seq_repr = model.backbone(model.item_proj(model.item_embedding(feat["item_id_list"])), feat["item_length"])
+    memory = model.memory.retrieve(feat["user_id"], feat["item_id_list"], feat["item_length"])
+    for sample in range(len(feat)):
+        key = (int(feat["user_id"][sample]), int(feat["item_id_list"][sample].sum()), int(feat["item_id"][sample]))
+        r, p = by_target[key]
+        torch.testing.assert_close(hidden[r, p], seq_repr[sample], rtol=1e-5, atol=1e-5)
+        window_memory = model.memory.retrieve(windows.user_ids[r : r + 1], windows.windows[r : r + 1], torch.tensor([p + 1]))
+        torch.testing.assert_close(window_memory.text[0], memory.text[sample])
+        assert torch.equal(window_memory.visual_mask[0], memory.visual_mask[sample])
+
+
+def test_epochs_are_reproducible_and_batches_hold_about_train_batch_size_targets(tiny):
+    _, _, (train_data, _, _), model = tiny
+    windows = SequenceWindows(train_data, model, batch_size=16, device=torch.device("cpu"), seed=1)
+    first = [batch[0].tolist() for batch in windows.epoch(3)]
+    again = [batch[0].tolist() for batch in windows.epoch(3)]
+    other = [batch[0].tolist() for batch in windows.epoch(4)]
+    assert first == again and first != other
+    sizes = [int(batch[3].sum()) for batch in windows.epoch(0)]
+    assert sum(sizes) == windows.num_targets
+    assert abs(np.mean(sizes) - 16) < 16
