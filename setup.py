@@ -28,7 +28,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["recbole_feddmmr", "recbole_feddmmr.*"]) + ["recbole_feddmmr.properties"],
+    packages=[*find_packages(include=["recbole_feddmmr", "recbole_feddmmr.*"]), "recbole_feddmmr.properties"],
     package_dir={"recbole_feddmmr.properties": "properties"},
     package_data={"recbole_feddmmr.properties": ["*.yaml", "model/*.yaml", "dataset/*.yaml"]},
     install_requires=read_requirements(),

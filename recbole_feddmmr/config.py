@@ -32,7 +32,11 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         plugin = properties_dir()
-        for path in (plugin / "overall.yaml", plugin / "model" / f"{model}.yaml", plugin / "dataset" / f"{dataset}.yaml"):
+        for path in (
+            plugin / "overall.yaml",
+            plugin / "model" / f"{model}.yaml",
+            plugin / "dataset" / f"{dataset}.yaml",
+        ):
             if path.is_file():
                 self._update_internal_config_dict(str(path))
 

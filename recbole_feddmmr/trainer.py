@@ -79,7 +79,9 @@ class SequenceWindows:
         feat = train_data._dataset.inter_feat
         max_len = feat[model.ITEM_SEQ].size(1)
         sequences = user_sequences(
-            feat[model.USER_ID].numpy(), feat[model.ITEM_SEQ].numpy(), feat[model.ITEM_SEQ_LEN].numpy(),
+            feat[model.USER_ID].numpy(),
+            feat[model.ITEM_SEQ].numpy(),
+            feat[model.ITEM_SEQ_LEN].numpy(),
             feat[model.ITEM_ID].numpy(),
         )
         users, rows = [], []
@@ -96,7 +98,9 @@ class SequenceWindows:
             self.windows[index, : len(inputs)] = torch.from_numpy(inputs)
             self.targets[index, : len(nexts)] = torch.from_numpy(nexts)
             self.target_mask[index, : len(mask)] = torch.from_numpy(mask)
-        self.windows, self.targets, self.target_mask = (t.to(device) for t in (self.windows, self.targets, self.target_mask))
+        self.windows, self.targets, self.target_mask = (
+            t.to(device) for t in (self.windows, self.targets, self.target_mask)
+        )
         self.num_targets = int(self.target_mask.sum())
         if self.num_targets != len(feat):
             raise ValueError(f"windows cover {self.num_targets} targets, the training split has {len(feat)}")
@@ -152,7 +156,7 @@ class UR4RecV2MoETrainer(TrustedCheckpointMixin, Trainer):
             if isinstance(losses, tuple):
                 loss = sum(losses)
                 parts = tuple(part.item() for part in losses)
-                total_loss = parts if total_loss is None else tuple(map(sum, zip(total_loss, parts)))
+                total_loss = parts if total_loss is None else tuple(map(sum, zip(total_loss, parts, strict=True)))
             else:
                 loss = losses
                 total_loss = loss.item() if total_loss is None else total_loss + loss.item()

@@ -23,4 +23,4 @@ if [[ "${1:-}" == "--dev" ]]; then
     "$PY" -m pip install -r requirements-dev.txt
 fi
 # Non-editable on purpose: the properties must travel with the installed package.
-"$PY" -m pip install --no-deps --no-build-isolation .
+"$PY" -m pip install --no-deps .

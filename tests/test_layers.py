@@ -86,7 +86,9 @@ def test_semantic_expert_masked_slots_get_zero_attention_and_their_content_is_ig
     scrambled = memory.clone()
     scrambled[:, -2:] = 1e3 * torch.randn(B, 2, 12)
     seq_repr = torch.randn(B, H)
-    torch.testing.assert_close(expert(seq_repr, candidate_id, memory, mask), expert(seq_repr, candidate_id, scrambled, mask))
+    torch.testing.assert_close(
+        expert(seq_repr, candidate_id, memory, mask), expert(seq_repr, candidate_id, scrambled, mask)
+    )
 
 
 def test_router_weights_sum_to_one_and_switched_off_experts_get_zero():
@@ -127,7 +129,9 @@ def test_backbone_reads_last_valid_position_and_ignores_padding_after_it():
 
 def test_causal_block_matches_torch_transformer_layer_math():
     block = CausalSelfAttentionBlock(hidden_dim=H, num_heads=4, inner_dim=32, dropout=0.0).eval()
-    reference = nn.TransformerEncoderLayer(H, 4, 32, 0.0, activation="gelu", batch_first=True, layer_norm_eps=1e-12).eval()
+    reference = nn.TransformerEncoderLayer(
+        H, 4, 32, 0.0, activation="gelu", batch_first=True, layer_norm_eps=1e-12
+    ).eval()
     with torch.no_grad():
         reference.self_attn.in_proj_weight.copy_(block.qkv.weight)
         reference.self_attn.in_proj_bias.copy_(block.qkv.bias)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import TEST_DATA, tiny_run
 
 from recbole_feddmmr.memory import ItemFeatures, MemoryReadout, RecentHistoryMemory
-from recbole_feddmmr.model.ur4rec_v2_moe import bpr_loss, load_balance_loss, sample_negatives
+from recbole_feddmmr.model.ur4rec_v2_moe import bpr_loss, load_balance_loss, sample_negatives, sampled_softmax_loss
 
 
 def _batch(splits, size=8):
@@ -36,11 +36,21 @@ def test_features_land_on_the_right_item_rows(tiny):
 
 def test_bpr_and_load_balance_losses_equal_hand_computation():
     scores = torch.tensor([[2.0, 1.0, 3.0], [0.0, -1.0, -2.0]])
-    by_hand = -(
-        np.log(1 / (1 + np.exp(-1.0))) + np.log(1 / (1 + np.exp(1.0)))
-        + np.log(1 / (1 + np.exp(-1.0))) + np.log(1 / (1 + np.exp(-2.0)))
-    ) / 4
+    by_hand = (
+        -(
+            np.log(1 / (1 + np.exp(-1.0)))
+            + np.log(1 / (1 + np.exp(1.0)))
+            + np.log(1 / (1 + np.exp(-1.0)))
+            + np.log(1 / (1 + np.exp(-2.0)))
+        )
+        / 4
+    )
     assert bpr_loss(scores).item() == pytest.approx(by_hand, rel=1e-6)
+
+    softmax_by_hand = (
+        -(2.0 - np.log(np.exp(2.0) + np.exp(1.0) + np.exp(3.0))) - (0.0 - np.log(1.0 + np.exp(-1.0) + np.exp(-2.0)))
+    ) / 2
+    assert sampled_softmax_loss(scores).item() == pytest.approx(softmax_by_hand, rel=1e-6)
 
     weights = torch.tensor([[[0.5, 0.25, 0.25], [0.7, 0.0, 0.3]]])  # [B=1, C=2, X=3]
     usage = np.array([0.6, 0.125, 0.275])
@@ -75,7 +85,9 @@ def test_calculate_loss_is_bpr_plus_weighted_load_balance(tiny):
     memory = model.memory.retrieve(user, seq, length)
     scores, weights = model.score_candidates(model.encode_sequence(seq, length, user), memory, candidates)
     torch.testing.assert_close(rec_loss, bpr_loss(scores))
-    torch.testing.assert_close(weighted_lb, model.load_balance_weight * load_balance_loss(weights, model.expert_enabled))
+    torch.testing.assert_close(
+        weighted_lb, model.load_balance_weight * load_balance_loss(weights, model.expert_enabled)
+    )
 
 
 def test_gradients_reach_every_trainable_parameter(tiny):
@@ -83,7 +95,11 @@ def test_gradients_reach_every_trainable_parameter(tiny):
     model.train()
     rec_loss, lb = model.calculate_loss(_batch(splits, 32))
     (rec_loss + lb).backward()
-    missing = [name for name, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert missing == []
 
 
@@ -118,15 +134,22 @@ def test_items_without_visual_feature_get_zero_visual_weight_and_weights_sum_to_
     assert no_visual[1:].any()
     assert torch.all(weights[:, no_visual, 1] == 0)
     # users whose memory holds a visual slot use the visual expert on items that have an image
-    has_visual_memory = model.memory.retrieve(batch["user_id"], batch["item_id_list"], batch["item_length"]).visual_mask.any(1)
+    has_visual_memory = model.memory.retrieve(
+        batch["user_id"], batch["item_id_list"], batch["item_length"]
+    ).visual_mask.any(1)
     assert has_visual_memory.any() and not has_visual_memory.all()
     assert torch.all(weights[has_visual_memory][:, ~no_visual, 1] > 0)
     assert torch.all(weights[~has_visual_memory][..., 1] == 0)
 
 
 def test_dataset_without_features_switches_experts_off_and_says_so(tmp_path, caplog):
-    _, _, splits, model = tiny_run(tmp_path, load_col={"inter": ["user_id", "item_id", "rating", "timestamp"]},
-                                   additional_feat_suffix=None, alias_of_item_id=None, state="INFO")
+    _, _, splits, model = tiny_run(
+        tmp_path,
+        load_col={"inter": ["user_id", "item_id", "rating", "timestamp"]},
+        additional_feat_suffix=None,
+        alias_of_item_id=None,
+        state="INFO",
+    )
     assert model.live_experts == ["sequential"]
     model.eval()
     weights = model.router_weights_for(_batch(splits, 4))
@@ -151,14 +174,19 @@ def test_forward_has_the_seed_signature(tiny):
     seq = torch.tensor([[3, 4, 5, 0, 0, 0, 0, 0, 0, 0], [7, 8, 0, 0, 0, 0, 0, 0, 0, 0]])
     targets = torch.tensor([[6, 1, 2], [9, 10, 11]])
     memory_visual, memory_text = torch.randn(2, 4, 6), torch.randn(2, 4, 8)
-    scores, rec_loss, lb_loss = model(torch.tensor([1, 2]), seq, targets, memory_visual, memory_text,
-                                      torch.randn(2, 3, 6), torch.randn(2, 3, 8))
+    scores, rec_loss, lb_loss = model(
+        torch.tensor([1, 2]), seq, targets, memory_visual, memory_text, torch.randn(2, 3, 6), torch.randn(2, 3, 8)
+    )
     assert scores.shape == (2, 3) and rec_loss.ndim == 0 and lb_loss.ndim == 0
     assert rec_loss.item() == pytest.approx(bpr_loss(scores).item(), rel=1e-6)
     # explicit masks: hiding every text slot switches the semantic expert off
     readout_mask = torch.zeros(2, 4, dtype=torch.bool)
-    scores_masked, _, _ = model(torch.tensor([1, 2]), seq, targets, None, memory_text, None, None,
-                                memory_text_mask=readout_mask)
-    seq_only = model.score_candidates(model.encode_sequence(seq, torch.tensor([3, 2]), torch.tensor([1, 2])),
-                                      MemoryReadout(None, readout_mask, None, readout_mask), targets)[0]
+    scores_masked, _, _ = model(
+        torch.tensor([1, 2]), seq, targets, None, memory_text, None, None, memory_text_mask=readout_mask
+    )
+    seq_only = model.score_candidates(
+        model.encode_sequence(seq, torch.tensor([3, 2]), torch.tensor([1, 2])),
+        MemoryReadout(None, readout_mask, None, readout_mask),
+        targets,
+    )[0]
     torch.testing.assert_close(scores_masked, seq_only)

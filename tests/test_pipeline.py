@@ -33,8 +33,11 @@ def test_uni100_protocol_runs_through_predict(tmp_path):
     result = run_recbole_feddmmr(
         model="UR4RecV2MoE",
         dataset="tiny",
-        config_dict=dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"),
-                         eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "uni20"}),
+        config_dict=dict(
+            TINY_CONFIG,
+            checkpoint_dir=str(tmp_path / "saved"),
+            eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "uni20"},
+        ),
     )
     assert set(result["test_result"]) == METRICS
 
@@ -44,7 +47,7 @@ def test_best_checkpoint_reloads_on_torch_2_6_and_gives_identical_scores(tmp_pat
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     trainer.fit(train_data, valid_data, saved=True, show_progress=False)
     # plain torch.load (weights_only=True since torch 2.6) refuses RecBole's pickled Config ...
-    with pytest.raises(Exception, match="weights_only|Weights only"):
+    with pytest.raises(Exception, match=r"weights_only|Weights only"):
         torch.load(trainer.saved_model_file)
     # ... the plugin's trainer loads it; a fresh model from the checkpoint scores like the trained one
     in_memory = trainer.evaluate(test_data, load_best_model=False)
@@ -91,15 +94,36 @@ def test_config_layers_plugin_yaml_and_reads_dataset_atomic(tmp_path):
 
 
 def test_sasrec_runs_through_the_plugin_entry_point(tmp_path):
-    overrides = [f"--{key}={value}" for key, value in {
-        "data_path": TINY_CONFIG["data_path"], "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "show_progress": False,
-        "checkpoint_dir": tmp_path / "saved", "hidden_size": 16, "inner_size": 32, "train_batch_size": 16,
-    }.items()]
+    overrides = [
+        f"--{key}={value}"
+        for key, value in {
+            "data_path": TINY_CONFIG["data_path"],
+            "MAX_ITEM_LIST_LENGTH": 10,
+            "epochs": 1,
+            "show_progress": False,
+            "checkpoint_dir": tmp_path / "saved",
+            "hidden_size": 16,
+            "inner_size": 32,
+            "train_batch_size": 16,
+        }.items()
+    ]
     load_col = "--load_col={'inter':['user_id','item_id','rating','timestamp']}"
     completed = subprocess.run(
-        [sys.executable, str(REPO / "run_recbole_feddmmr.py"), "--model", "SASRec", "--dataset", "tiny", load_col,
-         "--additional_feat_suffix=None", *overrides],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "run_recbole_feddmmr.py"),
+            "--model",
+            "SASRec",
+            "--dataset",
+            "tiny",
+            load_col,
+            "--additional_feat_suffix=None",
+            *overrides,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     log = completed.stdout + completed.stderr

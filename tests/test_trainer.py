@@ -27,10 +27,11 @@ def test_windows_cover_every_target_once_with_at_least_half_a_window_of_history(
 
 
 def test_user_sequences_rebuilds_each_training_sequence(tiny):
-    _, dataset, (train_data, _, _), model = tiny
+    _, dataset, (train_data, _, _), _ = tiny
     feat = train_data._dataset.inter_feat
-    sequences = user_sequences(feat["user_id"].numpy(), feat["item_id_list"].numpy(),
-                               feat["item_length"].numpy(), feat["item_id"].numpy())
+    sequences = user_sequences(
+        feat["user_id"].numpy(), feat["item_id_list"].numpy(), feat["item_length"].numpy(), feat["item_id"].numpy()
+    )
     samples = dataset.inter_feat  # every augmented sample, time-ordered per user; the last two are valid and test
     assert len(sequences) == len(set(samples["user_id"].tolist()))
     for user, sequence in sequences.items():
@@ -41,14 +42,16 @@ def test_user_sequences_rebuilds_each_training_sequence(tiny):
 
 
 def test_window_positions_equal_recbole_samples_in_representation_and_memory(tiny):
-    config, _, (train_data, _, _), model = tiny
+    _, _, (train_data, _, _), model = tiny
     model.eval()
     windows = SequenceWindows(train_data, model, batch_size=16, device=torch.device("cpu"), seed=1)
     assert windows.num_targets == len(train_data._dataset.inter_feat)
     hidden = model.backbone.all_positions(model.item_proj(model.item_embedding(windows.windows)))  # [W, L, H]
     row, position = windows.target_mask.nonzero(as_tuple=True)
-    by_target = {(int(windows.user_ids[r]), int(windows.windows[r, : p + 1].sum()), int(windows.targets[r, p])): (r, p)
-                 for r, p in zip(row.tolist(), position.tolist())}
+    by_target = {
+        (int(windows.user_ids[r]), int(windows.windows[r, : p + 1].sum()), int(windows.targets[r, p])): (r, p)
+        for r, p in zip(row.tolist(), position.tolist(), strict=True)
+    }
     feat = train_data._dataset.inter_feat
     seq_repr = model.backbone(model.item_proj(model.item_embedding(feat["item_id_list"])), feat["item_length"])
     memory = model.memory.retrieve(feat["user_id"], feat["item_id_list"], feat["item_length"])
@@ -56,7 +59,9 @@ def test_window_positions_equal_recbole_samples_in_representation_and_memory(tin
         key = (int(feat["user_id"][sample]), int(feat["item_id_list"][sample].sum()), int(feat["item_id"][sample]))
         r, p = by_target[key]
         torch.testing.assert_close(hidden[r, p], seq_repr[sample], rtol=1e-5, atol=1e-5)
-        window_memory = model.memory.retrieve(windows.user_ids[r : r + 1], windows.windows[r : r + 1], torch.tensor([p + 1]))
+        window_memory = model.memory.retrieve(
+            windows.user_ids[r : r + 1], windows.windows[r : r + 1], torch.tensor([p + 1])
+        )
         torch.testing.assert_close(window_memory.text[0], memory.text[sample])
         assert torch.equal(window_memory.visual_mask[0], memory.visual_mask[sample])
 

@@ -10,7 +10,8 @@ an expert is off where the dataset lacks its modality, the item lacks the
 feature, or the user's memory holds no slot of that modality.
 
 Loss: BPR of the positive against ``train_neg_num`` uniformly sampled negatives
-(never the positive), or full-softmax CE; plus ``load_balance_weight *
+(never the positive), SSM (softmax cross-entropy over the positive and those
+negatives), or full-softmax CE over all items; plus ``load_balance_weight *
 sum_e (mean router weight_e - 1/E)^2`` over the E experts the dataset enables.
 """
 
@@ -60,6 +61,11 @@ def bpr_loss(scores: Tensor) -> Tensor:
     return -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean()
 
 
+def sampled_softmax_loss(scores: Tensor) -> Tensor:
+    """``scores`` [B, 1 + N], positive in column 0 -> mean cross-entropy of the positive among the 1 + N."""
+    return F.cross_entropy(scores, scores.new_zeros(scores.size(0), dtype=torch.long))
+
+
 def load_balance_loss(router_weights: Tensor, enabled: Tensor) -> Tensor:
     """``router_weights`` [B, C, X], ``enabled`` [X] bool -> sum over enabled e of (mean w_e - 1/E)^2."""
     usage = router_weights.reshape(-1, router_weights.size(-1)).mean(dim=0)[enabled]  # [E]
@@ -88,8 +94,8 @@ class UR4RecV2MoE(SequentialRecommender):
         self.train_neg_num = config["train_neg_num"]
         self.load_balance_weight = config["load_balance_weight"]
         self.eval_user_chunk = config["eval_user_chunk"] or 256
-        if self.loss_type not in ("BPR", "CE"):
-            raise ValueError(f"loss_type must be 'BPR' or 'CE', got {self.loss_type!r}")
+        if self.loss_type not in ("BPR", "SSM", "CE"):
+            raise ValueError(f"loss_type must be 'BPR', 'SSM' or 'CE', got {self.loss_type!r}")
         if self.max_seq_length > config["max_seq_len"]:
             raise ValueError(
                 f"MAX_ITEM_LIST_LENGTH={self.max_seq_length} exceeds the model's max_seq_len={config['max_seq_len']}"
@@ -133,10 +139,10 @@ class UR4RecV2MoE(SequentialRecommender):
     # ------------------------------------------------------------------ setup
     @property
     def live_experts(self) -> list[str]:
-        return [name for name, on in zip(EXPERTS, self.expert_enabled.tolist()) if on]
+        return [name for name, on in zip(EXPERTS, self.expert_enabled.tolist(), strict=True) if on]
 
     def _off_reason(self) -> str:
-        off = [name for name, on in zip(EXPERTS, self.expert_enabled.tolist()) if not on]
+        off = [name for name, on in zip(EXPERTS, self.expert_enabled.tolist(), strict=True) if not on]
         return f" (off, no item features of that modality in the dataset: {', '.join(off)})" if off else ""
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -234,7 +240,10 @@ class UR4RecV2MoE(SequentialRecommender):
             return torch.full((batch_size, slots), feats is not None, dtype=torch.bool, device=input_seq.device)
 
         memory = MemoryReadout(
-            memory_visual, full_mask(memory_visual, memory_visual_mask), memory_text, full_mask(memory_text, memory_text_mask)
+            memory_visual,
+            full_mask(memory_visual, memory_visual_mask),
+            memory_text,
+            full_mask(memory_text, memory_text_mask),
         )
         seq_repr = self.encode_sequence(input_seq, item_seq_len, user_ids)
         scores, router_weights = self.score_candidates(seq_repr, memory, target_items, target_visual)
@@ -251,14 +260,16 @@ class UR4RecV2MoE(SequentialRecommender):
 
     def _loss(self, seq_repr: Tensor, memory: MemoryReadout, positives: Tensor) -> tuple[Tensor, Tensor]:
         """``seq_repr`` [P, H] and memory of P prediction points, ``positives`` [P] -> (rec loss, weighted lb loss)."""
-        if self.loss_type == "BPR":
+        if self.loss_type in ("BPR", "SSM"):
             negatives = sample_negatives(positives, self.n_items, self.train_neg_num)  # [P, N]
             candidates = torch.cat([positives[:, None], negatives], dim=1)  # [P, 1 + N]
             scores, router_weights = self.score_candidates(seq_repr, memory, candidates)
-            rec_loss = bpr_loss(scores)
+            rec_loss = bpr_loss(scores) if self.loss_type == "BPR" else sampled_softmax_loss(scores)
         else:
             scores, router_weights = self.score_candidates(seq_repr, memory)  # [P, n_items]
-            scores = scores.index_fill(1, scores.new_zeros(1, dtype=torch.long), float("-inf"))  # never the padding item
+            scores = scores.index_fill(
+                1, scores.new_zeros(1, dtype=torch.long), float("-inf")
+            )  # never the padding item
             rec_loss = F.cross_entropy(scores, positives)
         return rec_loss, self.load_balance_weight * load_balance_loss(router_weights, self.expert_enabled)
 

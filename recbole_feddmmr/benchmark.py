@@ -1,0 +1,177 @@
+"""Side by side: RecBole models and UR4RecV2MoE under one protocol, in one command.
+
+    python -m recbole_feddmmr.benchmark --dataset ml-100k --models SASRec UR4RecV2MoE \\
+        --epochs 30 --stopping_step 5 --out results/ml-100k_sasrec_vs_ur4rec.json
+
+Each model trains with the same epoch budget and early stopping on validation
+NDCG@10 (full ranking); the best-validation checkpoint is then evaluated on
+test with full ranking and with uni100 (1 positive + 100 sampled negatives).
+Training throughput is training targets per second of training-epoch time,
+measured for every model in this same process, one model after the other.
+Results are written (JSON) after each model, so a cut-off run still reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
+
+from recbole_feddmmr.config import Config
+from recbole_feddmmr.quick_start import prepare_run
+from recbole_feddmmr.utils import get_trainer
+
+REPORTED = ("hit@10", "ndcg@10", "mrr@10")
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {torch.get_num_threads()} torch threads, {device}; torch {torch.__version__}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Train ``model`` with early stopping, evaluate its best checkpoint on test (full and uni100)."""
+    config, (train_data, valid_data, test_data), model_instance = prepare_run(model, dataset, config_dict=overrides)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_instance)
+    epoch_seconds: list[float] = []
+    train_epoch = trainer._train_epoch
+
+    def timed_train_epoch(*args, **kwargs):
+        started = time.perf_counter()
+        result = train_epoch(*args, **kwargs)
+        epoch_seconds.append(time.perf_counter() - started)
+        return result
+
+    trainer._train_epoch = timed_train_epoch
+    best_valid_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    test_full = trainer.evaluate(test_data, load_best_model=True)
+
+    uni_overrides = dict(overrides, eval_args=dict(config["eval_args"], mode={"valid": "full", "test": "uni100"}))
+    uni_config = Config(model=model, dataset=dataset, config_dict=uni_overrides)
+    init_seed(uni_config["seed"], uni_config["reproducibility"])
+    _, _, test_uni = data_preparation(uni_config, create_dataset(uni_config))
+    test_uni100 = trainer.evaluate(test_uni, load_best_model=True)
+
+    samples = len(train_data._dataset.inter_feat)
+    best_epoch = int(torch.load(trainer.saved_model_file, weights_only=False)["epoch"])
+    return {
+        "model": model,
+        "epochs_trained": len(epoch_seconds),
+        "best_epoch": best_epoch,
+        "best_valid_ndcg@10": float(best_valid_score),
+        "valid_full": {k: float(v) for k, v in best_valid.items()},
+        "test_full": {k: float(v) for k, v in test_full.items()},
+        "test_uni100": {k: float(v) for k, v in test_uni100.items()},
+        "train_samples_per_epoch": samples,
+        "train_seconds": sum(epoch_seconds),
+        "train_samples_per_second": samples * len(epoch_seconds) / sum(epoch_seconds),
+        "checkpoint": trainer.saved_model_file,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--models", nargs="+", default=["SASRec", "UR4RecV2MoE"], help="the first is the baseline")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--stopping_step", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--out", default="results/benchmark.json")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides (yaml values)"
+    )
+    args = parser.parse_args(argv)
+
+    import yaml
+
+    overrides = {
+        "epochs": args.epochs,
+        "stopping_step": args.stopping_step,
+        "seed": args.seed,
+        "show_progress": False,
+        "state": "INFO",
+    }
+    overrides.update({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)})
+    report: dict[str, Any] = {
+        "command": "python -m recbole_feddmmr.benchmark "
+        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "commit": git_commit(),
+        "machine": machine_description(),
+        "dataset": args.dataset,
+        "overrides": overrides,
+        "runs": [],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for model in args.models:
+        report["runs"].append(run_model(model, args.dataset, overrides))
+        out.write_text(json.dumps(report, indent=2))
+    baseline = report["runs"][0]
+    report["ratios_vs_" + baseline["model"]] = {
+        run["model"]: {
+            "test_full_ndcg@10": run["test_full"]["ndcg@10"] / baseline["test_full"]["ndcg@10"],
+            "test_uni100_ndcg@10": run["test_uni100"]["ndcg@10"] / baseline["test_uni100"]["ndcg@10"],
+            "train_samples_per_second": run["train_samples_per_second"] / baseline["train_samples_per_second"],
+        }
+        for run in report["runs"][1:]
+    }
+    out.write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A markdown table of the report (what the README shows)."""
+    lines = [
+        "| model | best epoch | test HR@10 | test NDCG@10 | test MRR@10 | uni100 HR@10 | uni100 NDCG@10 "
+        "| train samples/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"]:
+        full, uni = run["test_full"], run["test_uni100"]
+        lines.append(
+            f"| {run['model']} | {run['best_epoch']} of {run['epochs_trained']} | {full['hit@10']:.4f} | "
+            f"{full['ndcg@10']:.4f} | {full['mrr@10']:.4f} | {uni['hit@10']:.4f} | {uni['ndcg@10']:.4f} | "
+            f"{run['train_samples_per_second']:.0f} |"
+        )
+    for key, ratios in report.items():
+        if key.startswith("ratios_vs_"):
+            for model, values in ratios.items():
+                lines.append(
+                    f"\n{model} / {key[len('ratios_vs_') :]}: test NDCG@10 x{values['test_full_ndcg@10']:.3f} (full), "
+                    f"x{values['test_uni100_ndcg@10']:.3f} (uni100); "
+                    f"training throughput x{values['train_samples_per_second']:.2f}"
+                )
+    lines.append(f"\ncommand: `{report['command']}`; commit {report['commit']}; machine: {report['machine']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()
