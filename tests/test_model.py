@@ -72,8 +72,9 @@ def test_negatives_are_uniform_over_other_items_and_never_the_positive():
     assert counts[4] == 0 and others.min() > 0.9 * others.mean()
 
 
-def test_calculate_loss_is_bpr_plus_weighted_load_balance(tiny):
-    _, _, splits, model = tiny
+@pytest.mark.parametrize(("loss_type", "reference"), [("BPR", bpr_loss), ("SSM", sampled_softmax_loss)])
+def test_calculate_loss_is_pairwise_or_sampled_softmax_plus_weighted_load_balance(tmp_path, loss_type, reference):
+    _, _, splits, model = tiny_run(tmp_path, loss_type=loss_type)
     model.eval()  # no dropout: the two passes below see the same network
     batch = _batch(splits)
     torch.manual_seed(3)
@@ -84,7 +85,7 @@ def test_calculate_loss_is_bpr_plus_weighted_load_balance(tiny):
     user, seq, length = batch["user_id"], batch["item_id_list"], batch["item_length"]
     memory = model.memory.retrieve(user, seq, length)
     scores, weights = model.score_candidates(model.encode_sequence(seq, length, user), memory, candidates)
-    torch.testing.assert_close(rec_loss, bpr_loss(scores))
+    torch.testing.assert_close(rec_loss, reference(scores))
     torch.testing.assert_close(
         weighted_lb, model.load_balance_weight * load_balance_loss(weights, model.expert_enabled)
     )
