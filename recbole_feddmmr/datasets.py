@@ -19,6 +19,7 @@ import pandas as pd
 
 from recbole_feddmmr.features.atomic import write_itememb
 from recbole_feddmmr.features.text import encode_texts, load_sentence_encoder
+from recbole_feddmmr.features.validate import FeatureFileError, FeatureFileReport, validate_itememb
 
 ML100K = "ml-100k"
 ML100K_COPIED = ("inter", "item", "user")
@@ -88,3 +89,32 @@ def ensure_dataset(dataset: str, data_path: str | Path, show_progress: bool = Tr
             f"no {data_path / (dataset + '.inter')}: put the atomic files of '{dataset}' in {data_path} "
             "(see README, 'Your own dataset')"
         )
+
+
+def check_item_features(config) -> FeatureFileReport | None:
+    """Validate ``<data_path>/<dataset>.itememb`` for a model that reads item features, before RecBole loads it.
+
+    A model reads features when its config names ``feature_id_field`` (UR4RecV2MoE does). Fails when the
+    file is malformed (see :func:`validate_itememb`) or exists while the config would not load it, so a
+    run with a feature file never silently trains without it. Returns ``None`` when there is nothing to check.
+    """
+    id_field = config["feature_id_field"]
+    path = Path(config["data_path"]) / f"{config['dataset']}.itememb"
+    if not id_field or not path.exists():
+        return None
+    suffixes = config["additional_feat_suffix"] or []
+    load_col = config["load_col"]
+    if "itememb" not in suffixes or (load_col is not None and "itememb" not in load_col):
+        raise FeatureFileError(
+            f"{path} exists but the config does not load it: add `additional_feat_suffix: [itememb]`, "
+            f"`load_col: {{itememb: [{id_field}, ...]}}` and `alias_of_item_id: [{id_field}]` (see README)"
+        )
+    inter_items = set(read_atomic(Path(config["data_path"]) / f"{config['dataset']}.inter")[config["ITEM_ID_FIELD"]])
+    expected = {config["text_feature_field"]: config["text_dim"], config["visual_feature_field"]: config["visual_dim"]}
+    report = validate_itememb(path, inter_items, {k: v for k, v in expected.items() if k}, id_field=id_field)
+    described = ", ".join(
+        f"{name} {dim}-d ({report.items - report.missing.get(name, 0)} of {report.items} items)"
+        for name, dim in report.dims.items()
+    )
+    logger.info(f"item features in {path.name}: {described or 'no feature column'}")
+    return report

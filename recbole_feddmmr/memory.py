@@ -78,10 +78,9 @@ class RecentHistoryMemory(nn.Module):
         in_history = positions >= 0
         items = item_seq.gather(1, positions.clamp(min=0)) * in_history  # [B, K], 0 = empty slot
         features = self.features
-        visual_mask = (
-            in_history & features.visual_available[items] if features.visual is not None else in_history & False
-        )
-        text_mask = in_history & features.text_available[items] if features.text is not None else in_history & False
+        no_slot = torch.zeros_like(in_history)
+        visual_mask = no_slot if features.visual is None else in_history & features.visual_available[items]
+        text_mask = no_slot if features.text is None else in_history & features.text_available[items]
         return MemoryReadout(
             visual=None if features.visual is None else features.visual[items],  # [B, K, Fv]
             visual_mask=visual_mask,

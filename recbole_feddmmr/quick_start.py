@@ -14,7 +14,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_logger, init_seed
 
 from recbole_feddmmr.config import Config
-from recbole_feddmmr.datasets import ensure_dataset
+from recbole_feddmmr.datasets import check_item_features, ensure_dataset
 from recbole_feddmmr.utils import get_model, get_trainer
 
 
@@ -27,6 +27,7 @@ def prepare_run(model: str | None = None, dataset: str | None = None, config_fil
     logger.info(" ".join(sys.argv))
     logger.info(config)
     ensure_dataset(config["dataset"], config["data_path"], show_progress=config["show_progress"])
+    check_item_features(config)
     full_dataset = create_dataset(config)
     logger.info(full_dataset)
     splits = data_preparation(config, full_dataset)

@@ -39,8 +39,10 @@ EXPERTS = ("sequential", "visual", "semantic")
 def item_feature_table(dataset, id_field: str, value_field: str | None, expected_dim: int) -> Tensor | None:
     """``[n_items, D]`` float table of ``value_field`` from RecBole's feature of ``id_field`` (row = item id).
 
-    ``id_field`` is an alias of the item id (``alias_of_item_id``), so RecBole has
-    already remapped it to the internal ids. ``None`` when the dataset has no such field.
+        ``id_field`` is an alias of the item id (``alias_of_item_id``), so RecBole has
+        already remapped it to the internal ids. This is what RecBole's ``preload_weight`` builds, done
+    per value field because ``preload_weight`` allows one value field per id field and the model reads
+    two (text and visual) from one ``.itememb``. ``None`` when the dataset has no such field.
     """
     if not value_field or value_field not in dataset.field2source or id_field not in dataset.field2source:
         return None
