@@ -9,21 +9,32 @@ import numpy as np
 
 
 def write_itememb(
-    path: str | Path, item_ids: list[str], features: dict[str, np.ndarray], id_field: str = "iid"
+    path: str | Path,
+    item_ids: list[str],
+    features: dict[str, np.ndarray],
+    available: dict[str, np.ndarray] | None = None,
+    id_field: str = "iid",
 ) -> Path:
     """Write ``path`` with header ``iid:token <name>:float_seq ...`` and one row per item.
 
-    ``features`` maps a column name to a [len(item_ids), D] array. The file is written
-    to a temporary name and renamed, so a crash never leaves a truncated file behind.
+    ``features`` maps a column name to a [len(item_ids), D] array; ``available`` optionally
+    maps it to a [len(item_ids)] bool array, and an item without the feature gets an empty
+    cell (never a made-up vector). The file is written to a temporary name and renamed, so
+    a crash never leaves a truncated file behind.
     """
     path = Path(path)
+    available = available or {}
+    masks = {name: np.asarray(available.get(name, np.ones(len(item_ids), bool)), bool) for name in features}
     for name, matrix in features.items():
-        if matrix.shape[0] != len(item_ids):
+        if matrix.shape[0] != len(item_ids) or masks[name].shape != (len(item_ids),):
             raise ValueError(f"feature '{name}' has {matrix.shape[0]} rows for {len(item_ids)} items")
-        if not np.isfinite(matrix).all():
+        if not np.isfinite(matrix[masks[name]]).all():
             raise ValueError(f"feature '{name}' contains NaN or inf values")
     header = "\t".join([f"{id_field}:token"] + [f"{name}:float_seq" for name in features])
-    rendered = {name: [" ".join(f"{v:.7g}" for v in row) for row in matrix] for name, matrix in features.items()}
+    rendered = {
+        name: [" ".join(f"{v:.7g}" for v in row) if keep else "" for row, keep in zip(matrix, masks[name], strict=True)]
+        for name, matrix in features.items()
+    }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(header + "\n")

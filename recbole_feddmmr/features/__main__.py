@@ -1,0 +1,119 @@
+"""Write ``dataset_atomic/NAME/NAME.itememb`` from item texts (SBERT) and item images (CLIP).
+
+    python -m recbole_feddmmr.features --dataset ml-100k --overwrite
+    python -m recbole_feddmmr.features --dataset mydata --text-columns title description \\
+        --images posters/ --clip-model /models/clip-vit-base-patch32 --device cuda
+
+Rows are written for exactly the items of ``NAME.inter``. An item without a text or an
+image gets an empty cell for that feature: the matching expert is off for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from recbole_feddmmr.datasets import ML100K, ml100k_item_texts, read_atomic
+from recbole_feddmmr.features.atomic import write_itememb
+from recbole_feddmmr.features.image import encode_images, find_item_images, load_clip
+from recbole_feddmmr.features.text import encode_texts, load_sentence_encoder
+
+
+def item_texts(item_file: Path, item_ids: list[str], columns: list[str], item_field: str = "item_id") -> list[str]:
+    """Texts of ``item_ids``: the non-empty values of ``columns`` joined by '. ' ('' for an item with none)."""
+    items = read_atomic(item_file).set_index(item_field)
+    absent = [column for column in columns if column not in items.columns]
+    if absent:
+        raise ValueError(f"{item_file} has no column {absent}; its columns are {list(items.columns)}")
+    rows = items.reindex(item_ids).fillna("")
+    return [". ".join(value.strip() for value in row if value.strip()) for row in rows[columns].itertuples(index=False)]
+
+
+def build_features(args: argparse.Namespace) -> dict:
+    """Encode what was asked and write the .itememb; returns the summary that is printed."""
+    started = time.perf_counter()
+    folder = Path(args.data_path) / args.dataset
+    inter = folder / f"{args.dataset}.inter"
+    if not inter.is_file():
+        raise FileNotFoundError(f"no {inter}: put the dataset's atomic files in {folder}")
+    item_ids = sorted(
+        read_atomic(inter)[args.item_field].unique(), key=lambda t: (0, int(t)) if t.isdigit() else (1, t)
+    )
+    output = folder / f"{args.dataset}.itememb"
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    features, available, summary = {}, {}, {"items": len(item_ids)}
+
+    if not args.no_text:
+        if args.dataset == ML100K and not args.text_columns:
+            texts = ml100k_item_texts(folder / f"{args.dataset}.item", item_ids)
+        else:
+            if not args.text_columns:
+                raise ValueError("say which .item columns form the text: --text-columns COLUMN [COLUMN ...]")
+            texts = item_texts(folder / f"{args.dataset}.item", item_ids, args.text_columns, args.item_field)
+        has_text = np.array([bool(text) for text in texts])
+        encoder = load_sentence_encoder(args.text_model, device=args.device)
+        matrix = np.zeros((len(item_ids), encoder.get_sentence_embedding_dimension()), np.float32)
+        if has_text.any():
+            encoded = encode_texts([t for t in texts if t], encoder, args.batch_size, not args.no_normalize)
+            matrix[has_text] = encoded
+        features["sbert_emb"], available["sbert_emb"] = matrix, has_text
+        summary["sbert_emb"] = {
+            "dim": matrix.shape[1],
+            "encoded": int(has_text.sum()),
+            "without": int((~has_text).sum()),
+        }
+
+    if args.images:
+        if not args.clip_model:
+            raise ValueError("--images needs --clip-model: a local folder with a CLIP model (transformers format)")
+        found = find_item_images(args.images, item_ids)
+        model, processor = load_clip(args.clip_model, device=args.device)
+        encoded = encode_images(list(found.values()), model, processor, args.batch_size, not args.no_normalize)
+        has_image = np.array([item in found for item in item_ids])
+        matrix = np.zeros((len(item_ids), encoded.shape[1]), np.float32)
+        matrix[has_image] = encoded
+        features["clip_emb"], available["clip_emb"] = matrix, has_image
+        summary["clip_emb"] = {
+            "dim": matrix.shape[1],
+            "encoded": int(has_image.sum()),
+            "without": int((~has_image).sum()),
+        }
+
+    if not features:
+        raise ValueError("nothing to encode: drop --no-text or give --images")
+    write_itememb(output, item_ids, features, available)
+    summary["file"], summary["seconds"] = str(output), round(time.perf_counter() - started, 1)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--data-path", default="dataset_atomic")
+    parser.add_argument("--item-field", default="item_id", help="item id column of the .inter/.item files")
+    parser.add_argument("--no-text", action="store_true", help="skip SBERT text features")
+    parser.add_argument(
+        "--text-model", default=None, help="local sentence-transformers folder (default: offline MiniLM)"
+    )
+    parser.add_argument("--text-columns", nargs="+", default=None, help=".item columns forming the text")
+    parser.add_argument("--images", default=None, help="folder with one image per item id: <id>.png|jpg|webp")
+    parser.add_argument("--clip-model", default=None, help="local CLIP folder (transformers format)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-normalize", action="store_true", help="keep raw (not L2-normalised) embeddings")
+    parser.add_argument("--overwrite", action="store_true")
+    summary = build_features(parser.parse_args(argv))
+    for name in ("sbert_emb", "clip_emb"):
+        if name in summary:
+            info = summary[name]
+            print(f"{name}: {info['encoded']} of {summary['items']} items, {info['dim']}-d, {info['without']} without")
+    print(f"wrote {summary['file']} in {summary['seconds']}s")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
