@@ -47,6 +47,13 @@ def build_features(args: argparse.Namespace) -> dict:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
     features, available, summary = {}, {}, {"items": len(item_ids)}
 
+    def add_column(name: str, encoded: np.ndarray, present: np.ndarray) -> None:
+        """``encoded`` [present.sum(), D] rows of the items where ``present`` -> a column with empty cells elsewhere."""
+        matrix = np.zeros((len(item_ids), encoded.shape[1]), np.float32)  # [items, D]; absent rows are not written
+        matrix[present] = encoded
+        features[name], available[name] = matrix, present
+        summary[name] = {"dim": matrix.shape[1], "encoded": int(present.sum()), "without": int((~present).sum())}
+
     if not args.no_text:
         if args.dataset == ML100K and not args.text_columns:
             texts = ml100k_item_texts(folder / f"{args.dataset}.item", item_ids)
@@ -55,17 +62,11 @@ def build_features(args: argparse.Namespace) -> dict:
                 raise ValueError("say which .item columns form the text: --text-columns COLUMN [COLUMN ...]")
             texts = item_texts(folder / f"{args.dataset}.item", item_ids, args.text_columns, args.item_field)
         has_text = np.array([bool(text) for text in texts])
+        if not has_text.any():
+            raise ValueError(f"no item of {args.dataset}.inter has a text in the chosen .item columns")
         encoder = load_sentence_encoder(args.text_model, device=args.device)
-        matrix = np.zeros((len(item_ids), encoder.get_sentence_embedding_dimension()), np.float32)
-        if has_text.any():
-            encoded = encode_texts([t for t in texts if t], encoder, args.batch_size, not args.no_normalize)
-            matrix[has_text] = encoded
-        features["sbert_emb"], available["sbert_emb"] = matrix, has_text
-        summary["sbert_emb"] = {
-            "dim": matrix.shape[1],
-            "encoded": int(has_text.sum()),
-            "without": int((~has_text).sum()),
-        }
+        encoded = encode_texts([t for t in texts if t], encoder, args.batch_size, not args.no_normalize)
+        add_column("sbert_emb", encoded, has_text)
 
     if args.images:
         if not args.clip_model:
@@ -73,15 +74,7 @@ def build_features(args: argparse.Namespace) -> dict:
         found = find_item_images(args.images, item_ids)
         model, processor = load_clip(args.clip_model, device=args.device)
         encoded = encode_images(list(found.values()), model, processor, args.batch_size, not args.no_normalize)
-        has_image = np.array([item in found for item in item_ids])
-        matrix = np.zeros((len(item_ids), encoded.shape[1]), np.float32)
-        matrix[has_image] = encoded
-        features["clip_emb"], available["clip_emb"] = matrix, has_image
-        summary["clip_emb"] = {
-            "dim": matrix.shape[1],
-            "encoded": int(has_image.sum()),
-            "without": int((~has_image).sum()),
-        }
+        add_column("clip_emb", encoded, np.array([item in found for item in item_ids]))
 
     if not features:
         raise ValueError("nothing to encode: drop --no-text or give --images")
