@@ -40,7 +40,7 @@ def read_atomic(path: str | Path) -> pd.DataFrame:
 
 
 def ml100k_item_texts(item_file: str | Path, item_ids: list[str]) -> list[str]:
-    """ "Title (year). Genres: A, B" for each of ``item_ids``, from RecBole's ml-100k.item."""
+    """The text ``Title (year). Genres: A, B`` of each of ``item_ids``, from RecBole's ml-100k.item."""
     items = read_atomic(item_file).set_index("item_id")
     missing = [item for item in item_ids if item not in items.index]
     if missing:

@@ -39,8 +39,8 @@ EXPERTS = ("sequential", "visual", "semantic")
 def item_feature_table(dataset, id_field: str, value_field: str | None, expected_dim: int) -> Tensor | None:
     """``[n_items, D]`` float table of ``value_field`` from RecBole's feature of ``id_field`` (row = item id).
 
-        ``id_field`` is an alias of the item id (``alias_of_item_id``), so RecBole has
-        already remapped it to the internal ids. This is what RecBole's ``preload_weight`` builds, done
+    ``id_field`` is an alias of the item id (``alias_of_item_id``), so RecBole has
+    already remapped it to the internal ids. This is what RecBole's ``preload_weight`` builds, done
     per value field because ``preload_weight`` allows one value field per id field and the model reads
     two (text and visual) from one ``.itememb``. ``None`` when the dataset has no such field.
     """
@@ -269,9 +269,8 @@ class UR4RecV2MoE(SequentialRecommender):
             rec_loss = bpr_loss(scores) if self.loss_type == "BPR" else sampled_softmax_loss(scores)
         else:
             scores, router_weights = self.score_candidates(seq_repr, memory)  # [P, n_items]
-            scores = scores.index_fill(
-                1, scores.new_zeros(1, dtype=torch.long), float("-inf")
-            )  # never the padding item
+            padding_item = scores.new_zeros(1, dtype=torch.long)
+            scores = scores.index_fill(1, padding_item, float("-inf"))  # the padding item is never a target
             rec_loss = F.cross_entropy(scores, positives)
         return rec_loss, self.load_balance_weight * load_balance_loss(router_weights, self.expert_enabled)
 
