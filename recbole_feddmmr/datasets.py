@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from recbole_feddmmr.features.atomic import write_itememb
+from recbole_feddmmr.features.atomic import item_token_order, write_itememb
 from recbole_feddmmr.features.text import encode_texts, load_sentence_encoder
 from recbole_feddmmr.features.validate import FeatureFileError, FeatureFileReport, validate_itememb
 
@@ -67,7 +67,7 @@ def prepare_ml100k(target_dir: str | Path, encoder=None, show_progress: bool = T
     itememb = target / f"{ML100K}.itememb"
     if not itememb.exists():
         started = time.perf_counter()
-        item_ids = sorted(read_atomic(target / f"{ML100K}.inter")["item_id"].unique(), key=int)
+        item_ids = sorted(read_atomic(target / f"{ML100K}.inter")["item_id"].unique(), key=item_token_order)
         texts = ml100k_item_texts(target / f"{ML100K}.item", item_ids)
         logger.info(f"encoding {len(texts)} ml-100k item texts with SBERT (offline all-MiniLM-L6-v2)")
         embeddings = encode_texts(texts, encoder or load_sentence_encoder(), show_progress=show_progress)

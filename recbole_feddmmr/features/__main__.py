@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from recbole_feddmmr.datasets import ML100K, ml100k_item_texts, read_atomic
-from recbole_feddmmr.features.atomic import write_itememb
+from recbole_feddmmr.features.atomic import item_token_order, write_itememb
 from recbole_feddmmr.features.image import encode_images, find_item_images, load_clip
 from recbole_feddmmr.features.text import encode_texts, load_sentence_encoder
 
@@ -39,9 +39,7 @@ def build_features(args: argparse.Namespace) -> dict:
     inter = folder / f"{args.dataset}.inter"
     if not inter.is_file():
         raise FileNotFoundError(f"no {inter}: put the dataset's atomic files in {folder}")
-    item_ids = sorted(
-        read_atomic(inter)[args.item_field].unique(), key=lambda t: (0, int(t)) if t.isdigit() else (1, t)
-    )
+    item_ids = sorted(read_atomic(inter)[args.item_field].unique(), key=item_token_order)
     output = folder / f"{args.dataset}.itememb"
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")

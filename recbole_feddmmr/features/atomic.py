@@ -8,6 +8,11 @@ from pathlib import Path
 import numpy as np
 
 
+def item_token_order(token: str) -> tuple[int, int | str]:
+    """Sort key for item tokens: numeric ids by value first, then the others alphabetically."""
+    return (0, int(token)) if token.isdigit() else (1, token)
+
+
 def write_itememb(
     path: str | Path,
     item_ids: list[str],

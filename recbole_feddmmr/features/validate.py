@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from recbole_feddmmr.features.atomic import item_token_order
+
 
 class FeatureFileError(ValueError):
     """A feature file that must not be trained on; the message names the file, line or item and the fix."""
@@ -96,7 +98,7 @@ def validate_itememb(
                     f"{expected}; re-encode it or set the model's dimension option to match"
                 )
             dims.setdefault(name, len(vector))
-    unknown = sorted(set(first_line) - inter_item_ids, key=_natural)
+    unknown = sorted(set(first_line) - inter_item_ids, key=item_token_order)
     if unknown:
         raise FeatureFileError(
             f"{path}: {len(unknown)} item ids are not in the .inter file (e.g. {unknown[:5]}); RecBole would add "
@@ -111,7 +113,3 @@ def _is_float(token: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _natural(token: str) -> tuple[int, str]:
-    return (int(token), "") if token.isdigit() else (1 << 62, token)
