@@ -9,6 +9,10 @@ test with full ranking and with uni100 (1 positive + 100 sampled negatives).
 Training throughput is training targets per second of training-epoch time,
 measured for every model in this same process, one model after the other.
 Results are written (JSON) after each model, so a cut-off run still reports.
+
+A run may carry its own overrides, ``MODEL[key=value,key=value]``, e.g. the
+experts switched off: ``UR4RecV2MoE[feature_id_field=null]``; the whole string
+is the run's label (also for ``--baseline``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import json
 import logging
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -53,6 +58,23 @@ def git_commit() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"MODEL[key=value,...]"`` -> (MODEL, {key: yaml value}); a plain ``"MODEL"`` has no overrides."""
+    import yaml
+
+    match = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", spec.strip())
+    if not match:
+        raise ValueError(f"run '{spec}' is not MODEL or MODEL[key=value,...]")
+    model, body = match.groups()
+    overrides = {}
+    for item in filter(None, (body or "").split(",")):
+        if "=" not in item:
+            raise ValueError(f"run '{spec}': '{item}' is not key=value")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return model, overrides
 
 
 def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -98,8 +120,10 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--models", nargs="+", default=["UR4RecV2MoE", "SASRec"], help="run in this order")
-    parser.add_argument("--baseline", default="SASRec", help="the model the ratios are taken against")
+    parser.add_argument(
+        "--models", nargs="+", default=["UR4RecV2MoE", "SASRec"], help="MODEL or MODEL[key=value,...], in this order"
+    )
+    parser.add_argument("--baseline", default="SASRec", help="the run (label) the ratios are taken against")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--stopping_step", type=int, default=5)
     parser.add_argument("--seed", type=int, default=2020)
@@ -130,12 +154,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for model in args.models:
-        report["runs"].append(run_model(model, args.dataset, overrides))
+    if args.baseline not in args.models:
+        parser.error(f"--baseline {args.baseline!r} is not one of --models")
+    runs = [(label, *parse_run(label)) for label in args.models]
+    for label, model, run_overrides in runs:
+        result = run_model(model, args.dataset, {**overrides, **run_overrides})
+        report["runs"].append({"label": label, **result, "run_overrides": run_overrides})
         out.write_text(json.dumps(report, indent=2))
-    baseline = next(run for run in report["runs"] if run["model"] == args.baseline)
-    report["ratios_vs_" + baseline["model"]] = {
-        run["model"]: {
+    baseline = next(run for run in report["runs"] if run["label"] == args.baseline)
+    report["ratios_vs_" + baseline["label"]] = {
+        run["label"]: {
             "test_full_ndcg@10": run["test_full"]["ndcg@10"] / baseline["test_full"]["ndcg@10"],
             "test_uni100_ndcg@10": run["test_uni100"]["ndcg@10"] / baseline["test_uni100"]["ndcg@10"],
             "train_samples_per_second": run["train_samples_per_second"] / baseline["train_samples_per_second"],
@@ -158,7 +186,8 @@ def format_report(report: dict[str, Any]) -> str:
     for run in report["runs"]:
         full, uni = run["test_full"], run["test_uni100"]
         lines.append(
-            f"| {run['model']} | {run['best_epoch']} of {run['epochs_trained']} | {full['hit@10']:.4f} | "
+            f"| {run.get('label', run['model'])} | {run['best_epoch']} of {run['epochs_trained']} | "
+            f"{full['hit@10']:.4f} | "
             f"{full['ndcg@10']:.4f} | {full['mrr@10']:.4f} | {uni['hit@10']:.4f} | {uni['ndcg@10']:.4f} | "
             f"{run['train_samples_per_second']:.0f} |"
         )

@@ -5,6 +5,8 @@ copied to ``dataset_atomic/ml-100k/`` and ``ml-100k.itememb`` is added with
 384-d SBERT features (offline all-MiniLM-L6-v2) of "Title (year). Genres: ...",
 for exactly the items of the .inter file (an item that only appears in the
 .itememb would become a ranking candidate in RecBole).
+
+``planted``: the synthetic planted-signal dataset of :mod:`recbole_feddmmr.synthetic`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 from recbole_feddmmr.features.atomic import item_token_order, write_itememb
 from recbole_feddmmr.features.text import encode_texts, load_sentence_encoder
 from recbole_feddmmr.features.validate import FeatureFileError, FeatureFileReport, validate_itememb
+from recbole_feddmmr.synthetic import PLANTED, write_planted
 
 ML100K = "ml-100k"
 ML100K_COPIED = ("inter", "item", "user")
@@ -84,6 +87,8 @@ def ensure_dataset(dataset: str, data_path: str | Path, show_progress: bool = Tr
     data_path = Path(data_path)
     if dataset == ML100K:
         prepare_ml100k(data_path, show_progress=show_progress)
+    elif dataset == PLANTED:
+        write_planted(data_path)
     elif not (data_path / f"{dataset}.inter").is_file():
         raise FileNotFoundError(
             f"no {data_path / (dataset + '.inter')}: put the atomic files of '{dataset}' in {data_path} "

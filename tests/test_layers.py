@@ -63,20 +63,41 @@ def test_visual_expert_fast_score_equals_dot_with_its_embedding():
     torch.testing.assert_close(expert(seq_repr, candidate, memory, mask, index), scores.gather(1, index))
 
 
-def test_semantic_expert_matches_nn_multihead_attention_with_residual_and_layernorm():
-    expert = SemanticExpert(id_dim=8, text_dim=12, hidden_dim=H, num_heads=4, dropout=0.0).eval()
-    candidate_id, memory = torch.randn(N, 8), torch.randn(B, K, 12)
+def test_visual_expert_candidate_residual_lets_the_candidates_own_feature_reach_the_score():
+    # one memory slot: attention weight is 1 for every candidate, so the seed's expert scores all alike
+    seq_repr, candidate, memory = torch.randn(B, H), torch.randn(N, 6), torch.randn(B, 1, 6)
+    mask = torch.ones(B, 1, dtype=torch.bool)
+    seed_form = VisualExpert(visual_dim=6, hidden_dim=H, attention_dim=4, candidate_residual=False)
+    scores = seed_form(seq_repr, candidate, memory, mask)
+    torch.testing.assert_close(scores, scores[:, :1].expand(B, N))
+    expert = VisualExpert(visual_dim=6, hidden_dim=H, attention_dim=4, candidate_residual=True)
+    w, b = expert.output_proj.weight, expert.output_proj.bias  # [H, Fv], [H]
+    by_hand = torch.stack(
+        [torch.stack([seq_repr[u] @ (w @ (memory[u, 0] + candidate[n]) + b) for n in range(N)]) for u in range(B)]
+    )  # [B, N]
+    torch.testing.assert_close(expert(seq_repr, candidate, memory, mask), by_hand, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("candidate_text", [False, True])
+def test_semantic_expert_matches_nn_multihead_attention_with_residual_and_layernorm(candidate_text):
+    expert = SemanticExpert(
+        id_dim=8, text_dim=12, hidden_dim=H, num_heads=4, dropout=0.0, candidate_text=candidate_text
+    ).eval()
+    candidate_id, candidate_text_feats, memory = torch.randn(N, 8), torch.randn(N, 12), torch.randn(B, K, 12)
     mask = torch.ones(B, K, dtype=torch.bool)
     mask[1, 2:] = False
-    emb = expert.embed(candidate_id, memory, mask)
+    emb = expert.embed(candidate_id, memory, mask, candidate_text=candidate_text_feats)
     assert emb.shape == (B, N, H)
-    query = expert.query_proj(candidate_id).expand(B, N, H)
+    query = expert.query_proj(candidate_id)  # [N, H]: the seed's query, the candidate's ID embedding
+    if candidate_text:
+        query = query + candidate_text_feats @ expert.text_query_proj.weight.T
+    query = query.expand(B, N, H)
     reference, _ = expert.cross_attention(query, memory, memory, key_padding_mask=~mask)
     torch.testing.assert_close(emb, expert.norm(query + reference), rtol=1e-5, atol=1e-5)
 
 
 def test_semantic_expert_masked_slots_get_zero_attention_and_their_content_is_ignored():
-    expert = SemanticExpert(id_dim=8, text_dim=12, hidden_dim=H, num_heads=4, dropout=0.0).eval()
+    expert = SemanticExpert(id_dim=8, text_dim=12, hidden_dim=H, num_heads=4, dropout=0.0, candidate_text=False).eval()
     candidate_id, memory = torch.randn(N, 8), torch.randn(B, K, 12)
     mask = torch.ones(B, K, dtype=torch.bool)
     mask[:, -2:] = False

@@ -180,6 +180,15 @@ def test_forward_has_the_seed_signature(tiny):
     )
     assert scores.shape == (2, 3) and rec_loss.ndim == 0 and lb_loss.ndim == 0
     assert rec_loss.item() == pytest.approx(bpr_loss(scores).item(), rel=1e-6)
+    # target features default to the feature tables; given ones replace them (the candidate's content counts)
+    users, features = torch.tensor([1, 2]), model.item_features
+    from_tables, _, _ = model(users, seq, targets, memory_visual, memory_text)
+    given, _, _ = model(
+        users, seq, targets, memory_visual, memory_text, features.visual[targets], features.text[targets]
+    )
+    torch.testing.assert_close(given, from_tables)
+    other_text = features.text[targets].roll(1, dims=1)
+    assert not torch.allclose(model(users, seq, targets, memory_visual, memory_text, None, other_text)[0], from_tables)
     # explicit masks: hiding every text slot switches the semantic expert off
     readout_mask = torch.zeros(2, 4, dtype=torch.bool)
     scores_masked, _, _ = model(

@@ -179,20 +179,31 @@ class LightweightAttention(nn.Module):
 class VisualExpert(nn.Module):
     """Visual expert: the candidate's visual feature attends over the memory's visual features.
 
-    ``vis_emb = W_o (sum_k a_k m_k) + b_o`` and the expert's score is ``seq_repr . vis_emb``.
-    Because the projection is linear, the score equals ``sum_k a_k (m_k . W_o^T seq_repr) + b_o . seq_repr``:
+    ``vis_emb = W_o (sum_k a_k m_k + c) + b_o`` with ``c`` the candidate's own feature (the residual,
+    ``candidate_residual``; without it, the seed's form) and the expert's score is ``seq_repr . vis_emb``.
+    Because the projection is linear, the score equals ``(sum_k a_k m_k + c) . W_o^T seq_repr + b_o . seq_repr``:
     :meth:`forward` computes that, which never materialises ``[B, N, H]``.
+
+    Why the residual: softmax attention normalises away *how well* the candidate matches the memory
+    (a candidate unlike every slot still gets weights summing to 1), so without it the candidate's
+    content only reorders memory slots and never meets the user's representation directly.
     """
 
-    def __init__(self, visual_dim: int, hidden_dim: int, attention_dim: int = 128) -> None:
+    def __init__(
+        self, visual_dim: int, hidden_dim: int, attention_dim: int = 128, candidate_residual: bool = True
+    ) -> None:
         super().__init__()
         self.attention = LightweightAttention(visual_dim, min(visual_dim, attention_dim))
         self.output_proj = nn.Linear(visual_dim, hidden_dim)
+        self.candidate_residual = candidate_residual
 
     def embed(self, candidate: Tensor, memory: Tensor, memory_mask: Tensor, index: Tensor | None = None) -> Tensor:
         """The expert's item representation vis_emb [B, N, H] (reference path, used by tests and analysis)."""
         weights = self.attention(candidate, memory, memory_mask, index)  # [B, N, K]
-        return self.output_proj(torch.einsum("bnk,bkf->bnf", weights, memory))  # [B, N, H]
+        aggregated = torch.einsum("bnk,bkf->bnf", weights, memory)  # [B, N, Fv]
+        if self.candidate_residual:
+            aggregated = aggregated + select_candidates(candidate, index)
+        return self.output_proj(aggregated)  # [B, N, H]
 
     def forward(
         self, seq_repr: Tensor, candidate: Tensor, memory: Tensor, memory_mask: Tensor, index: Tensor | None = None
@@ -202,37 +213,64 @@ class VisualExpert(nn.Module):
         user_in_feature_space = seq_repr @ self.output_proj.weight  # [B, Fv]
         slot_scores = torch.einsum("bkf,bf->bk", memory, user_in_feature_space)  # [B, K]
         bias_score = seq_repr @ self.output_proj.bias  # [B]
-        return torch.einsum("bnk,bk->bn", weights, slot_scores) + bias_score[:, None]  # [B, N]
+        scores = torch.einsum("bnk,bk->bn", weights, slot_scores) + bias_score[:, None]  # [B, N]
+        if self.candidate_residual:
+            scores = scores + candidate_dot(candidate, user_in_feature_space, index)  # [B, N]
+        return scores
 
 
 class SemanticExpert(nn.Module):
     """Semantic expert: the candidate's ID embedding attends (multi-head) over the memory's text features.
 
-    ``sem_emb = LayerNorm(q + MHA(q, text, text))`` with ``q = W_q id_emb``; score ``seq_repr . sem_emb``.
-    The parameters are those of an ``nn.MultiheadAttention(kdim=vdim=text_dim)``; the forward pass is
-    written out so that the candidates' query projection runs once per item, not once per user.
+    ``sem_emb = LayerNorm(q + MHA(q, text, text))`` with ``q = W_q id_emb (+ W_t text)``; score
+    ``seq_repr . sem_emb``. The seed's query is the ID embedding alone; with ``candidate_text`` the
+    candidate's own text feature is added to it (see :class:`VisualExpert` for why the candidate's
+    content must reach the score directly). The parameters are those of an
+    ``nn.MultiheadAttention(kdim=vdim=text_dim)``; the forward pass is written out so that the
+    candidates' query projection runs once per item, not once per user.
     """
 
-    def __init__(self, id_dim: int, text_dim: int, hidden_dim: int, num_heads: int = 4, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        id_dim: int,
+        text_dim: int,
+        hidden_dim: int,
+        num_heads: int = 4,
+        dropout: float = 0.1,
+        candidate_text: bool = True,
+    ) -> None:
         super().__init__()
         if hidden_dim % num_heads:
             raise ValueError(f"sasrec_hidden_dim={hidden_dim} must be divisible by semantic_num_heads={num_heads}")
         self.num_heads = num_heads
         self.query_proj = nn.Linear(id_dim, hidden_dim)
+        self.text_query_proj = nn.Linear(text_dim, hidden_dim, bias=False) if candidate_text else None
         self.cross_attention = nn.MultiheadAttention(
             hidden_dim, num_heads, dropout=dropout, kdim=text_dim, vdim=text_dim, batch_first=True
         )
         self.norm = nn.LayerNorm(hidden_dim)
 
     def attention_weights(
-        self, candidate_id: Tensor, memory: Tensor, memory_mask: Tensor, index: Tensor | None = None
+        self,
+        candidate_id: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor,
+        index: Tensor | None = None,
+        candidate_text: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """-> (query input [N, H] or [B, N, H], weights [B, heads, N, K], values [B, K, heads, H/heads])."""
+        """-> (query input [N, H] or [B, N, H], weights [B, heads, N, K], values [B, K, heads, H/heads]).
+
+        ``candidate_text`` [N, Ft] or [B, N, Ft] is required when the expert was built with ``candidate_text``.
+        """
         mha = self.cross_attention
         batch_size, num_slots, _ = memory.shape
         head_dim = mha.head_dim
         bias_q, bias_k, bias_v = mha.in_proj_bias.chunk(3)
         query_in = self.query_proj(candidate_id)  # [N, H] or [B, N, H]: item-only, once per item
+        if self.text_query_proj is not None:
+            if candidate_text is None:
+                raise ValueError("this SemanticExpert adds the candidate's text to its query: pass candidate_text")
+            query_in = query_in + self.text_query_proj(candidate_text)
         query = F.linear(query_in, mha.q_proj_weight, bias_q).unflatten(-1, (self.num_heads, head_dim))  # [.., h, d]
         query_in, query = select_candidates(query_in, index), select_candidates(query, index)
         key = F.linear(memory, mha.k_proj_weight, bias_k).view(batch_size, num_slots, self.num_heads, head_dim)
@@ -241,18 +279,31 @@ class SemanticExpert(nn.Module):
         weights = masked_softmax(logits, memory_mask[:, None, None, :])
         return query_in, weights, value
 
-    def embed(self, candidate_id: Tensor, memory: Tensor, memory_mask: Tensor, index: Tensor | None = None) -> Tensor:
+    def embed(
+        self,
+        candidate_id: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor,
+        index: Tensor | None = None,
+        candidate_text: Tensor | None = None,
+    ) -> Tensor:
         """``candidate_id`` [N, E] or [B, N, E], ``memory`` [B, K, Ft], ``memory_mask`` [B, K] -> sem_emb [B, N, H]."""
-        query_in, weights, value = self.attention_weights(candidate_id, memory, memory_mask, index)
+        query_in, weights, value = self.attention_weights(candidate_id, memory, memory_mask, index, candidate_text)
         weights = fast_dropout(weights, self.cross_attention.dropout, self.training)
         context = torch.einsum("bhnk,bkhd->bnhd", weights, value).flatten(-2)  # [B, N, H]
         return self.norm(query_in + self.cross_attention.out_proj(context))  # [B, N, H]
 
     def forward(
-        self, seq_repr: Tensor, candidate_id: Tensor, memory: Tensor, memory_mask: Tensor, index: Tensor | None = None
+        self,
+        seq_repr: Tensor,
+        candidate_id: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor,
+        index: Tensor | None = None,
+        candidate_text: Tensor | None = None,
     ) -> Tensor:
         """-> scores [B, N]."""
-        return candidate_dot(self.embed(candidate_id, memory, memory_mask, index), seq_repr)
+        return candidate_dot(self.embed(candidate_id, memory, memory_mask, index, candidate_text), seq_repr)
 
 
 class ItemCentricRouter(nn.Module):

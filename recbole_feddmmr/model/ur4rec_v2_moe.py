@@ -123,9 +123,15 @@ class UR4RecV2MoE(SequentialRecommender):
             visual=item_feature_table(dataset, id_field, config["visual_feature_field"], config["visual_dim"]),
             text=item_feature_table(dataset, id_field, config["text_feature_field"], config["text_dim"]),
         )
-        self.visual_expert = VisualExpert(config["visual_dim"], self.hidden_dim)
+        candidate_content = bool(config["expert_candidate_content"])
+        self.visual_expert = VisualExpert(config["visual_dim"], self.hidden_dim, candidate_residual=candidate_content)
         self.semantic_expert = SemanticExpert(
-            self.item_emb_dim, config["text_dim"], self.hidden_dim, config["semantic_num_heads"], dropout
+            self.item_emb_dim,
+            config["text_dim"],
+            self.hidden_dim,
+            config["semantic_num_heads"],
+            dropout,
+            candidate_text=candidate_content,
         )
         self.router = ItemCentricRouter(self.item_emb_dim, config["router_hidden_dim"], len(EXPERTS), dropout)
         self.memory = RecentHistoryMemory(self.item_features, top_k=config["memory_top_k"])
@@ -136,16 +142,20 @@ class UR4RecV2MoE(SequentialRecommender):
         )  # [X]
 
         self.apply(self._init_weights)
-        self.logger.info(f"UR4RecV2MoE live experts: {', '.join(self.live_experts)}" + self._off_reason())
+        self.logger.info(f"UR4RecV2MoE live experts: {', '.join(self.live_experts)}" + self._off_reason(id_field))
 
     # ------------------------------------------------------------------ setup
     @property
     def live_experts(self) -> list[str]:
         return [name for name, on in zip(EXPERTS, self.expert_enabled.tolist(), strict=True) if on]
 
-    def _off_reason(self) -> str:
+    def _off_reason(self, feature_id_field: str | None) -> str:
         off = [name for name, on in zip(EXPERTS, self.expert_enabled.tolist(), strict=True) if not on]
-        return f" (off, no item features of that modality in the dataset: {', '.join(off)})" if off else ""
+        if not off:
+            return ""
+        if not feature_id_field:
+            return f" (off, switched off by the config, feature_id_field is not set: {', '.join(off)})"
+        return f" (off, no item features of that modality in the dataset: {', '.join(off)})"
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Embedding):
@@ -167,11 +177,13 @@ class UR4RecV2MoE(SequentialRecommender):
         memory: MemoryReadout,
         candidates: Tensor | None = None,
         target_visual: Tensor | None = None,
+        target_text: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Scores and router weights of candidates for each user.
 
         ``candidates``: [B, C] item ids per user, or ``None`` for all items (shared, [N]).
-        ``target_visual`` [B, C, Fv] overrides the visual feature-table lookup of per-user candidates.
+        ``target_visual`` [B, C, Fv] / ``target_text`` [B, C, Ft] override the feature-table lookup
+        of per-user candidates.
         -> final scores [B, C] (or [B, N]), router weights [B, C, X].
         """
         if candidates is None:
@@ -200,9 +212,18 @@ class UR4RecV2MoE(SequentialRecommender):
                 expert_scores[slot] = self.visual_expert(
                     seq_repr, features.visual[items], memory_feats.float(), memory_mask, index
                 )
+            elif target_text is not None:
+                expert_scores[slot] = self.semantic_expert(
+                    seq_repr,
+                    select_candidates(item_id_emb, index),
+                    memory_feats.float(),
+                    memory_mask,
+                    None,
+                    target_text,
+                )
             else:
                 expert_scores[slot] = self.semantic_expert(
-                    seq_repr, item_id_emb, memory_feats.float(), memory_mask, index
+                    seq_repr, item_id_emb, memory_feats.float(), memory_mask, index, features.text[items]
                 )
 
         router_weights = self.router(item_id_emb, torch.stack(live, dim=-1), index)  # [B, C, X]
@@ -228,9 +249,8 @@ class UR4RecV2MoE(SequentialRecommender):
         ``input_seq`` [B, L] right-padded (length = non-zero count unless ``item_seq_len``);
         ``target_items`` [B, C] with the positive in column 0 (``rec_loss`` is BPR over the rest);
         memories [B, K, F] with optional [B, K] masks (default: every slot valid);
-        ``target_text`` is accepted for the seed's signature: the semantic expert queries with ID embeddings.
+        ``target_visual`` [B, C, Fv] / ``target_text`` [B, C, Ft] replace the feature-table lookup of the candidates.
         """
-        del target_text
         if item_seq_len is None:
             item_seq_len = (input_seq > 0).sum(dim=1)
         batch_size = input_seq.size(0)
@@ -248,7 +268,7 @@ class UR4RecV2MoE(SequentialRecommender):
             full_mask(memory_text, memory_text_mask),
         )
         seq_repr = self.encode_sequence(input_seq, item_seq_len, user_ids)
-        scores, router_weights = self.score_candidates(seq_repr, memory, target_items, target_visual)
+        scores, router_weights = self.score_candidates(seq_repr, memory, target_items, target_visual, target_text)
         rec_loss = bpr_loss(scores) if scores.size(1) > 1 else scores.new_zeros(())
         return scores, rec_loss, load_balance_loss(router_weights, self.expert_enabled)
 
