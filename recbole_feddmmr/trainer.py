@@ -78,28 +78,39 @@ class SequenceWindows:
     def __init__(self, train_data, model, batch_size: int, device: torch.device, seed: int) -> None:
         feat = train_data._dataset.inter_feat
         max_len = feat[model.ITEM_SEQ].size(1)
+        user_ids = feat[model.USER_ID].numpy()
         sequences = user_sequences(
-            feat[model.USER_ID].numpy(),
-            feat[model.ITEM_SEQ].numpy(),
-            feat[model.ITEM_SEQ_LEN].numpy(),
-            feat[model.ITEM_ID].numpy(),
+            user_ids, feat[model.ITEM_SEQ].numpy(), feat[model.ITEM_SEQ_LEN].numpy(), feat[model.ITEM_ID].numpy()
         )
+        time_field = train_data._dataset.time_field
+        # each target's time, aligned with the sequence (its first item is no target): cut like the items
+        target_times = feat[time_field].numpy().astype(np.float64) if time_field in feat else np.zeros(len(feat))
+        order = np.argsort(user_ids, kind="stable")
+        time_sequences = {
+            int(user_ids[rows[0]]): np.concatenate([[-np.inf], target_times[rows]])
+            for rows in np.split(order, np.flatnonzero(np.diff(user_ids[order])) + 1)
+        }
         users, rows = [], []
         for user, sequence in sequences.items():
-            for window in cut_windows(sequence, max_len):
+            time_windows = cut_windows(time_sequences[user], max_len)
+            for (inputs, nexts, mask), (_, next_times, _) in zip(
+                cut_windows(sequence, max_len), time_windows, strict=True
+            ):
                 users.append(user)
-                rows.append(window)
+                rows.append((inputs, nexts, mask, next_times))
         count = len(rows)
         self.user_ids = torch.tensor(users, dtype=torch.long, device=device)  # [W]
         self.windows = torch.zeros(count, max_len, dtype=torch.long)  # [W, L]
         self.targets = torch.zeros(count, max_len, dtype=torch.long)  # [W, L]
         self.target_mask = torch.zeros(count, max_len, dtype=torch.bool)  # [W, L]
-        for index, (inputs, nexts, mask) in enumerate(rows):
+        self.target_times = torch.zeros(count, max_len, dtype=torch.float64)  # [W, L]
+        for index, (inputs, nexts, mask, next_times) in enumerate(rows):
             self.windows[index, : len(inputs)] = torch.from_numpy(inputs)
             self.targets[index, : len(nexts)] = torch.from_numpy(nexts)
             self.target_mask[index, : len(mask)] = torch.from_numpy(mask)
-        self.windows, self.targets, self.target_mask = (
-            t.to(device) for t in (self.windows, self.targets, self.target_mask)
+            self.target_times[index, : len(next_times)] = torch.from_numpy(next_times)
+        self.windows, self.targets, self.target_mask, self.target_times = (
+            t.to(device) for t in (self.windows, self.targets, self.target_mask, self.target_times)
         )
         self.num_targets = int(self.target_mask.sum())
         if self.num_targets != len(feat):
@@ -112,7 +123,10 @@ class SequenceWindows:
         return -(-len(self.user_ids) // self.windows_per_batch)
 
     def epoch(self, epoch_idx: int):
-        """Yield (user_ids [b], windows [b, L], targets [b, L], target_mask [b, L]); order set by (seed, epoch)."""
+        """Yield (user_ids [b], windows [b, L], targets [b, L], target_mask [b, L], target_times [b, L]).
+
+        The order is set by (seed, epoch).
+        """
         count = len(self.user_ids)
         if self.shuffle:
             order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch_idx))
@@ -121,7 +135,13 @@ class SequenceWindows:
         order = order.to(self.user_ids.device)
         for start in range(0, count, self.windows_per_batch):
             index: Tensor = order[start : start + self.windows_per_batch]
-            yield self.user_ids[index], self.windows[index], self.targets[index], self.target_mask[index]
+            yield (
+                self.user_ids[index],
+                self.windows[index],
+                self.targets[index],
+                self.target_mask[index],
+                self.target_times[index],
+            )
 
 
 class UR4RecV2MoETrainer(TrustedCheckpointMixin, Trainer):
@@ -148,6 +168,9 @@ class UR4RecV2MoETrainer(TrustedCheckpointMixin, Trainer):
         iterator = batches.epoch(epoch_idx)
         if show_progress:
             iterator = tqdm(iterator, total=len(batches), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+        memory = getattr(self.model, "memory", None)
+        if hasattr(memory, "reset_stats"):
+            memory.reset_stats()
         total_loss = None
         for batch in iterator:
             self.optimizer.zero_grad()
@@ -165,4 +188,17 @@ class UR4RecV2MoETrainer(TrustedCheckpointMixin, Trainer):
             if self.clip_grad_norm:
                 clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
             self.optimizer.step()
+            if hasattr(self.model, "commit_memory_writes"):
+                self.model.commit_memory_writes()  # this step's positives, gated by their surprise
+        if hasattr(memory, "stats"):
+            self._log_memory(memory.stats(), epoch_idx)
         return total_loss
+
+    def _log_memory(self, stats: dict[str, float], epoch_idx: int) -> None:
+        self.logger.info(
+            set_color(f"epoch {epoch_idx} memory", "green")
+            + f" [fill rate: {stats['fill_rate']:.3f}, write rate: {stats['write_rate']:.3f}, "
+            f"mean surprise: {stats['mean_surprise']:.3f}]"
+        )
+        for name, value in stats.items():
+            self.tensorboard.add_scalar(f"memory/{name}", value, epoch_idx)

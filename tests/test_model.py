@@ -83,7 +83,7 @@ def test_calculate_loss_is_pairwise_or_sampled_softmax_plus_weighted_load_balanc
     negatives = sample_negatives(batch["item_id"], model.n_items, model.train_neg_num)
     candidates = torch.cat([batch["item_id"][:, None], negatives], 1)
     user, seq, length = batch["user_id"], batch["item_id_list"], batch["item_length"]
-    memory = model.memory.retrieve(user, seq, length)
+    memory = model.read_memory(user, seq, length, batch["timestamp"])
     scores, weights = model.score_candidates(model.encode_sequence(seq, length, user), memory, candidates)
     torch.testing.assert_close(rec_loss, reference(scores))
     torch.testing.assert_close(
@@ -91,9 +91,13 @@ def test_calculate_loss_is_pairwise_or_sampled_softmax_plus_weighted_load_balanc
     )
 
 
-def test_gradients_reach_every_trainable_parameter(tiny):
-    _, _, splits, model = tiny
+@pytest.mark.parametrize("memory_type", ["history", "dynamic"])
+def test_gradients_reach_every_trainable_parameter(tmp_path, memory_type):
+    _, _, splits, model = tiny_run(tmp_path, memory_type=memory_type, memory_surprise_threshold=-1.0)
     model.train()
+    if memory_type == "dynamic":  # one step writes every positive (threshold -1), so the experts have memory
+        model.calculate_loss(_batch(splits, 32))
+        assert model.commit_memory_writes() == 32
     rec_loss, lb = model.calculate_loss(_batch(splits, 32))
     (rec_loss + lb).backward()
     missing = [
@@ -125,8 +129,8 @@ def test_predict_and_full_sort_predict_agree(tiny):
     torch.testing.assert_close(model.full_sort_predict(batch), full)
 
 
-def test_items_without_visual_feature_get_zero_visual_weight_and_weights_sum_to_one(tiny):
-    _, _, splits, model = tiny
+def test_items_without_visual_feature_get_zero_visual_weight_and_weights_sum_to_one(tmp_path):
+    _, _, splits, model = tiny_run(tmp_path, memory_type="history")  # memory = the input history, known here
     model.eval()
     batch = _batch(splits, 12)
     weights = model.router_weights_for(batch)  # [B, n_items, 3]

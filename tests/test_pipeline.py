@@ -57,6 +57,10 @@ def test_best_checkpoint_reloads_on_torch_2_6_and_gives_identical_scores(tmp_pat
     _, _, _, fresh_model = tiny_run(tmp_path, seed=123)
     fresh = get_trainer(config["MODEL_TYPE"], config["model"])(config, fresh_model)
     assert fresh.evaluate(test_data, load_best_model=True, model_file=trainer.saved_model_file) == in_memory
+    # LocalDynamicMemory is part of the checkpoint: the fresh model now holds the trained model's memory
+    assert (model.memory.item_ids >= 0).any()
+    assert torch.equal(fresh_model.memory.item_ids, model.memory.item_ids)
+    torch.testing.assert_close(fresh_model.memory.text, model.memory.text)
 
     fresh.resume_checkpoint(trainer.saved_model_file)
     assert fresh.start_epoch == 1

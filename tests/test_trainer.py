@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from conftest import tiny_run
 
 from recbole_feddmmr.trainer import SequenceWindows, cut_windows, user_sequences
 
@@ -41,8 +42,8 @@ def test_user_sequences_rebuilds_each_training_sequence(tiny):
         assert sequence[0] == samples["item_id_list"][mine][0, 0]
 
 
-def test_window_positions_equal_recbole_samples_in_representation_and_memory(tiny):
-    _, _, (train_data, _, _), model = tiny
+def test_window_positions_equal_recbole_samples_in_representation_memory_and_time(tmp_path):
+    _, _, (train_data, _, _), model = tiny_run(tmp_path, memory_type="history")
     model.eval()
     windows = SequenceWindows(train_data, model, batch_size=16, device=torch.device("cpu"), seed=1)
     assert windows.num_targets == len(train_data._dataset.inter_feat)
@@ -64,6 +65,7 @@ def test_window_positions_equal_recbole_samples_in_representation_and_memory(tin
         )
         torch.testing.assert_close(window_memory.text[0], memory.text[sample])
         assert torch.equal(window_memory.visual_mask[0], memory.visual_mask[sample])
+        assert windows.target_times[r, p].item() == feat["timestamp"][sample].item()
 
 
 def test_epochs_are_reproducible_and_batches_hold_about_train_batch_size_targets(tiny):

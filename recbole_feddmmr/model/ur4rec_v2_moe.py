@@ -23,7 +23,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import Tensor, nn
 
-from recbole_feddmmr.memory import ItemFeatures, MemoryReadout, RecentHistoryMemory
+from recbole_feddmmr.memory import ItemFeatures, LocalDynamicMemory, MemoryReadout, RecentHistoryMemory
 from recbole_feddmmr.model.layers import (
     ItemCentricRouter,
     SASRecBackbone,
@@ -72,6 +72,11 @@ def load_balance_loss(router_weights: Tensor, enabled: Tensor) -> Tensor:
     """``router_weights`` [B, C, X], ``enabled`` [X] bool -> sum over enabled e of (mean w_e - 1/E)^2."""
     usage = router_weights.reshape(-1, router_weights.size(-1)).mean(dim=0)[enabled]  # [E]
     return ((usage - 1.0 / usage.numel()) ** 2).sum()
+
+
+def surprise_of(scores: Tensor) -> Tensor:
+    """``scores`` [P, 1 + N], positive in column 0 -> surprise [P] = 1 - sigmoid(s_pos - mean_j s_neg_j), in (0, 1)."""
+    return 1.0 - torch.sigmoid(scores[:, 0] - scores[:, 1:].mean(dim=1))
 
 
 def sample_negatives(positives: Tensor, num_items: int, num_negatives: int, generator=None) -> Tensor:
@@ -134,7 +139,34 @@ class UR4RecV2MoE(SequentialRecommender):
             candidate_text=candidate_content,
         )
         self.router = ItemCentricRouter(self.item_emb_dim, config["router_hidden_dim"], len(EXPERTS), dropout)
-        self.memory = RecentHistoryMemory(self.item_features, top_k=config["memory_top_k"])
+        self.memory_type = config["memory_type"]
+        self.memory_top_k = config["memory_top_k"]
+        self.memory_top_k_eval = config["memory_top_k_eval"] or self.memory_top_k
+        self.time_field = config["TIME_FIELD"]
+        if self.memory_type == "history":
+            self.memory = RecentHistoryMemory(self.item_features, top_k=self.memory_top_k)
+        elif self.memory_type == "dynamic":
+            if self.time_field not in dataset.field2source:
+                raise ValueError(
+                    f"memory_type=dynamic needs interaction times: the dataset has no TIME_FIELD '{self.time_field}' "
+                    "(load it in load_col, or use memory_type=history)"
+                )
+            self.memory = LocalDynamicMemory(
+                dataset.user_num,
+                capacity=config["memory_capacity"],
+                surprise_threshold=config["memory_surprise_threshold"],
+                visual_dim=config["visual_dim"],
+                text_dim=config["text_dim"],
+                utility_alpha=config["memory_utility_alpha"],
+                utility_beta=config["memory_utility_beta"],
+                recency_decay=config["memory_recency_decay"],
+                feature_dtype=torch.float16 if config["memory_half_precision"] else torch.float32,
+                store_visual=self.item_features.has_visual,
+                store_text=self.item_features.has_text,
+            )
+        else:
+            raise ValueError(f"memory_type must be 'history' or 'dynamic', got {self.memory_type!r}")
+        self.pending_memory_writes: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.register_buffer(
             "expert_enabled",
             torch.tensor([True, self.item_features.has_visual, self.item_features.has_text]),
@@ -272,40 +304,105 @@ class UR4RecV2MoE(SequentialRecommender):
         rec_loss = bpr_loss(scores) if scores.size(1) > 1 else scores.new_zeros(())
         return scores, rec_loss, load_balance_loss(router_weights, self.expert_enabled)
 
+    # ----------------------------------------------------------------- memory
+    def read_memory(
+        self, user_ids: Tensor, item_seq: Tensor, item_seq_len: Tensor, times: Tensor | None
+    ) -> MemoryReadout:
+        """The memory the experts read for samples whose input is ``item_seq`` [B, L] and target time ``times`` [B].
+
+        LocalDynamicMemory shows only slots whose interaction time is strictly before the target's, so a
+        sample never sees its own target or anything later; the history stand-in reads the input itself.
+        """
+        if isinstance(self.memory, RecentHistoryMemory):
+            return self.memory.retrieve(user_ids, item_seq, item_seq_len)
+        if times is None:
+            raise ValueError("LocalDynamicMemory reads need the target's time (TIME_FIELD) of every sample")
+        top_k = self.memory_top_k if self.training else self.memory_top_k_eval
+        return self.memory.retrieve_multimodal_memory(user_ids, top_k=top_k, before=times)
+
+    def commit_memory_writes(self) -> int:
+        """Write the last training loss's positives into LocalDynamicMemory (gated by their surprise).
+
+        Called by the trainer after each optimizer step; -> number of interactions written.
+        """
+        if self.pending_memory_writes is None or not isinstance(self.memory, LocalDynamicMemory):
+            self.pending_memory_writes = None
+            return 0
+        users, items, surprises, times = self.pending_memory_writes
+        self.pending_memory_writes = None
+        features = self.item_features
+        return self.memory.add_batch(
+            users,
+            items,
+            surprises,
+            features.visual[items] if self.memory.store_visual else None,
+            features.text[items] if self.memory.store_text else None,
+            times,
+            visual_available=features.visual_available[items] if self.memory.store_visual else None,
+            text_available=features.text_available[items] if self.memory.store_text else None,
+        )
+
     # ------------------------------------------------------- RecBole interface
+    def _target_times(self, interaction) -> Tensor | None:
+        return interaction[self.time_field] if self.time_field in interaction else None
+
     def _read_batch(self, interaction) -> tuple[Tensor, Tensor, Tensor, Tensor, MemoryReadout]:
         user_ids = interaction[self.USER_ID]
         item_seq = interaction[self.ITEM_SEQ]  # [B, L]
         item_seq_len = interaction[self.ITEM_SEQ_LEN]  # [B]
-        memory = self.memory.retrieve(user_ids, item_seq, item_seq_len)
+        memory = self.read_memory(user_ids, item_seq, item_seq_len, self._target_times(interaction))
         return user_ids, item_seq, item_seq_len, self.encode_sequence(item_seq, item_seq_len, user_ids), memory
 
-    def _loss(self, seq_repr: Tensor, memory: MemoryReadout, positives: Tensor) -> tuple[Tensor, Tensor]:
-        """``seq_repr`` [P, H] and memory of P prediction points, ``positives`` [P] -> (rec loss, weighted lb loss)."""
+    def _loss(
+        self,
+        seq_repr: Tensor,
+        memory: MemoryReadout,
+        positives: Tensor,
+        users: Tensor | None = None,
+        times: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``seq_repr`` [P, H] and memory of P prediction points, ``positives`` [P] -> (rec loss, weighted lb loss).
+
+        In training with LocalDynamicMemory, the positives' surprise (see :func:`surprise_of`) is kept, with
+        ``users`` and ``times`` [P], for :meth:`commit_memory_writes`.
+        """
         if self.loss_type in ("BPR", "SSM"):
             negatives = sample_negatives(positives, self.n_items, self.train_neg_num)  # [P, N]
             candidates = torch.cat([positives[:, None], negatives], dim=1)  # [P, 1 + N]
             scores, router_weights = self.score_candidates(seq_repr, memory, candidates)
             rec_loss = bpr_loss(scores) if self.loss_type == "BPR" else sampled_softmax_loss(scores)
+            positive_first = scores
         else:
             scores, router_weights = self.score_candidates(seq_repr, memory)  # [P, n_items]
+            is_positive = F.one_hot(positives, self.n_items).bool()  # [P, n_items]
+            is_positive[:, 0] = True  # the padding item is neither positive nor negative
+            negatives = scores.masked_select(~is_positive).view(scores.size(0), -1)  # [P, n_items - 2]
+            positive_first = torch.cat([scores.gather(1, positives[:, None]), negatives], dim=1)
             padding_item = scores.new_zeros(1, dtype=torch.long)
             scores = scores.index_fill(1, padding_item, float("-inf"))  # the padding item is never a target
             rec_loss = F.cross_entropy(scores, positives)
+        if self.training and isinstance(self.memory, LocalDynamicMemory) and users is not None:
+            self.pending_memory_writes = (users, positives, surprise_of(positive_first.detach()), times)
         return rec_loss, self.load_balance_weight * load_balance_loss(router_weights, self.expert_enabled)
 
     def calculate_loss(self, interaction) -> tuple[Tensor, Tensor]:
         """RecBole's per-sample batch -> (recommendation loss, weighted load-balance loss); the trainer logs both."""
-        _, _, _, seq_repr, memory = self._read_batch(interaction)
-        return self._loss(seq_repr, memory, interaction[self.ITEM_ID])
+        user_ids, _, _, seq_repr, memory = self._read_batch(interaction)
+        return self._loss(seq_repr, memory, interaction[self.ITEM_ID], user_ids, self._target_times(interaction))
 
     def calculate_window_loss(
-        self, user_ids: Tensor, windows: Tensor, targets: Tensor, target_mask: Tensor
+        self,
+        user_ids: Tensor,
+        windows: Tensor,
+        targets: Tensor,
+        target_mask: Tensor,
+        target_times: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The same loss over every marked position of whole sequence windows, in one backbone pass.
 
         ``windows`` [B, L] items (right-padded), ``targets`` [B, L] the item that follows each
-        position, ``target_mask`` [B, L] which positions are training targets. Position t is the
+        position, ``target_mask`` [B, L] which positions are training targets, ``target_times`` [B, L]
+        the time of each target (needed by LocalDynamicMemory). Position t is the
         prediction point of a sample whose input is ``windows[:, :t + 1]``: exactly RecBole's
         sample for that target whenever the window starts at the user's first item.
         """
@@ -315,8 +412,9 @@ class UR4RecV2MoE(SequentialRecommender):
         users = user_ids[row]  # [P]
         if self.user_emb_dim:
             seq_repr = seq_repr + self.user_proj(self.user_embedding(users))
-        memory = self.memory.retrieve(users, windows[row], position + 1)
-        return self._loss(seq_repr, memory, targets[row, position])
+        times = None if target_times is None else target_times[row, position]  # [P]
+        memory = self.read_memory(users, windows[row], position + 1, times)
+        return self._loss(seq_repr, memory, targets[row, position], users, times)
 
     def predict(self, interaction) -> Tensor:
         """Score of each row's ``item_id`` -> [B]."""

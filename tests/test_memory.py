@@ -1,0 +1,184 @@
+"""LocalDynamicMemory on hand-built interactions whose outcome is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_run
+
+from recbole_feddmmr.memory import LocalDynamicMemory
+from recbole_feddmmr.model.layers import SemanticExpert, VisualExpert
+
+FV, FT = 3, 2
+
+
+def features(items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visual [P, 3] and text [P, 2] features that encode the item id, so reads can be checked by value."""
+    ids = torch.tensor(items, dtype=torch.float32)[:, None]
+    return ids.expand(-1, FV).clone(), -ids.expand(-1, FT).clone()
+
+
+def write(
+    memory: LocalDynamicMemory, user: int, items: list[int], surprises: list[float], times: list[float], step=None
+):
+    visual, text = features(items)
+    users = torch.full((len(items),), user)
+    return memory.add_batch(
+        users, torch.tensor(items), torch.tensor(surprises), visual, text, torch.tensor(times), step=step
+    )
+
+
+def make(capacity=4, **kwargs) -> LocalDynamicMemory:
+    return LocalDynamicMemory(3, capacity=capacity, visual_dim=FV, text_dim=FT, **kwargs)
+
+
+def stored(memory: LocalDynamicMemory, user: int) -> set[int]:
+    return set(memory.user_table(user)["item_id"].tolist())
+
+
+def test_threshold_gates_writes_strictly_above_it():
+    memory = make(surprise_threshold=0.5)
+    written = write(memory, 1, [10, 11, 12, 13], [0.2, 0.6, 0.5, 0.9], [1, 2, 3, 4])
+    assert written == 2 and stored(memory, 1) == {11, 13}
+    assert stored(memory, 0) == set() and stored(memory, 2) == set()
+    assert memory.stats() == pytest.approx(
+        {"fill_rate": 2 / (3 * 4), "write_rate": 0.5, "mean_surprise": (0.2 + 0.6 + 0.5 + 0.9) / 4}
+    )
+
+
+def test_a_reseen_item_updates_its_slot_instead_of_duplicating():
+    memory = make(surprise_threshold=0.0)
+    write(memory, 1, [10, 11], [0.7, 0.7], [1, 2], step=1)
+    write(memory, 1, [10], [0.9], [5], step=2)
+    table = memory.user_table(1)
+    assert sorted(table["item_id"].tolist()) == [10, 11]
+    row = table["item_id"].tolist().index(10)
+    assert table["count"][row] == 2 and table["last_write"][row] == 2
+    assert table["time"][row] == 5 and table["surprise"][row] == pytest.approx(0.9)
+    write(memory, 1, [10], [0.9], [3], step=3)  # an older interaction of the same item keeps the later time
+    assert memory.user_table(1)["time"][memory.user_table(1)["item_id"].tolist().index(10)] == 5
+
+
+def test_eviction_removes_the_lowest_utility_slot_computed_by_hand():
+    alpha, beta, decay = 1.0, 0.5, 0.9
+    memory = make(capacity=3, surprise_threshold=0.0, utility_alpha=alpha, utility_beta=beta, recency_decay=decay)
+    write(memory, 0, [1], [1.0], [1], step=1)
+    write(memory, 0, [2], [1.0], [2], step=2)
+    write(memory, 0, [3], [1.0], [3], step=3)
+    write(memory, 0, [1], [1.0], [4], step=4)  # item 1 re-seen: count 2, fresh
+    # at step 5: u(1) = 0.9 + 0.5 ln 3, u(2) = 0.9^3 + 0.5 ln 2, u(3) = 0.9^2 + 0.5 ln 2 -> item 2 is lowest
+    memory.step.fill_(5)
+    table = memory.user_table(0)
+    expected = {1: decay + beta * math.log(3), 2: decay**3 + beta * math.log(2), 3: decay**2 + beta * math.log(2)}
+    for item, utility in zip(table["item_id"].tolist(), table["utility"].tolist(), strict=True):
+        assert utility == pytest.approx(expected[item])
+    write(memory, 0, [4], [1.0], [5], step=5)
+    assert stored(memory, 0) == {1, 3, 4}
+
+
+def test_retrieval_hides_the_target_and_everything_after_it():
+    memory = make(capacity=8, surprise_threshold=0.0)
+    items, times = [20, 21, 22, 23, 24, 25], [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    write(memory, 2, items, [0.9] * 6, times)
+    for target_time, target_item in zip(times, items, strict=True):
+        readout = memory.retrieve_multimodal_memory(torch.tensor([2]), top_k=8, before=torch.tensor([target_time]))
+        visible = set(readout.visual[0, readout.visual_mask[0], 0].long().tolist())
+        assert visible == {item for item, t in zip(items, times, strict=True) if t < target_time}
+        assert target_item not in visible
+        assert torch.equal(readout.visual_mask, readout.text_mask)
+    everything = memory.retrieve_multimodal_memory(torch.tensor([2]), top_k=8)
+    assert int(everything.text_mask.sum()) == 6
+
+
+def test_reads_rank_by_utility_and_respect_top_k():
+    memory = make(capacity=4, surprise_threshold=0.0, recency_decay=0.5, utility_beta=0.0)
+    for step, item in enumerate([30, 31, 32, 33], start=1):
+        write(memory, 0, [item], [1.0], [step], step=step)
+    readout = memory.retrieve_multimodal_memory(torch.tensor([0]), top_k=2, before=torch.tensor([100.0]))
+    assert readout.visual.shape == (1, 2, FV) and readout.text.shape == (1, 2, FT)
+    assert readout.visual[0, :, 0].tolist() == [33.0, 32.0]  # most recently written first
+
+
+def test_batched_writes_equal_the_same_writes_one_by_one():
+    generator = torch.Generator().manual_seed(0)
+    count = 60
+    users = torch.randint(0, 3, (count,), generator=generator)
+    items = torch.randint(1, 9, (count,), generator=generator)  # repeats: re-seen items and evictions
+    surprises = torch.rand(count, generator=generator)
+    times = torch.arange(count, dtype=torch.float64)
+    visual, text = features(items.tolist())
+    batched, single = make(capacity=4, surprise_threshold=0.3), make(capacity=4, surprise_threshold=0.3)
+    batched.add_batch(users, items, surprises, visual, text, times, step=7)
+    for i in range(count):
+        row = slice(i, i + 1)
+        single.add_batch(users[row], items[row], surprises[row], visual[row], text[row], times[row], step=7)
+    for name, tensor in batched.state_dict().items():
+        assert torch.equal(tensor, single.state_dict()[name]), name
+
+
+def test_masked_memory_slots_get_zero_attention_in_both_experts():
+    memory = make(capacity=5, surprise_threshold=0.0)
+    write(memory, 1, [40, 41, 42, 43], [0.9] * 4, [1, 2, 3, 4])
+    readout = memory.retrieve_multimodal_memory(torch.tensor([1, 0]), top_k=5, before=torch.tensor([3.0, 9.0]))
+    assert readout.visual_mask.tolist() == [[True, True, False, False, False], [False] * 5]
+    candidates = torch.randn(6, FV)
+    visual_weights = VisualExpert(FV, 4, attention_dim=2).attention(candidates, readout.visual, readout.visual_mask)
+    assert torch.all(visual_weights[0, :, 2:] == 0) and torch.all(visual_weights[1] == 0)
+    expert = SemanticExpert(id_dim=4, text_dim=FT, hidden_dim=4, num_heads=2, dropout=0.0, candidate_text=False)
+    _, semantic_weights, _ = expert.attention_weights(torch.randn(6, 4), readout.text, readout.text_mask)
+    assert torch.all(semantic_weights[0, :, :, 2:] == 0) and torch.all(semantic_weights[1] == 0)
+
+
+def test_half_precision_storage_and_state_dict_round_trip():
+    memory = make(surprise_threshold=0.0, feature_dtype=torch.float16)
+    write(memory, 1, [5, 6], [0.9, 0.9], [1, 2])
+    assert memory.text.dtype == torch.float16
+    copy = make(surprise_threshold=0.0, feature_dtype=torch.float16)
+    copy.load_state_dict(memory.state_dict())
+    users, before = torch.tensor([1, 2]), torch.tensor([5.0, 5.0])
+    for left, right in zip(
+        memory.retrieve_multimodal_memory(users, 4, before),
+        copy.retrieve_multimodal_memory(users, 4, before),
+        strict=True,
+    ):
+        assert torch.equal(left, right)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_and_cuda_retrieval_agree():
+    memory = make(surprise_threshold=0.0)
+    write(memory, 1, [5, 6, 7], [0.9, 0.8, 0.7], [1, 2, 3])
+    on_gpu = make(surprise_threshold=0.0).cuda()
+    on_gpu.load_state_dict(memory.state_dict())
+    users, before = torch.tensor([1, 0]), torch.tensor([3.0, 3.0])
+    cpu = memory.retrieve_multimodal_memory(users, 4, before)
+    gpu = on_gpu.retrieve_multimodal_memory(users.cuda(), 4, before.cuda())
+    for left, right in zip(cpu, gpu, strict=True):
+        assert torch.equal(left, right.cpu())
+
+
+def test_training_writes_memory_that_never_shows_a_sample_its_own_future(tmp_path):
+    config, _, (train_data, _, _), model = tiny_run(tmp_path, memory_surprise_threshold=-1.0)  # write everything
+    from recbole_feddmmr.trainer import UR4RecV2MoETrainer
+
+    trainer = UR4RecV2MoETrainer(config, model)
+    trainer._train_epoch(train_data, 0)
+    feat = train_data._dataset.inter_feat
+    memory = model.memory
+    # every training interaction was offered once and written (threshold -1); no slot duplicates an item
+    assert memory.offered == len(feat) == memory.written
+    for user in feat["user_id"].unique().tolist():
+        table = memory.user_table(user)
+        assert len(set(table["item_id"].tolist())) == len(table["item_id"])
+    # a second epoch reads that memory: every visible slot is an item the user met strictly before the target
+    users, times = feat["user_id"], feat["timestamp"]
+    readout = model.read_memory(users, feat["item_id_list"], feat["item_length"], times)
+    assert readout.text_mask.any()
+    text_table = model.item_features.text  # [n_items, Ft], distinct rows in the tiny dataset
+    for sample in range(len(feat)):
+        earlier = {int(i) for i in feat["item_id"][(users == users[sample]) & (times < times[sample])]}
+        for vector in readout.text[sample, readout.text_mask[sample]]:
+            item = int((text_table == vector).all(dim=1).nonzero()[0])
+            assert item in earlier and item != int(feat["item_id"][sample])
