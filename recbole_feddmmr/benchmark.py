@@ -82,12 +82,20 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
     config, (train_data, valid_data, test_data), model_instance = prepare_run(model, dataset, config_dict=overrides)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_instance)
     epoch_seconds: list[float] = []
+    memory_epochs: list[dict[str, float]] = []
+    memory = getattr(model_instance, "memory", None)
+    memory_seconds = time_memory_calls(memory) if hasattr(memory, "add_batch") else None
     train_epoch = trainer._train_epoch
 
     def timed_train_epoch(*args, **kwargs):
+        if memory_seconds is not None:
+            memory_seconds["training"] = True
         started = time.perf_counter()
         result = train_epoch(*args, **kwargs)
         epoch_seconds.append(time.perf_counter() - started)
+        if memory_seconds is not None:
+            memory_seconds["training"] = False
+            memory_epochs.append(memory.stats())
         return result
 
     trainer._train_epoch = timed_train_epoch
@@ -114,7 +122,33 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
         "train_seconds": sum(epoch_seconds),
         "train_samples_per_second": samples * len(epoch_seconds) / sum(epoch_seconds),
         "checkpoint": trainer.saved_model_file,
+        **(
+            {
+                "memory_per_epoch": memory_epochs,
+                "memory_share_of_train_time": memory_seconds["seconds"] / sum(epoch_seconds),
+            }
+            if memory_seconds is not None
+            else {}
+        ),
     }
+
+
+def time_memory_calls(memory) -> dict[str, Any]:
+    """Wrap the memory's read and write so their time inside training epochs is summed (``["seconds"]``)."""
+    timer: dict[str, Any] = {"seconds": 0.0, "training": False}
+    for name in ("add_batch", "retrieve_multimodal_memory"):
+        method = getattr(memory, name)
+
+        def timed(*args, _method=method, **kwargs):
+            started = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                if timer["training"]:
+                    timer["seconds"] += time.perf_counter() - started
+
+        setattr(memory, name, timed)
+    return timer
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -191,6 +225,17 @@ def format_report(report: dict[str, Any]) -> str:
             f"{full['ndcg@10']:.4f} | {full['mrr@10']:.4f} | {uni['hit@10']:.4f} | {uni['ndcg@10']:.4f} | "
             f"{run['train_samples_per_second']:.0f} |"
         )
+    for run in report["runs"]:
+        if run.get("memory_per_epoch"):
+            epochs = run["memory_per_epoch"]
+            best = epochs[min(run["best_epoch"], len(epochs) - 1)]
+            write_rates = " ".join(f"{epoch['write_rate']:.2f}" for epoch in epochs)
+            lines.append(
+                f"\n{run.get('label', run['model'])} memory at the kept epoch: fill rate {best['fill_rate']:.3f}, "
+                f"write rate {best['write_rate']:.3f}, mean surprise {best['mean_surprise']:.3f}; write rate by "
+                f"epoch {write_rates}; memory reads + writes "
+                f"{100 * run['memory_share_of_train_time']:.1f}% of training time"
+            )
     for key, ratios in report.items():
         if key.startswith("ratios_vs_"):
             for model, values in ratios.items():
