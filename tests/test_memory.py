@@ -182,3 +182,19 @@ def test_training_writes_memory_that_never_shows_a_sample_its_own_future(tmp_pat
         for vector in readout.text[sample, readout.text_mask[sample]]:
             item = int((text_table == vector).all(dim=1).nonzero()[0])
             assert item in earlier and item != int(feat["item_id"][sample])
+
+
+def test_memory_table_lists_a_users_items_with_titles_by_utility(tmp_path):
+    from recbole_feddmmr.analysis import memory_table
+    from recbole_feddmmr.trainer import UR4RecV2MoETrainer
+
+    config, dataset, (train_data, _, _), model = tiny_run(tmp_path, memory_surprise_threshold=-1.0)
+    UR4RecV2MoETrainer(config, model)._train_epoch(train_data, 0)
+    feat = train_data._dataset.inter_feat
+    uid = int(feat["user_id"][0])
+    token = dataset.id2token(dataset.uid_field, uid)
+    table = memory_table(model, dataset, token)
+    trained_items = set(dataset.id2token(dataset.iid_field, feat["item_id"][feat["user_id"] == uid].numpy()))
+    assert set(table["item"]) == trained_items  # threshold -1: every training interaction was written
+    assert table["utility"].is_monotonic_decreasing
+    assert list(table["title"]) == [f"Movie {item}" for item in table["item"]]  # tiny.item: "Movie <id>"
