@@ -11,8 +11,11 @@ Generative story (all draws from one seeded generator, so the files are reproduc
   ``signal``, a uniform draw among the items of that factor not yet seen, else a uniform
   draw among all unseen items; timestamps are increasing, so order carries no signal beyond the factor.
 
-There are many items and few interactions per item, so item IDs alone are learned poorly while
-the features tell an item's factor directly: a model that reads the candidate's content should win.
+Defaults: 1,000 users x 16 interactions over 4,000 items in 100 factors (40 items each), so an
+item is met about 4 times in training: item IDs are learned from little co-occurrence, while
+the features tell an item's factor directly. A model that reads the candidate's content should win.
+(A first version with 20 factors of 200 items and 30 interactions per user let ID co-occurrence
+alone reach the content ceiling, so it could not separate the two.)
 
 The ``.itememb`` also holds the same vectors shuffled across items (``sbert_shuffled``,
 ``clip_shuffled``): same marginal distribution, no link to the item. Training on those
@@ -38,10 +41,10 @@ PLANTED = "planted"
 
 @dataclass(frozen=True)
 class PlantedSpec:
-    num_users: int = 800
+    num_users: int = 1000
     num_items: int = 4000
-    num_factors: int = 20
-    interactions_per_user: int = 30
+    num_factors: int = 100
+    interactions_per_user: int = 16
     signal: float = 0.9  # share of a user's interactions drawn from the preferred factor
     text_dim: int = 32
     visual_dim: int = 48
