@@ -122,6 +122,7 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
         "train_seconds": sum(epoch_seconds),
         "train_samples_per_second": samples * len(epoch_seconds) / sum(epoch_seconds),
         "checkpoint": trainer.saved_model_file,
+        **({"live_experts": model_instance.live_experts} if hasattr(model_instance, "live_experts") else {}),
         **(
             {
                 "memory_per_epoch": memory_epochs,

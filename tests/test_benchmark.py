@@ -36,6 +36,7 @@ def test_benchmark_reports_each_run_and_ratios_against_the_baseline(tmp_path):
     assert 0 < dynamic["memory_share_of_train_time"] < 1
     assert 0 < dynamic["memory_per_epoch"][-1]["fill_rate"] <= 1
     assert "memory_per_epoch" not in history  # the stand-in has no store to report
+    assert dynamic["live_experts"] == ["sequential", "visual", "semantic"]  # the tiny dataset has both modalities
     ratios = report[f"ratios_vs_{runs[1]}"][runs[0]]
     assert ratios["train_samples_per_second"] == pytest.approx(
         dynamic["train_samples_per_second"] / history["train_samples_per_second"]
