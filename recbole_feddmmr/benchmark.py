@@ -166,7 +166,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides (yaml values)"
     )
+    parser.add_argument("--report", metavar="JSON", help="only print the table of an existing results file")
     args = parser.parse_args(argv)
+    if args.report:
+        report = json.loads(Path(args.report).read_text())
+        print(format_report(report))
+        return report
 
     import yaml
 

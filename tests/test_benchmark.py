@@ -30,6 +30,7 @@ def test_benchmark_reports_each_run_and_ratios_against_the_baseline(tmp_path):
     arguments = ["--dataset", "tiny", "--models", *runs, "--baseline", runs[1], "--epochs", "2", "--out", str(out)]
     report = main([*arguments, "--set", *overrides])
     assert json.loads(out.read_text()) == report
+    assert main(["--report", str(out)]) == report  # tables for the README come from the saved file
     dynamic, history = report["runs"]
     assert [dynamic["label"], history["label"]] == runs
     assert dynamic["epochs_trained"] == 2 and len(dynamic["memory_per_epoch"]) == 2
