@@ -204,3 +204,16 @@ def test_forward_has_the_seed_signature(tiny):
         targets,
     )[0]
     torch.testing.assert_close(scores_masked, seq_only)
+
+
+@pytest.mark.parametrize("backbone_item_features", [False, True])
+def test_backbone_reads_history_features_only_when_asked(tmp_path, backbone_item_features):
+    _, _, _, model = tiny_run(tmp_path, backbone_item_features=backbone_item_features)
+    model.eval()
+    seq, length = torch.tensor([[3, 4, 5, 0], [7, 8, 0, 0]]), torch.tensor([3, 2])
+    before = model.encode_sequence(seq, length)
+    model.item_features.text[4] += 1.0  # item 4 is only in the first user's history
+    after = model.encode_sequence(seq, length)
+    torch.testing.assert_close(after[1], before[1])
+    assert torch.allclose(after[0], before[0]) != backbone_item_features
+    assert sorted(model.backbone_feature_proj) == (["text", "visual"] if backbone_item_features else [])

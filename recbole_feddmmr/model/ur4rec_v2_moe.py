@@ -138,6 +138,16 @@ class UR4RecV2MoE(SequentialRecommender):
             dropout,
             candidate_text=candidate_content,
         )
+        self.backbone_feature_proj = nn.ModuleDict(
+            {
+                name: nn.Linear(dim, self.hidden_dim, bias=False)
+                for name, dim, present in (
+                    ("text", config["text_dim"], self.item_features.has_text),
+                    ("visual", config["visual_dim"], self.item_features.has_visual),
+                )
+                if present and config["backbone_item_features"]
+            }
+        )
         self.router = ItemCentricRouter(self.item_emb_dim, config["router_hidden_dim"], len(EXPERTS), dropout)
         self.memory_type = config["memory_type"]
         self.memory_top_k = config["memory_top_k"]
@@ -196,9 +206,20 @@ class UR4RecV2MoE(SequentialRecommender):
                 module.weight.data[module.padding_idx].zero_()
 
     # ---------------------------------------------------------------- scoring
+    def sequence_item_repr(self, item_seq: Tensor) -> Tensor:
+        """Backbone input of ``item_seq`` [B, L] -> [B, L, H]: projected ID embedding (+ projected item features).
+
+        With ``backbone_item_features`` the history items' text / visual features are added, so
+        ``seq_repr`` carries the content of what the user met; a missing feature adds nothing.
+        """
+        item_repr = self.item_proj(self.item_embedding(item_seq))  # [B, L, H]
+        for name, projection in self.backbone_feature_proj.items():
+            item_repr = item_repr + projection(getattr(self.item_features, name)[item_seq])
+        return item_repr
+
     def encode_sequence(self, item_seq: Tensor, item_seq_len: Tensor, user_ids: Tensor | None = None) -> Tensor:
         """``item_seq`` [B, L] right-padded, ``item_seq_len`` [B] -> seq_repr [B, H]."""
-        seq_repr = self.backbone(self.item_proj(self.item_embedding(item_seq)), item_seq_len)  # [B, H]
+        seq_repr = self.backbone(self.sequence_item_repr(item_seq), item_seq_len)  # [B, H]
         if self.user_emb_dim and user_ids is not None:
             seq_repr = seq_repr + self.user_proj(self.user_embedding(user_ids))
         return seq_repr
@@ -406,7 +427,7 @@ class UR4RecV2MoE(SequentialRecommender):
         prediction point of a sample whose input is ``windows[:, :t + 1]``: exactly RecBole's
         sample for that target whenever the window starts at the user's first item.
         """
-        hidden = self.backbone.all_positions(self.item_proj(self.item_embedding(windows)))  # [B, L, H]
+        hidden = self.backbone.all_positions(self.sequence_item_repr(windows))  # [B, L, H]
         row, position = target_mask.nonzero(as_tuple=True)  # [P], [P]
         seq_repr = hidden[row, position]  # [P, H]
         users = user_ids[row]  # [P]
