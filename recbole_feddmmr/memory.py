@@ -124,6 +124,7 @@ class LocalDynamicMemory(nn.Module):
         feature_dtype: torch.dtype = torch.float32,
         store_visual: bool = True,
         store_text: bool = True,
+        num_global_prototypes: int = 0,
     ) -> None:
         super().__init__()
         if capacity < 1:
@@ -146,6 +147,11 @@ class LocalDynamicMemory(nn.Module):
         self.register_buffer("last_write", torch.zeros(shape, dtype=torch.long))  # [U, C] training step
         self.register_buffer("surprise", torch.zeros(shape))  # [U, C] surprise of the last write
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # the training clock
+        # global prototypes (federated): G extra slots every user reads, invalid until set
+        prototypes = num_global_prototypes
+        self.register_buffer("prototype_visual", torch.zeros(prototypes, self.visual.size(-1), dtype=feature_dtype))
+        self.register_buffer("prototype_text", torch.zeros(prototypes, self.text.size(-1), dtype=feature_dtype))
+        self.register_buffer("prototype_valid", torch.zeros(prototypes, dtype=torch.bool))  # [G]
         self.store_visual, self.store_text = store_visual, store_text
         self.reset_stats()
 
@@ -257,14 +263,39 @@ class LocalDynamicMemory(nn.Module):
             self.text[users, slot] = 0 if text is None else text.to(self.text.dtype) * text_ok[:, None]
             self.text_valid[users, slot] = text_ok
 
+    # ------------------------------------------------------------ prototypes
+    def entry_features(self, user_ids: Tensor) -> Tensor:
+        """The occupied slots of ``user_ids`` as multimodal vectors [n, Fv + Ft] (what k-means prototypes summarise)."""
+        occupied = self.item_ids[user_ids] >= 0  # [B, C]
+        return torch.cat([self.visual[user_ids][occupied], self.text[user_ids][occupied]], dim=-1).float()
+
+    def set_global_prototypes(self, prototypes: Tensor) -> None:
+        """Global prototypes [g, Fv + Ft] (g <= G) become extra slots every user reads; the rest stay invalid."""
+        count = prototypes.size(0)
+        if count > self.prototype_valid.numel():
+            raise ValueError(f"{count} prototypes for {self.prototype_valid.numel()} global prototype slots")
+        visual_dim = self.visual.size(-1)
+        with torch.no_grad():
+            self.prototype_visual.zero_()
+            self.prototype_text.zero_()
+            self.prototype_visual[:count] = prototypes[:, :visual_dim].to(self.prototype_visual.dtype)
+            self.prototype_text[:count] = prototypes[:, visual_dim:].to(self.prototype_text.dtype)
+            self.prototype_valid.fill_(False)
+            self.prototype_valid[:count] = True
+
+    def clear_global_prototypes(self) -> None:
+        self.prototype_valid.fill_(False)
+
     # ------------------------------------------------------------------ reads
     def retrieve_multimodal_memory(
         self, user_ids: Tensor, top_k: int = 20, before: Tensor | None = None
     ) -> MemoryReadout:
-        """The ``top_k`` highest-utility slots of each user, visible only if their time < ``before``.
+        """The ``top_k`` highest-utility slots of each user, visible only if their time < ``before``,
+        followed by the G global prototype slots (valid once set; prototypes carry no time).
 
         ``user_ids`` [B], ``before`` [B] the sample's prediction time (``None``: every slot is visible)
-        -> features [B, K, Fv] / [B, K, Ft] (``None`` for a modality not stored), masks [B, K]; K = min(top_k, C).
+        -> features [B, K + G, Fv] / [B, K + G, Ft] (``None`` for a modality not stored), masks [B, K + G];
+        K = min(top_k, C).
         """
         utility = self.utility(user_ids)  # [B, C]
         if before is not None:
@@ -272,11 +303,17 @@ class LocalDynamicMemory(nn.Module):
         top_utility, slots = utility.topk(min(top_k, self.capacity), dim=1)  # [B, K]
         visible = torch.isfinite(top_utility)  # [B, K]
         rows = user_ids[:, None]  # [B, 1]
+        batch = user_ids.numel()
+        prototype_mask = self.prototype_valid.expand(batch, -1)  # [B, G]
+
+        def with_prototypes(user_slots: Tensor, prototypes: Tensor) -> Tensor:
+            return torch.cat([user_slots, prototypes.expand(batch, -1, -1)], dim=1)  # [B, K + G, F]
+
         return MemoryReadout(
-            visual=self.visual[rows, slots] if self.store_visual else None,  # [B, K, Fv]
-            visual_mask=visible & self.visual_valid[rows, slots],
-            text=self.text[rows, slots] if self.store_text else None,  # [B, K, Ft]
-            text_mask=visible & self.text_valid[rows, slots],
+            visual=with_prototypes(self.visual[rows, slots], self.prototype_visual) if self.store_visual else None,
+            visual_mask=torch.cat([visible & self.visual_valid[rows, slots], prototype_mask & self.store_visual], 1),
+            text=with_prototypes(self.text[rows, slots], self.prototype_text) if self.store_text else None,
+            text_mask=torch.cat([visible & self.text_valid[rows, slots], prototype_mask & self.store_text], 1),
         )
 
     def user_table(self, user_id: int) -> dict[str, Tensor]:

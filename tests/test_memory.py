@@ -198,3 +198,40 @@ def test_memory_table_lists_a_users_items_with_titles_by_utility(tmp_path):
     assert set(table["item"]) == trained_items  # threshold -1: every training interaction was written
     assert table["utility"].is_monotonic_decreasing
     assert list(table["title"]) == [f"Movie {item}" for item in table["item"]]  # tiny.item: "Movie <id>"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_global_prototypes_change_the_scores_of_a_user_with_empty_memory(tmp_path, enabled):
+    _, _, _, model = tiny_run(tmp_path, enable_prototype_aggregation=enabled, num_memory_prototypes=3)
+    model.eval()
+    user, seq, length, time = torch.tensor([2]), torch.tensor([[3, 4, 5]]), torch.tensor([3]), torch.tensor([1e9])
+    assert not (model.memory.item_ids[2] >= 0).any()  # nothing written: the user's own memory is empty
+
+    def scores() -> torch.Tensor:
+        memory = model.read_memory(user, seq, length, time)
+        return model.score_candidates(model.encode_sequence(seq, length, user), memory)[0]
+
+    no_prototypes = scores()
+    dim = model.memory.visual.size(-1) + model.memory.text.size(-1)
+    if not enabled:
+        assert model.memory.prototype_valid.numel() == 0
+        with pytest.raises(ValueError, match="global prototype slots"):
+            model.memory.set_global_prototypes(torch.randn(3, dim))
+        return
+    model.memory.set_global_prototypes(torch.randn(3, dim))
+    first = scores()
+    readout = model.read_memory(user, seq, length, time)
+    assert readout.text_mask[0].tolist() == [False] * model.memory_top_k_eval + [True] * 3
+    model.memory.set_global_prototypes(torch.randn(3, dim))
+    second = scores()
+    assert not torch.allclose(first, no_prototypes) and not torch.allclose(second, first)
+    model.memory.clear_global_prototypes()
+    torch.testing.assert_close(scores(), no_prototypes)
+
+
+def test_entry_features_are_what_prototypes_summarise():
+    memory = make(surprise_threshold=0.0)
+    write(memory, 1, [5, 6], [0.9, 0.9], [1, 2])
+    visual, text = features([5, 6])
+    torch.testing.assert_close(memory.entry_features(torch.tensor([1])), torch.cat([visual, text], 1))
+    assert memory.entry_features(torch.tensor([0])).shape == (0, FV + FT)

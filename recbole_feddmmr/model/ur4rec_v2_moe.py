@@ -173,6 +173,7 @@ class UR4RecV2MoE(SequentialRecommender):
                 feature_dtype=torch.float16 if config["memory_half_precision"] else torch.float32,
                 store_visual=self.item_features.has_visual,
                 store_text=self.item_features.has_text,
+                num_global_prototypes=config["num_memory_prototypes"] if config["enable_prototype_aggregation"] else 0,
             )
         else:
             raise ValueError(f"memory_type must be 'history' or 'dynamic', got {self.memory_type!r}")
