@@ -52,13 +52,19 @@ def test_bpr_and_load_balance_losses_equal_hand_computation():
     ) / 2
     assert sampled_softmax_loss(scores).item() == pytest.approx(softmax_by_hand, rel=1e-6)
 
-    weights = torch.tensor([[[0.5, 0.25, 0.25], [0.7, 0.0, 0.3]]])  # [B=1, C=2, X=3]
-    usage = np.array([0.6, 0.125, 0.275])
     all_on = torch.tensor([True, True, True])
-    assert load_balance_loss(weights, all_on).item() == pytest.approx(((usage - 1 / 3) ** 2).sum(), rel=1e-6)
+    live_everywhere = torch.tensor([[[0.5, 0.25, 0.25], [0.6, 0.1, 0.3]]])  # [B=1, C=2, X=3]
+    usage = np.array([0.55, 0.175, 0.275])
+    assert load_balance_loss(live_everywhere, all_on).item() == pytest.approx(((usage - 1 / 3) ** 2).sum(), rel=1e-6)
+    weights = torch.tensor([[[0.5, 0.25, 0.25], [0.7, 0.0, 0.3]]])
     visual_off = torch.tensor([True, False, True])
     expected = (0.6 - 0.5) ** 2 + (0.275 - 0.5) ** 2  # E = 2 enabled experts
     assert load_balance_loss(weights, visual_off).item() == pytest.approx(expected, rel=1e-6)
+    # a pair where an enabled expert is off (weight exactly 0) is left out of the balance
+    partly_live = torch.tensor([[[0.5, 0.25, 0.25], [0.7, 0.0, 0.3], [0.2, 0.4, 0.4]]])
+    usage = np.array([0.35, 0.325, 0.325])  # mean of rows 1 and 3 only
+    assert load_balance_loss(partly_live, all_on).item() == pytest.approx(((usage - 1 / 3) ** 2).sum(), rel=1e-6)
+    assert load_balance_loss(torch.tensor([[[1.0, 0.0, 0.0]]]), all_on).item() == 0.0
 
 
 def test_negatives_are_uniform_over_other_items_and_never_the_positive():

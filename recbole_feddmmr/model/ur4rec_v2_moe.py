@@ -69,8 +69,18 @@ def sampled_softmax_loss(scores: Tensor) -> Tensor:
 
 
 def load_balance_loss(router_weights: Tensor, enabled: Tensor) -> Tensor:
-    """``router_weights`` [B, C, X], ``enabled`` [X] bool -> sum over enabled e of (mean w_e - 1/E)^2."""
-    usage = router_weights.reshape(-1, router_weights.size(-1)).mean(dim=0)[enabled]  # [E]
+    """``router_weights`` [B, C, X], ``enabled`` [X] bool -> sum over enabled e of (mean w_e - 1/E)^2.
+
+    The mean runs over the (user, candidate) pairs where every enabled expert is live, i.e. where
+    the router had the full choice: elsewhere an expert is off for want of a feature or of memory,
+    its weight is exactly 0 (masked softmax), and counting those pairs would push the router to
+    overweight that expert wherever it is live. No such pair: the loss is 0.
+    """
+    weights = router_weights.reshape(-1, router_weights.size(-1))[:, enabled]  # [B*C, E]
+    full_choice = (weights > 0).all(dim=1)  # live experts get weight > 0, switched-off ones exactly 0
+    if not full_choice.any():
+        return weights.sum() * 0.0
+    usage = weights[full_choice].mean(dim=0)  # [E]
     return ((usage - 1.0 / usage.numel()) ** 2).sum()
 
 
