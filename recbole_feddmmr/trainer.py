@@ -18,6 +18,8 @@ Evaluation, early stopping, checkpoints, logging and TensorBoard are RecBole's.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 import torch
 from recbole.trainer import Trainer
@@ -122,19 +124,30 @@ class SequenceWindows:
     def __len__(self) -> int:
         return -(-len(self.user_ids) // self.windows_per_batch)
 
-    def epoch(self, epoch_idx: int):
+    def windows_of(self, users: Tensor) -> Tensor:
+        """Indices [w] of the windows that belong to ``users`` (e.g. one federated client's)."""
+        return torch.isin(self.user_ids, users.to(self.user_ids.device)).nonzero().squeeze(1)
+
+    def windows_per_batch_for(self, batch_size: int) -> int:
+        """Windows per batch for about ``batch_size`` training targets."""
+        return max(1, round(batch_size * len(self.user_ids) / self.num_targets))
+
+    def epoch(self, epoch_idx: int, subset: Tensor | None = None, windows_per_batch: int | None = None):
         """Yield (user_ids [b], windows [b, L], targets [b, L], target_mask [b, L], target_times [b, L]).
 
-        The order is set by (seed, epoch).
+        The order is set by (seed, epoch). ``subset``: only these window indices (a client's data).
         """
-        count = len(self.user_ids)
+        count = len(self.user_ids) if subset is None else len(subset)
         if self.shuffle:
             order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch_idx))
         else:
             order = torch.arange(count)
         order = order.to(self.user_ids.device)
-        for start in range(0, count, self.windows_per_batch):
-            index: Tensor = order[start : start + self.windows_per_batch]
+        if subset is not None:
+            order = subset[order]
+        step = windows_per_batch or self.windows_per_batch
+        for start in range(0, count, step):
+            index: Tensor = order[start : start + step]
             yield (
                 self.user_ids[index],
                 self.windows[index],
@@ -142,6 +155,47 @@ class SequenceWindows:
                 self.target_mask[index],
                 self.target_times[index],
             )
+
+
+def train_steps(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple],
+    loss_func: Callable[..., Tensor | tuple[Tensor, ...]],
+    *,
+    clip_grad_norm: dict | None = None,
+    amp: bool = False,
+    extra_loss: Callable[[], Tensor] | None = None,
+) -> float | tuple[float, ...] | None:
+    """One optimizer step per batch, then the model's memory writes: the training loop of both the
+    centralised trainer and a federated client. -> summed loss (per part when the loss is a tuple).
+
+    ``extra_loss`` (e.g. FedProx's proximal term) is added to each step's loss and not reported.
+    """
+    device_type = next(model.parameters()).device.type
+    total_loss = None
+    for batch in batches:
+        optimizer.zero_grad()
+        with torch.autocast(device_type=device_type, enabled=amp):
+            losses = loss_func(*batch)
+        if isinstance(losses, tuple):
+            loss = sum(losses)
+            parts = tuple(part.item() for part in losses)
+            total_loss = parts if total_loss is None else tuple(map(sum, zip(total_loss, parts, strict=True)))
+        else:
+            loss = losses
+            total_loss = loss.item() if total_loss is None else total_loss + loss.item()
+        if torch.isnan(loss):
+            raise ValueError("Training loss is nan")
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        loss.backward()
+        if clip_grad_norm:
+            clip_grad_norm_(model.parameters(), **clip_grad_norm)
+        optimizer.step()
+        if hasattr(model, "commit_memory_writes"):
+            model.commit_memory_writes()  # this step's positives, gated by their surprise
+    return total_loss
 
 
 class UR4RecV2MoETrainer(TrustedCheckpointMixin, Trainer):
@@ -171,25 +225,14 @@ class UR4RecV2MoETrainer(TrustedCheckpointMixin, Trainer):
         memory = getattr(self.model, "memory", None)
         if hasattr(memory, "reset_stats"):
             memory.reset_stats()
-        total_loss = None
-        for batch in iterator:
-            self.optimizer.zero_grad()
-            with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
-                losses = loss_func(*batch)
-            if isinstance(losses, tuple):
-                loss = sum(losses)
-                parts = tuple(part.item() for part in losses)
-                total_loss = parts if total_loss is None else tuple(map(sum, zip(total_loss, parts, strict=True)))
-            else:
-                loss = losses
-                total_loss = loss.item() if total_loss is None else total_loss + loss.item()
-            self._check_nan(loss)
-            loss.backward()
-            if self.clip_grad_norm:
-                clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
-            self.optimizer.step()
-            if hasattr(self.model, "commit_memory_writes"):
-                self.model.commit_memory_writes()  # this step's positives, gated by their surprise
+        total_loss = train_steps(
+            self.model,
+            self.optimizer,
+            iterator,
+            loss_func,
+            clip_grad_norm=self.clip_grad_norm,
+            amp=self.enable_amp,
+        )
         if hasattr(memory, "stats"):
             self._log_memory(memory.stats(), epoch_idx)
         return total_loss

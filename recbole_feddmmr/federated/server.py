@@ -1,0 +1,80 @@
+"""The server of the simulation: one round = select, run clients on a backend, FedAvg, merge prototypes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from recbole_feddmmr.federated.backends import SequentialBackend
+from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, load_parameters, shared_parameters
+from recbole_feddmmr.federated.strategy import FedMemStrategy, UpdateAccumulator
+from recbole_feddmmr.trainer import SequenceWindows
+
+
+@dataclass
+class RoundReport:
+    round_idx: int
+    clients: int
+    samples: int
+    mean_loss: float
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+
+
+class FedMemServer:
+    """Holds the global model; every round it aggregates what the selected clients send back."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        clients: list[FedMemClient],
+        windows: SequenceWindows,
+        strategy: FedMemStrategy,
+        settings: LocalSettings,
+        backend=None,
+        enable_prototype_aggregation: bool = True,
+    ) -> None:
+        self.model = model
+        self.clients = clients
+        self.windows = windows
+        self.strategy = strategy
+        self.settings = settings
+        self.backend = backend or SequentialBackend()
+        self.enable_prototype_aggregation = enable_prototype_aggregation
+        self.global_params = shared_parameters(model)
+
+    def run_round(self, round_idx: int) -> RoundReport:
+        started = time.perf_counter()
+        selected = [self.clients[i] for i in self.strategy.select_clients(round_idx, len(self.clients))]
+        accumulator = UpdateAccumulator()
+        prototypes, counts, losses, bytes_up = [], [], [], 0
+        for result in self.backend.run(
+            self.model, selected, self.global_params, self.windows, round_idx, self.settings
+        ):
+            accumulator.add(result.update, result.num_samples)
+            if len(result.prototypes):
+                prototypes.append(result.prototypes)
+                counts.append(result.prototype_counts)
+            losses.append(result.mean_loss)
+            bytes_up += result.num_bytes()
+        self.global_params = self.strategy.apply(self.global_params, accumulator.mean())
+        load_parameters(self.model, self.global_params)
+        bytes_down = sum(p.numel() * p.element_size() for p in self.global_params.values()) * len(selected)
+        memory = getattr(self.model, "memory", None)
+        if self.enable_prototype_aggregation and prototypes and hasattr(memory, "set_global_prototypes"):
+            merged, _ = self.strategy.merge_prototypes(prototypes, counts)
+            memory.set_global_prototypes(merged)
+            bytes_down += merged.numel() * merged.element_size() * len(selected)
+        return RoundReport(
+            round_idx,
+            len(selected),
+            accumulator.weight,
+            float(torch.tensor(losses).mean()) if losses else 0.0,
+            bytes_up,
+            bytes_down,
+            time.perf_counter() - started,
+        )
