@@ -80,7 +80,7 @@ def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
 def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Train ``model`` with early stopping, evaluate its best checkpoint on test (full and uni100)."""
     config, (train_data, valid_data, test_data), model_instance = prepare_run(model, dataset, config_dict=overrides)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_instance)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"], config["federated"])(config, model_instance)
     epoch_seconds: list[float] = []
     memory_epochs: list[dict[str, float]] = []
     memory = getattr(model_instance, "memory", None)

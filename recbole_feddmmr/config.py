@@ -13,7 +13,7 @@ from recbole_feddmmr.utils import get_model, properties_dir
 class Config(RecBoleConfig):
     """RecBole's Config that also knows the plugin's models, yaml files and ``dataset_atomic/``.
 
-    Priority, lowest first: RecBole's internal yaml, the plugin's ``overall.yaml``,
+    Priority, lowest first: RecBole's internal yaml, the plugin's ``overall.yaml``, ``federated.yaml``,
     ``model/<Model>.yaml``, ``dataset/<dataset>.yaml``, then (as in RecBole) config
     files, config dict and ``--key=value`` command-line arguments.
     """
@@ -34,6 +34,7 @@ class Config(RecBoleConfig):
         plugin = properties_dir()
         for path in (
             plugin / "overall.yaml",
+            plugin / "federated.yaml",
             plugin / "model" / f"{model}.yaml",
             plugin / "dataset" / f"{dataset}.yaml",
         ):

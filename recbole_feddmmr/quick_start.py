@@ -48,7 +48,7 @@ def run_recbole_feddmmr(
     config, (train_data, valid_data, test_data), model_instance = prepare_run(
         model, dataset, config_file_list, config_dict
     )
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_instance)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"], config["federated"])(config, model_instance)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )

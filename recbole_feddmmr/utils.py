@@ -40,11 +40,21 @@ def get_model(model_name: str) -> type:
         ) from error
 
 
-def get_trainer(model_type: ModelType, model_name: str) -> type:
-    """``<model_name>Trainer`` from the plugin if it exists, else RecBole's choice.
+def get_trainer(model_type: ModelType, model_name: str, federated: bool = False) -> type:
+    """``<model_name>Trainer`` from the plugin if it exists, else RecBole's choice; with ``federated``
+    the plugin's FederatedTrainer (UR4RecV2MoE only: it trains through the model's window loss).
 
     Either way the class can reload RecBole checkpoints on torch >= 2.6.
     """
+    if federated:
+        if model_name != "UR4RecV2MoE":
+            raise ValueError(
+                f"federated training runs UR4RecV2MoE (plain SASRec = UR4RecV2MoE with --feature_id_field=None), "
+                f"not {model_name}"
+            )
+        from recbole_feddmmr.federated.trainer import FederatedTrainer
+
+        return FederatedTrainer
     plugin_trainers = importlib.import_module(PLUGIN_TRAINER_MODULE)
     trainer_class = getattr(plugin_trainers, f"{model_name}Trainer", None)
     if trainer_class is None:

@@ -1,0 +1,173 @@
+"""FederatedTrainer: rounds of FedMemServer instead of epochs; evaluation, early stopping and checkpoints are RecBole's.
+
+Every ``eval_every`` rounds the global model (with each user's private memory and the global
+prototypes) is evaluated by RecBole's evaluator on validation; the best round is kept by
+validation only. After every round the whole simulation state (global model, every client's
+memory, global prototypes, round, early-stopping state, RNG states) is written to
+``<checkpoint_dir>/<model>-<dataset>-federated-seed<seed>.resume.pth``; the same command run
+again after a crash resumes from it (a file written under another configuration is refused),
+and a finished run removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from recbole.utils import early_stopping, set_color
+from tqdm import tqdm
+
+from recbole_feddmmr.federated.client import FedMemClient, LocalSettings
+from recbole_feddmmr.federated.partition import dominant_labels, partition_users
+from recbole_feddmmr.federated.server import FedMemServer, RoundReport
+from recbole_feddmmr.federated.strategy import FedMemStrategy
+from recbole_feddmmr.trainer import UR4RecV2MoETrainer
+
+# settings that define a federated run (a resume file written under other values is refused)
+RUN_KEYS = (
+    "model", "dataset", "seed", "partition", "num_clients", "dirichlet_alpha", "clients_per_round",
+    "client_fraction", "local_epochs", "local_batch_size", "local_lr", "rounds", "fedprox_mu", "eval_every",
+    "enable_prototype_aggregation", "num_memory_prototypes",
+)  # fmt: skip
+
+
+class FederatedTrainer(UR4RecV2MoETrainer):
+    def __init__(self, config, model) -> None:
+        super().__init__(config, model)
+        self.rounds = config["rounds"]
+        self.eval_every = config["eval_every"] or 1
+        self.settings = LocalSettings(
+            local_epochs=config["local_epochs"],
+            local_batch_size=config["local_batch_size"] or config["train_batch_size"],
+            local_lr=config["local_lr"] or config["learning_rate"],
+            fedprox_mu=config["fedprox_mu"] or 0.0,
+            num_prototypes=config["num_memory_prototypes"] if config["enable_prototype_aggregation"] else 0,
+            seed=config["seed"],
+        )
+        fingerprint = json.dumps({key: config[key] for key in RUN_KEYS}, sort_keys=True, default=str)
+        self.run_fingerprint = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+        name = f"{config['model']}-{config['dataset']}-federated-seed{config['seed']}.resume.pth"
+        self.resume_file = Path(config["checkpoint_dir"]) / name
+        self.round_reports: list[RoundReport] = []
+
+    # --------------------------------------------------------------- the run
+    def build_server(self, train_data) -> FedMemServer:
+        config = self.config
+        windows = self.sequence_windows(train_data)
+        users = windows.user_ids.unique().cpu().numpy()
+        labels = None
+        if config["partition"] == "dirichlet":
+            dataset = train_data._dataset
+            field = config["partition_label_field"]
+            if dataset.item_feat is None or field not in dataset.item_feat:
+                raise ValueError(f"partition=dirichlet needs the item field '{field}' (partition_label_field) loaded")
+            feat = dataset.inter_feat
+            all_labels = dominant_labels(
+                feat[dataset.uid_field].numpy(), feat[dataset.iid_field].numpy(), dataset.item_feat[field].numpy()
+            )  # users in sorted order
+            labels = all_labels[np.searchsorted(np.unique(feat[dataset.uid_field].numpy()), users)]
+        parts = partition_users(
+            users,
+            config["partition"],
+            config["num_clients"],
+            config["seed"],
+            user_labels=labels,
+            dirichlet_alpha=config["dirichlet_alpha"],
+        )
+        clients = [FedMemClient(i, torch.as_tensor(part, device=self.device), windows) for i, part in enumerate(parts)]
+        strategy = FedMemStrategy(
+            num_prototypes=config["num_memory_prototypes"],
+            clients_per_round=config["clients_per_round"],
+            client_fraction=config["client_fraction"],
+            seed=config["seed"],
+        )
+        return FedMemServer(
+            self.model,
+            clients,
+            windows,
+            strategy,
+            self.settings,
+            enable_prototype_aggregation=config["enable_prototype_aggregation"],
+        )
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        server = self.build_server(train_data)
+        self._resume_if_interrupted(server)
+        self.logger.info(
+            f"federated: {len(server.clients)} clients ({self.config['partition']} partition), "
+            f"{self.rounds} rounds, local epochs {self.settings.local_epochs}, backend {server.backend.name}"
+        )
+        rounds = range(self.start_epoch, self.rounds)
+        iterator = tqdm(rounds, desc=set_color("Rounds", "pink"), ncols=100) if show_progress else rounds
+        for round_idx in iterator:
+            report = server.run_round(round_idx)
+            self.round_reports.append(report)
+            self.train_loss_dict[round_idx] = report.mean_loss
+            if verbose:
+                self.logger.info(
+                    set_color(f"round {round_idx}", "green")
+                    + f" [clients: {report.clients}, mean local loss: {report.mean_loss:.4f}, "
+                    f"up: {report.bytes_up / 1e6:.2f} MB, down: {report.bytes_down / 1e6:.2f} MB, "
+                    f"time: {report.seconds:.2f}s]"
+                )
+            stop = False
+            if valid_data is not None and (round_idx + 1) % self.eval_every == 0:
+                valid_score, valid_result = self._valid_epoch(valid_data, show_progress=False)
+                self.best_valid_score, self.cur_step, stop, improved = early_stopping(
+                    valid_score, self.best_valid_score, self.cur_step, self.stopping_step, self.valid_metric_bigger
+                )
+                if verbose:
+                    self.logger.info(
+                        set_color(f"round {round_idx} evaluating", "green") + f" [valid_score: {valid_score:.6f}]"
+                    )
+                if improved:
+                    self.best_valid_result = valid_result
+                    if saved:
+                        self._save_checkpoint(round_idx, verbose=verbose)
+            self._save_resume_state(round_idx)
+            if stop:
+                break
+        if valid_data is None and saved:
+            self._save_checkpoint(self.rounds - 1, verbose=verbose)
+        self.resume_file.unlink(missing_ok=True)  # finished: the same command starts afresh
+        return self.best_valid_score, self.best_valid_result
+
+    # ------------------------------------------------------------ resumption
+    def _save_resume_state(self, round_idx: int) -> None:
+        state = {
+            "fingerprint": self.run_fingerprint,
+            "round": round_idx,
+            "cur_step": self.cur_step,
+            "best_valid_score": self.best_valid_score,
+            "best_valid_result": self.best_valid_result,
+            "saved_model_file": self.saved_model_file,
+            "state_dict": self.model.state_dict(),  # global model, every user's memory, global prototypes
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+        self.resume_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.resume_file.with_name(self.resume_file.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.resume_file)  # never a half-written resume file
+
+    def _resume_if_interrupted(self, server: FedMemServer) -> None:
+        if not self.resume_file.exists():
+            return
+        state = torch.load(self.resume_file, weights_only=False)  # written by this trainer
+        if state["fingerprint"] != self.run_fingerprint:
+            raise RuntimeError(
+                f"{self.resume_file} belongs to a federated run with other settings: delete it to start afresh"
+            )
+        self.model.load_state_dict(state["state_dict"])
+        server.global_params = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        self.start_epoch = state["round"] + 1
+        self.cur_step, self.best_valid_score = state["cur_step"], state["best_valid_score"]
+        self.best_valid_result, self.saved_model_file = state["best_valid_result"], state["saved_model_file"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.logger.info(f"resuming the interrupted federated run from round {self.start_epoch} ({self.resume_file})")

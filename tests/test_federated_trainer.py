@@ -1,0 +1,73 @@
+"""Federated runs end to end on the tiny dataset: rounds, RecBole evaluation, crash and resume."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_run
+
+from recbole_feddmmr.federated.server import FedMemServer
+from recbole_feddmmr.federated.trainer import FederatedTrainer
+from recbole_feddmmr.utils import get_trainer
+
+FEDERATED = {"federated": True, "rounds": 3, "local_batch_size": 8, "num_memory_prototypes": 2, "stopping_step": 5}
+
+
+def run(tmp_path, **overrides):
+    config, _, (train_data, valid_data, test_data), model = tiny_run(tmp_path, **{**FEDERATED, **overrides})
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"], config["federated"])(config, model)
+    assert isinstance(trainer, FederatedTrainer)
+    trainer.fit(train_data, valid_data, saved=True)
+    return trainer, trainer.evaluate(test_data, load_best_model=True)
+
+
+def test_a_federated_run_trains_by_rounds_and_evaluates_with_recboles_evaluator(tmp_path):
+    trainer, test_result = run(tmp_path)
+    reports = trainer.round_reports
+    assert [report.round_idx for report in reports] == [0, 1, 2]
+    assert all(report.clients == 12 for report in reports)  # one client per user, all of them every round
+    assert all(report.bytes_up > 0 and report.bytes_down > 0 for report in reports)
+    assert set(test_result) >= {"hit@10", "ndcg@10"}
+    assert not trainer.resume_file.exists()  # a finished run leaves no resume state behind
+    assert int(trainer.model.memory.prototype_valid.sum()) == 2  # global prototypes are set
+
+
+def test_random_and_dirichlet_partitions_group_users_into_clients(tmp_path):
+    trainer, _ = run(tmp_path, partition="random", num_clients=3, rounds=1, client_fraction=0.5)
+    assert trainer.round_reports[0].clients == 2  # half of 3 clients, rounded
+    trainer, _ = run(tmp_path, partition="dirichlet", num_clients=3, rounds=1, dirichlet_alpha=0.3)
+    assert trainer.round_reports[0].clients == 3
+
+
+def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    _, uninterrupted = run(tmp_path / "a", rounds=4)
+
+    real_round = FedMemServer.run_round
+
+    def crash_at_round_two(self, round_idx):
+        if round_idx == 2:
+            raise KeyboardInterrupt("killed")
+        return real_round(self, round_idx)
+
+    monkeypatch.setattr(FedMemServer, "run_round", crash_at_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", rounds=4)
+    monkeypatch.setattr(FedMemServer, "run_round", real_round)
+    trainer, resumed = run(tmp_path / "b", rounds=4)  # the same command again
+    assert [report.round_idx for report in trainer.round_reports] == [2, 3]
+    assert resumed == uninterrupted
+
+
+def test_a_resume_file_of_other_settings_is_refused(tmp_path, monkeypatch):
+    real_round = FedMemServer.run_round
+
+    def crash_after_round_zero(self, round_idx):
+        if round_idx > 0:
+            raise KeyboardInterrupt("killed")
+        return real_round(self, round_idx)
+
+    monkeypatch.setattr(FedMemServer, "run_round", crash_after_round_zero)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, rounds=3)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="other settings"):
+        run(tmp_path, rounds=3, local_lr=0.01)
