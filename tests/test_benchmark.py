@@ -32,6 +32,11 @@ def test_benchmark_reports_each_run_and_ratios_against_the_baseline(tmp_path):
     assert json.loads(out.read_text()) == report
     assert main(["--report", str(out)]) == report  # tables for the README come from the saved file
     dynamic, history = report["runs"]
+    reversed_ratios = main(["--report", str(out), "--baseline", runs[0]])[f"ratios_vs_{runs[0]}"][runs[1]]
+    assert reversed_ratios["train_samples_per_second"] == pytest.approx(
+        history["train_samples_per_second"] / dynamic["train_samples_per_second"]
+    )
+    dynamic, history = report["runs"]
     assert [dynamic["label"], history["label"]] == runs
     assert dynamic["epochs_trained"] == 2 and len(dynamic["memory_per_epoch"]) == 2
     assert 0 < dynamic["memory_share_of_train_time"] < 1
