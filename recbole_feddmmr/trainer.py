@@ -31,16 +31,20 @@ from tqdm import tqdm
 from recbole_feddmmr.compat import TrustedCheckpointMixin
 
 
+def rows_by_user(user_ids: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each user, users in increasing order, each user's rows in their original order."""
+    order = np.argsort(user_ids, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(user_ids[order])) + 1)
+
+
 def user_sequences(user_ids: np.ndarray, item_lists: np.ndarray, item_lengths: np.ndarray, targets: np.ndarray):
     """Each user's full training sequence from RecBole's augmented samples (rows in time order per user).
 
     -> {user: int64 array of items}; the first sample's input plus every target in order.
     Raises if the rows are not consecutive prefixes (they always are for RecBole's augmentation).
     """
-    order = np.argsort(user_ids, kind="stable")
     sequences = {}
-    boundaries = np.flatnonzero(np.diff(user_ids[order])) + 1
-    for rows in np.split(order, boundaries):
+    for rows in rows_by_user(user_ids):
         first = rows[0]
         sequence = np.concatenate([item_lists[first, : item_lengths[first]], targets[rows]])
         last = rows[-1]
@@ -87,10 +91,8 @@ class SequenceWindows:
         time_field = train_data._dataset.time_field
         # each target's time, aligned with the sequence (its first item is no target): cut like the items
         target_times = feat[time_field].numpy().astype(np.float64) if time_field in feat else np.zeros(len(feat))
-        order = np.argsort(user_ids, kind="stable")
         time_sequences = {
-            int(user_ids[rows[0]]): np.concatenate([[-np.inf], target_times[rows]])
-            for rows in np.split(order, np.flatnonzero(np.diff(user_ids[order])) + 1)
+            int(user_ids[rows[0]]): np.concatenate([[-np.inf], target_times[rows]]) for rows in rows_by_user(user_ids)
         }
         users, rows = [], []
         for user, sequence in sequences.items():
