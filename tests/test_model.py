@@ -124,6 +124,30 @@ def test_ce_loss_is_full_softmax_cross_entropy(tmp_path):
     torch.testing.assert_close(rec_loss, F.cross_entropy(scores, batch["item_id"]))
 
 
+@pytest.mark.parametrize("loss_type", ["SSM", "CE"])
+def test_memory_surprise_is_one_minus_sigmoid_of_positive_minus_mean_negative(tmp_path, loss_type):
+    _, _, splits, model = tiny_run(tmp_path, loss_type=loss_type, dropout=0.0)
+    model.train()  # writes are prepared in training only; dropout 0 keeps the passes identical
+    batch = _batch(splits)
+    torch.manual_seed(5)
+    model.calculate_loss(batch)
+    users, items, surprise, times = model.pending_memory_writes
+    assert torch.equal(users, batch["user_id"]) and torch.equal(items, batch["item_id"])
+    assert torch.equal(times, batch["timestamp"])
+    full = model.full_sort_predict(batch)  # [B, n_items], same memory and weights
+    positive = full.gather(1, batch["item_id"][:, None]).squeeze(1)
+    if loss_type == "CE":  # negatives: every item but the positive and the padding item
+        keep = torch.ones_like(full, dtype=torch.bool)
+        keep[:, 0] = False
+        keep[torch.arange(len(positive)), batch["item_id"]] = False
+        mean_negative = torch.stack([row[mask].mean() for row, mask in zip(full, keep, strict=True)])
+    else:  # the same sampled negatives as the loss drew
+        torch.manual_seed(5)
+        negatives = sample_negatives(batch["item_id"], model.n_items, model.train_neg_num)
+        mean_negative = full.gather(1, negatives).mean(dim=1)
+    torch.testing.assert_close(surprise, 1 - torch.sigmoid(positive - mean_negative), rtol=1e-4, atol=1e-5)
+
+
 def test_predict_and_full_sort_predict_agree(tiny):
     _, _, splits, model = tiny
     model.eval()

@@ -22,7 +22,7 @@ import torch
 from recbole.utils import early_stopping, set_color
 from tqdm import tqdm
 
-from recbole_feddmmr.federated.client import FedMemClient, LocalSettings
+from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, shared_parameters
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
 from recbole_feddmmr.federated.server import FedMemServer, RoundReport
 from recbole_feddmmr.federated.strategy import FedMemStrategy
@@ -163,7 +163,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
                 f"{self.resume_file} belongs to a federated run with other settings: delete it to start afresh"
             )
         self.model.load_state_dict(state["state_dict"])
-        server.global_params = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        server.global_params = shared_parameters(self.model)
         self.start_epoch = state["round"] + 1
         self.cur_step, self.best_valid_score = state["cur_step"], state["best_valid_score"]
         self.best_valid_result, self.saved_model_file = state["best_valid_result"], state["saved_model_file"]

@@ -398,23 +398,26 @@ class UR4RecV2MoE(SequentialRecommender):
         In training with LocalDynamicMemory, the positives' surprise (see :func:`surprise_of`) is kept, with
         ``users`` and ``times`` [P], for :meth:`commit_memory_writes`.
         """
+        writes_memory = self.training and isinstance(self.memory, LocalDynamicMemory) and users is not None
         if self.loss_type in ("BPR", "SSM"):
             negatives = sample_negatives(positives, self.n_items, self.train_neg_num)  # [P, N]
             candidates = torch.cat([positives[:, None], negatives], dim=1)  # [P, 1 + N]
             scores, router_weights = self.score_candidates(seq_repr, memory, candidates)
             rec_loss = bpr_loss(scores) if self.loss_type == "BPR" else sampled_softmax_loss(scores)
-            positive_first = scores
+            surprise = surprise_of(scores.detach()) if writes_memory else None
         else:
             scores, router_weights = self.score_candidates(seq_repr, memory)  # [P, n_items]
-            is_positive = F.one_hot(positives, self.n_items).bool()  # [P, n_items]
-            is_positive[:, 0] = True  # the padding item is neither positive nor negative
-            negatives = scores.masked_select(~is_positive).view(scores.size(0), -1)  # [P, n_items - 2]
-            positive_first = torch.cat([scores.gather(1, positives[:, None]), negatives], dim=1)
+            surprise = None
+            if writes_memory:  # negatives = every item but the positive and the padding item 0
+                raw = scores.detach()
+                positive_score = raw.gather(1, positives[:, None]).squeeze(1)  # [P]
+                mean_negative = (raw.sum(dim=1) - positive_score - raw[:, 0]) / (self.n_items - 2)  # [P]
+                surprise = 1.0 - torch.sigmoid(positive_score - mean_negative)
             padding_item = scores.new_zeros(1, dtype=torch.long)
             scores = scores.index_fill(1, padding_item, float("-inf"))  # the padding item is never a target
             rec_loss = F.cross_entropy(scores, positives)
-        if self.training and isinstance(self.memory, LocalDynamicMemory) and users is not None:
-            self.pending_memory_writes = (users, positives, surprise_of(positive_first.detach()), times)
+        if writes_memory:
+            self.pending_memory_writes = (users, positives, surprise, times)
         return rec_loss, self.load_balance_weight * load_balance_loss(router_weights, self.expert_enabled)
 
     def calculate_loss(self, interaction) -> tuple[Tensor, Tensor]:
