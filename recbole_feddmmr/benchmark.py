@@ -18,6 +18,7 @@ is the run's label (also for ``--baseline``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -110,7 +111,10 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
 
     samples = len(train_data._dataset.inter_feat)
     best_epoch = int(torch.load(trainer.saved_model_file, weights_only=False)["epoch"])
-    return {
+    rounds = [dataclasses.asdict(report) for report in getattr(trainer, "round_reports", [])]
+    if rounds:  # federated: a round plays the part of an epoch
+        epoch_seconds = [report["seconds"] for report in rounds]
+    result = {
         "model": model,
         "epochs_trained": len(epoch_seconds),
         "best_epoch": best_epoch,
@@ -122,16 +126,33 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
         "train_seconds": sum(epoch_seconds),
         "train_samples_per_second": samples * len(epoch_seconds) / sum(epoch_seconds),
         "checkpoint": trainer.saved_model_file,
-        **({"live_experts": model_instance.live_experts} if hasattr(model_instance, "live_experts") else {}),
-        **(
-            {
-                "memory_per_epoch": memory_epochs,
-                "memory_share_of_train_time": memory_seconds["seconds"] / sum(epoch_seconds),
-            }
-            if memory_seconds is not None
-            else {}
-        ),
     }
+    if hasattr(model_instance, "live_experts"):
+        result["live_experts"] = model_instance.live_experts
+        result["expert_share"] = expert_share(model_instance, test_data, config["device"])
+    if rounds:
+        result["rounds"] = rounds
+        result["bytes_up_total"] = sum(report["bytes_up"] for report in rounds)
+        result["bytes_down_total"] = sum(report["bytes_down"] for report in rounds)
+    elif memory_seconds is not None:
+        result["memory_per_epoch"] = memory_epochs
+        result["memory_share_of_train_time"] = memory_seconds["seconds"] / sum(epoch_seconds)
+    return result
+
+
+def expert_share(model, eval_data, device) -> dict[str, float]:
+    """The router's mean weight per expert over every (user, item) pair of ``eval_data``'s users
+    (all items but the padding item), with the model as it is (e.g. the best checkpoint)."""
+    from recbole_feddmmr.model.ur4rec_v2_moe import EXPERTS
+
+    model.eval()
+    total, pairs = torch.zeros(len(EXPERTS), dtype=torch.float64), 0
+    with torch.no_grad():
+        for batch in eval_data:
+            weights = model.router_weights_for(batch[0].to(device))[:, 1:]  # [B, n_items - 1, X]
+            total += weights.sum(dim=(0, 1)).double().cpu()
+            pairs += weights.shape[0] * weights.shape[1]
+    return dict(zip(EXPERTS, (total / max(pairs, 1)).tolist(), strict=True))
 
 
 def time_memory_calls(memory) -> dict[str, Any]:

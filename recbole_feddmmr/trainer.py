@@ -168,15 +168,20 @@ def train_steps(
     clip_grad_norm: dict | None = None,
     amp: bool = False,
     extra_loss: Callable[[], Tensor] | None = None,
+    memory_clock: int | None = None,
 ) -> float | tuple[float, ...] | None:
     """One optimizer step per batch, then the model's memory writes: the training loop of both the
     centralised trainer and a federated client. -> summed loss (per part when the loss is a tuple).
 
     ``extra_loss`` (e.g. FedProx's proximal term) is added to each step's loss and not reported.
+    ``memory_clock``: the memory's reads see step ``memory_clock + i`` at the i-th batch and its writes are
+    stamped one later (default: the memory's own clock, which ticks once per write).
     """
     device_type = next(model.parameters()).device.type
     total_loss = None
-    for batch in batches:
+    for step, batch in enumerate(batches):
+        if memory_clock is not None and hasattr(model, "set_memory_clock"):
+            model.set_memory_clock(memory_clock + step)
         optimizer.zero_grad()
         with torch.autocast(device_type=device_type, enabled=amp):
             losses = loss_func(*batch)
@@ -196,7 +201,8 @@ def train_steps(
             clip_grad_norm_(model.parameters(), **clip_grad_norm)
         optimizer.step()
         if hasattr(model, "commit_memory_writes"):
-            model.commit_memory_writes()  # this step's positives, gated by their surprise
+            # this step's positives, gated by their surprise
+            model.commit_memory_writes(None if memory_clock is None else memory_clock + step + 1)
     return total_loss
 
 

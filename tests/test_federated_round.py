@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
+import pytest
 import torch
 from conftest import tiny_run
 
-from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, shared_parameters
+from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
+from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, client_generator, shared_parameters
 from recbole_feddmmr.federated.server import FedMemServer
 from recbole_feddmmr.federated.strategy import ClientResult, FedMemStrategy
 from recbole_feddmmr.trainer import SequenceWindows, UR4RecV2MoETrainer
@@ -16,13 +19,17 @@ from recbole_feddmmr.trainer import SequenceWindows, UR4RecV2MoETrainer
 def test_one_client_with_all_users_and_one_local_epoch_equals_one_centralised_epoch(tmp_path):
     config, _, (train_data, _, _), central = tiny_run(tmp_path)
     trainer = UR4RecV2MoETrainer(config, central)
+    # the centralised epoch with the client's random stream for its negatives (dropout: global RNG in both)
+    generator = client_generator(config["seed"], 0, 0, torch.device("cpu"))
     torch.manual_seed(7)
-    trainer._train_epoch(train_data, 0)
+    trainer._train_epoch(train_data, 0, loss_func=partial(central.calculate_window_loss, generator=generator))
 
     _, _, _, federated = tiny_run(tmp_path)  # same seed: same initial weights
     windows = SequenceWindows(train_data, federated, config["train_batch_size"], torch.device("cpu"), config["seed"])
     everyone = FedMemClient(0, windows.user_ids.unique(), windows)
-    settings = LocalSettings(local_batch_size=config["train_batch_size"], local_lr=config["learning_rate"])
+    settings = LocalSettings(
+        local_batch_size=config["train_batch_size"], local_lr=config["learning_rate"], seed=config["seed"]
+    )
     server = FedMemServer(federated, [everyone], windows, FedMemStrategy(seed=1), settings)
     torch.manual_seed(7)
     report = server.run_round(0)
@@ -59,6 +66,7 @@ def test_clients_send_parameter_updates_and_prototypes_never_their_memory(tmp_pa
             "prototypes",
             "prototype_counts",
             "mean_loss",
+            "client_id",
         }
         assert set(result.update) == parameter_names  # parameters only: no buffer, no memory slot
         assert not any(name.startswith("memory.") for name in result.update)
@@ -66,3 +74,53 @@ def test_clients_send_parameter_updates_and_prototypes_never_their_memory(tmp_pa
     # the merged global prototypes are now extra memory slots of every user
     assert int(model.memory.prototype_valid.sum()) == 2
     assert report.bytes_up == sum(result.num_bytes() for result in sent)
+
+
+def _one_user_clients(tmp_path, backend, **settings):
+    """A model and a server of one-user clients on the tiny dataset, in float64 and without dropout."""
+    config, _, (train_data, _, _), model = tiny_run(
+        tmp_path,
+        dropout=0.0,
+        memory_surprise_threshold=0.3,
+        num_memory_prototypes=2,
+        MAX_ITEM_LIST_LENGTH=4,  # short windows: users have several, so some clients take several local steps
+        max_seq_len=4,
+    )
+    model.double()
+    windows = SequenceWindows(train_data, model, 16, torch.device("cpu"), config["seed"])
+    clients = [FedMemClient(i, user[None], windows) for i, user in enumerate(windows.user_ids.unique())]
+    local = LocalSettings(num_prototypes=2, seed=config["seed"], **settings)
+    return model, FedMemServer(model, clients, windows, FedMemStrategy(num_prototypes=2), local, backend=backend)
+
+
+# FedProx with few local steps: on a parameter whose loss gradient is exactly zero (attention key biases),
+# Adam steps by lr * g / eps for tiny g, so the proximal gradient mu * (w - w_global) grows round-off by
+# lr * mu / eps = 5e4 per step in either backend; after ~4 steps that noise is lr-sized and the two differ.
+@pytest.mark.parametrize(
+    "settings", [{"local_epochs": 2, "local_batch_size": 2}, {"fedprox_mu": 0.5, "local_batch_size": 8}]
+)
+def test_sequential_and_vectorized_backends_compute_the_same_rounds(tmp_path, settings):
+    """Same seed and settings: the same aggregated model, memories, prototypes and losses after two rounds.
+
+    Float64 and dropout 0: dropout masks are drawn differently by the two backends, and in float32
+    Adam turns the round-off noise on parameters whose true gradient is exactly zero (the key biases
+    of softmax attention) into lr-sized steps of either sign.
+    """
+    sequential_model, sequential = _one_user_clients(tmp_path / "s", SequentialBackend(), **settings)
+    vectorized_model, vectorized = _one_user_clients(tmp_path / "v", VectorizedBackend(chunk_targets=20), **settings)
+    chunks = vectorized.backend.chunks(vectorized.clients, vectorized.windows, vectorized.settings)
+    assert len(chunks) > 1 and max(len(chunk) for chunk in chunks) > 1  # batched, and in several chunks
+    steps = {client.steps_per_epoch(vectorized.windows, vectorized.settings) for client in vectorized.clients}
+    assert len(steps) > 1 or settings.get("fedprox_mu")  # clients with several local steps are part of the test
+    for round_idx in range(2):
+        by_loop, by_vmap = sequential.run_round(round_idx), vectorized.run_round(round_idx)
+        assert by_vmap.mean_loss == pytest.approx(by_loop.mean_loss, rel=1e-6)
+        assert (by_vmap.samples, by_vmap.bytes_up, by_vmap.bytes_down) == (
+            by_loop.samples,
+            by_loop.bytes_up,
+            by_loop.bytes_down,
+        )
+    assert int(sequential_model.memory.prototype_valid.sum()) == 2
+    expected = sequential_model.state_dict()
+    for name, value in vectorized_model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-7, msg=name)

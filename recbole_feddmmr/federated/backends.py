@@ -1,13 +1,31 @@
-"""How a round's clients are executed. The strategy never knows which backend ran them."""
+"""How a round's clients are executed. The strategy never knows which backend ran them.
+
+Both backends yield, client by client, the :class:`ClientResult` each client sends up; the server
+folds them into a streaming sum, so memory never grows with the number of clients. Both draw a
+client's negatives from that client's own generator (:func:`client_generator`) and give its memory
+the same clock (:func:`memory_clock`), so with dropout off they compute the same round (tested to
+1e-4); with dropout on, the masks are drawn differently by the two.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.nn.utils.rnn import pad_sequence
 
-from recbole_feddmmr.federated.client import FedMemClient, LocalSettings
+from recbole_feddmmr.federated.client import (
+    FedMemClient,
+    LocalSettings,
+    client_generator,
+    load_parameters,
+    memory_clock,
+)
 from recbole_feddmmr.federated.strategy import ClientResult
+from recbole_feddmmr.model.layers import vmap_mode
 from recbole_feddmmr.trainer import SequenceWindows
 
 
@@ -28,3 +46,180 @@ class SequentialBackend:
     ) -> Iterator[ClientResult]:
         for client in clients:
             yield client.fit(model, global_params, windows, round_idx, settings)
+
+
+class _PointsLoss(nn.Module):
+    """``model.points_loss`` as a module's forward, so ``functional_call`` can swap in one client's parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, windows: Tensor, points) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.model.points_loss(windows, points, all_items=True)
+
+
+class VectorizedBackend:
+    """Many clients in one batched computation: ``torch.func.vmap`` of the loss gradient over per-client
+    parameter copies stacked as ``[n, ...]``, one Adam over the stacks (Adam is elementwise, so that is each
+    client's own Adam).
+
+    Clients are grouped by their number of local steps (all clients of a chunk step together) and cut
+    into chunks of about ``chunk_targets`` training targets per step; within a chunk each client's
+    windows and prediction points are padded to the chunk's largest (padded points weigh 0). Only one
+    chunk's parameter copies exist at a time. Needs the model's two-stage window loss
+    (``prediction_points`` / ``points_loss``).
+    """
+
+    name = "vectorized"
+
+    def __init__(self, chunk_targets: int = 2048) -> None:
+        if chunk_targets < 1:
+            raise ValueError(f"chunk_targets must be >= 1, got {chunk_targets}")
+        self.chunk_targets = chunk_targets
+
+    def chunks(
+        self, clients: list[FedMemClient], windows: SequenceWindows, settings: LocalSettings
+    ) -> list[list[FedMemClient]]:
+        """Clients grouped by local steps per epoch, each group cut into chunks of ~``chunk_targets`` per step."""
+        groups: dict[int, list[FedMemClient]] = defaultdict(list)
+        for client in clients:
+            groups[client.steps_per_epoch(windows, settings)].append(client)
+        chunks = []
+        for steps, group in sorted(groups.items()):
+            chunk, targets = [], 0.0
+            for client in group:
+                per_step = client.num_samples / max(steps, 1)
+                if chunk and targets + per_step > self.chunk_targets:
+                    chunks.append(chunk)
+                    chunk, targets = [], 0.0
+                chunk.append(client)
+                targets += per_step
+            if chunk:
+                chunks.append(chunk)
+        return chunks
+
+    def run(
+        self,
+        model: nn.Module,
+        clients: list[FedMemClient],
+        global_params: dict[str, Tensor],
+        windows: SequenceWindows,
+        round_idx: int,
+        settings: LocalSettings,
+    ) -> Iterator[ClientResult]:
+        load_parameters(model, global_params)
+        model.train()
+        for chunk in self.chunks(clients, windows, settings):
+            yield from self._run_chunk(model, chunk, global_params, windows, round_idx, settings)
+
+    def _run_chunk(
+        self,
+        model: nn.Module,
+        chunk: list[FedMemClient],
+        global_params: dict[str, Tensor],
+        windows: SequenceWindows,
+        round_idx: int,
+        settings: LocalSettings,
+    ) -> Iterator[ClientResult]:
+        count = len(chunk)
+        params = {name: value.expand(count, *value.shape).clone() for name, value in global_params.items()}  # [n, ...]
+        optimizer = torch.optim.Adam(list(params.values()), lr=settings.local_lr)
+        device = windows.user_ids.device
+        generators = [client_generator(settings.seed, round_idx, client.client_id, device) for client in chunk]
+        loss_module = _PointsLoss(model)
+        mu = settings.fedprox_mu
+
+        def client_loss(client_params: dict[str, Tensor], client_windows: Tensor, points):
+            rec_loss, lb_loss, surprise = functional_call(
+                loss_module, {f"model.{name}": value for name, value in client_params.items()}, (client_windows, points)
+            )
+            reported = rec_loss + lb_loss
+            loss = reported
+            if mu > 0:  # FedProx, as in the sequential client
+                loss = loss + mu / 2 * sum(((client_params[n] - v) ** 2).sum() for n, v in global_params.items())
+            return loss, (reported, rec_loss.new_zeros(points.weight.shape) if surprise is None else surprise)
+
+        client_gradients = grad_and_value(client_loss, has_aux=True)
+        loss_sum, steps = torch.zeros(count, dtype=torch.float64), 0
+        for local_epoch in range(settings.local_epochs):
+            clock = memory_clock(round_idx, local_epoch, settings, windows)
+            batches = [client.epoch_batches(windows, round_idx, local_epoch, settings) for client in chunk]
+            for step in range(len(batches[0])):  # a chunk's clients take the same number of steps
+                model.set_memory_clock(clock + step)
+                stacked_windows, points, flat_points = self._stack(
+                    model, [client_batches[step] for client_batches in batches], generators
+                )
+                # vmap over dim 0 of every tensor; a field or modality the batch lacks (None) is not mapped
+                points_dims = points._replace(
+                    **{
+                        name: None if value is None else 0
+                        for name, value in points._asdict().items()
+                        if name != "memory"
+                    },
+                    memory=points.memory._make(None if value is None else 0 for value in points.memory),
+                )
+                client_step = vmap(client_gradients, in_dims=(0, 0, points_dims), randomness="different")
+                with vmap_mode():
+                    grads, (_, (reported, surprise)) = client_step(params, stacked_windows, points)
+                if torch.isnan(reported).any():
+                    raise ValueError("Training loss is nan")
+                for name, value in params.items():
+                    value.grad = grads[name]
+                optimizer.step()
+                if model.writes_memory:
+                    real = points.weight > 0  # [n, P_max], row-major = the points' order
+                    model.record_memory_writes(
+                        flat_points.users, flat_points.positives, surprise[real], flat_points.times
+                    )
+                    model.commit_memory_writes(clock + step + 1)
+                loss_sum += reported.double()
+                steps += 1
+        for index, client in enumerate(chunk):
+            centres, counts = client.prototypes(model, settings)
+            update = {name: value[index] - global_params[name] for name, value in params.items()}
+            mean_loss = float(loss_sum[index] / steps) if steps else 0.0
+            yield ClientResult(
+                update, client.num_samples, centres, counts, mean_loss=mean_loss, client_id=client.client_id
+            )
+
+    @staticmethod
+    def _stack(model: nn.Module, batches: list[tuple[Tensor, ...]], generators: list[torch.Generator]):
+        """One step's batches of n clients -> (windows [n, b_max, L], padded points [n, P_max, ...], all points flat).
+
+        Each client's prediction points (its own memory read, negatives from its own generator) are
+        built as in the sequential client, then padded; padded points get weight 0.
+        """
+        per_client = [
+            model.prediction_points(*batch, generator=generator)
+            for batch, generator in zip(batches, generators, strict=True)
+        ]
+        stacked_windows = pad_sequence([batch[1] for batch in batches], batch_first=True)  # [n, b_max, L]
+
+        def pad(tensors: list[Tensor | None]) -> Tensor | None:
+            return None if tensors[0] is None else pad_sequence(tensors, batch_first=True)
+
+        def flat(tensors: list[Tensor | None]) -> Tensor | None:
+            return None if tensors[0] is None else torch.cat(tensors)
+
+        fields = list(zip(*per_client, strict=True))  # per field: n tensors
+        memory_fields = list(zip(*(points.memory for points in per_client), strict=True))
+        first = per_client[0]
+        weight = pad([torch.ones_like(points.positives, dtype=torch.float32) for points in per_client])
+        padded = first._replace(
+            **{
+                name: pad(list(values))
+                for name, values in zip(first._fields, fields, strict=True)
+                if name not in ("memory", "weight")
+            },
+            memory=first.memory._make(pad(list(values)) for values in memory_fields),
+            weight=weight,
+        )
+        flattened = first._replace(
+            **{
+                name: flat(list(values))
+                for name, values in zip(first._fields, fields, strict=True)
+                if name not in ("memory", "weight")
+            }
+        )
+        return stacked_windows, padded, flattened

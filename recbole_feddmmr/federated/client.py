@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -34,6 +36,24 @@ def load_parameters(model: nn.Module, params: dict[str, Tensor]) -> None:
                 p.copy_(params[name])
 
 
+def client_generator(seed: int, round_idx: int, client_id: int, device: torch.device) -> torch.Generator:
+    """The random stream of one client in one round (its negatives). It depends on nothing but
+    (seed, round, client), so every execution backend, in any order, draws the same numbers."""
+    state = int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(state)
+
+
+def memory_clock(round_idx: int, local_epoch: int, settings: LocalSettings, windows: SequenceWindows) -> int:
+    """The memory clock at the first local step of a local epoch.
+
+    Every client's local epoch e of round r starts at the same clock, as if the clients ran in
+    parallel (which real clients do), and a local epoch advances it by a centralised epoch's
+    number of steps, so the memory's recency decay means in federated training what it means
+    in centralised training. Clients never share users, so their clocks never interfere.
+    """
+    return (round_idx * settings.local_epochs + local_epoch) * len(windows)
+
+
 class FedMemClient:
     """One client of the simulation: its users and their training windows.
 
@@ -47,6 +67,28 @@ class FedMemClient:
         self.user_ids = user_ids
         self.window_index = windows.windows_of(user_ids)  # [w]
         self.num_samples = int(windows.target_mask[self.window_index].sum())
+
+    def steps_per_epoch(self, windows: SequenceWindows, settings: LocalSettings) -> int:
+        per_batch = windows.windows_per_batch_for(settings.local_batch_size)
+        return -(-len(self.window_index) // per_batch)
+
+    def epoch_batches(
+        self, windows: SequenceWindows, round_idx: int, local_epoch: int, settings: LocalSettings
+    ) -> list[tuple[Tensor, ...]]:
+        """This client's batches of one local epoch, in order (shuffled by seed, round and epoch)."""
+        per_batch = windows.windows_per_batch_for(settings.local_batch_size)
+        epoch_idx = round_idx * settings.local_epochs + local_epoch
+        return list(windows.epoch(epoch_idx, subset=self.window_index, windows_per_batch=per_batch))
+
+    def prototypes(self, model: nn.Module, settings: LocalSettings) -> tuple[Tensor, Tensor]:
+        """k-means centres [k, D] of this client's memory entries and their sizes [k] (empty without a memory)."""
+        memory = getattr(model, "memory", None)
+        if not settings.num_prototypes or not hasattr(memory, "entry_features"):
+            return torch.zeros(0, 0), torch.zeros(0)
+        entries = memory.entry_features(self.user_ids).cpu()  # [n, Fv + Ft]
+        if entries.size(1) == 0:  # the memory stores no feature modality (experts off): nothing to summarise
+            return torch.zeros(0, 0), torch.zeros(0)
+        return memory_prototypes(entries, settings.num_prototypes, settings.seed)
 
     def fit(
         self,
@@ -71,24 +113,19 @@ class FedMemClient:
                     * sum(((trainable[name] - value) ** 2).sum() for name, value in global_params.items())
                 )
 
-        per_batch = windows.windows_per_batch_for(settings.local_batch_size)
-        losses = []
+        generator = client_generator(settings.seed, round_idx, self.client_id, windows.user_ids.device)
+        loss_func = partial(model.calculate_window_loss, generator=generator)
+        step_losses = []
         for local_epoch in range(settings.local_epochs):
-            batches = windows.epoch(
-                round_idx * settings.local_epochs + local_epoch, subset=self.window_index, windows_per_batch=per_batch
-            )
-            total = train_steps(model, optimizer, batches, model.calculate_window_loss, extra_loss=proximal)
-            if total is not None:
-                losses.append(sum(total) if isinstance(total, tuple) else total)
+            clock = memory_clock(round_idx, local_epoch, settings, windows)
+            for step, batch in enumerate(self.epoch_batches(windows, round_idx, local_epoch, settings)):
+                total = train_steps(
+                    model, optimizer, [batch], loss_func, extra_loss=proximal, memory_clock=clock + step
+                )
+                step_losses.append(sum(total) if isinstance(total, tuple) else total)
         update = {
             name: p.detach() - global_params[name] for name, p in model.named_parameters() if name in global_params
         }
-        memory = getattr(model, "memory", None)
-        if settings.num_prototypes and hasattr(memory, "entry_features"):
-            centres, counts = memory_prototypes(
-                memory.entry_features(self.user_ids), settings.num_prototypes, settings.seed
-            )
-        else:
-            centres, counts = torch.zeros(0, 0), torch.zeros(0)
-        steps = max(1, len(losses))
-        return ClientResult(update, self.num_samples, centres, counts, mean_loss=sum(losses) / steps)
+        centres, counts = self.prototypes(model, settings)
+        mean_loss = sum(step_losses) / len(step_losses) if step_losses else 0.0
+        return ClientResult(update, self.num_samples, centres, counts, mean_loss=mean_loss, client_id=self.client_id)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import resource
+import sys
 import time
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from recbole_feddmmr.federated.backends import SequentialBackend
@@ -23,6 +25,13 @@ class RoundReport:
     bytes_up: int
     bytes_down: int
     seconds: float
+    peak_rss_mb: float = 0.0  # the process's peak resident memory so far (getrusage)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (ru_maxrss is in KB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 class FedMemServer:
@@ -51,16 +60,18 @@ class FedMemServer:
         started = time.perf_counter()
         selected = [self.clients[i] for i in self.strategy.select_clients(round_idx, len(self.clients))]
         accumulator = UpdateAccumulator()
-        prototypes, counts, losses, bytes_up = [], [], [], 0
+        sent_prototypes, losses, bytes_up = {}, [], 0
         for result in self.backend.run(
             self.model, selected, self.global_params, self.windows, round_idx, self.settings
         ):
             accumulator.add(result.update, result.num_samples)
             if len(result.prototypes):
-                prototypes.append(result.prototypes)
-                counts.append(result.prototype_counts)
+                sent_prototypes[result.client_id] = (result.prototypes, result.prototype_counts)
             losses.append(result.mean_loss)
             bytes_up += result.num_bytes()
+        # in client order, whatever order the backend returned them in: the merge's k-means depends on it
+        prototypes = [sent_prototypes[client_id][0] for client_id in sorted(sent_prototypes)]
+        counts = [sent_prototypes[client_id][1] for client_id in sorted(sent_prototypes)]
         self.global_params = self.strategy.apply(self.global_params, accumulator.mean())
         load_parameters(self.model, self.global_params)
         bytes_down = sum(p.numel() * p.element_size() for p in self.global_params.values()) * len(selected)
@@ -73,8 +84,9 @@ class FedMemServer:
             round_idx,
             len(selected),
             accumulator.weight,
-            float(torch.tensor(losses).mean()) if losses else 0.0,
+            math.fsum(losses) / len(losses) if losses else 0.0,
             bytes_up,
             bytes_down,
             time.perf_counter() - started,
+            peak_rss_mb(),
         )

@@ -26,6 +26,7 @@ class ClientResult:
     prototypes: Tensor  # [k, D] k-means centres of the client's memory features (k <= K)
     prototype_counts: Tensor  # [k] memory entries behind each centre
     mean_loss: float = 0.0
+    client_id: int = -1  # who sent it (the server orders prototypes by it, so the merge ignores arrival order)
 
     def num_bytes(self) -> int:
         tensors = [*self.update.values(), self.prototypes, self.prototype_counts]
@@ -116,7 +117,9 @@ def memory_prototypes(features: Tensor, num_prototypes: int = 5, seed: int = 0) 
     """A client's memory features [n, D] -> (k-means centres [k, D], entries per centre [k]), k = min(K, n)."""
     if len(features) <= num_prototypes:
         return features.float().clone(), torch.ones(len(features))
-    kmeans = KMeans(n_clusters=num_prototypes, n_init=4, random_state=seed)
+    # one k-means++ start (scikit-learn's default): every client runs this every round, and a few dozen
+    # memory entries need no restarts (the server's merge, once a round, keeps 4)
+    kmeans = KMeans(n_clusters=num_prototypes, n_init=1, random_state=seed)
     labels = kmeans.fit_predict(features.double().numpy())
     counts = torch.bincount(torch.as_tensor(labels), minlength=num_prototypes).float()
     return torch.as_tensor(kmeans.cluster_centers_).float(), counts

@@ -22,6 +22,7 @@ import torch
 from recbole.utils import early_stopping, set_color
 from tqdm import tqdm
 
+from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
 from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, shared_parameters
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
 from recbole_feddmmr.federated.server import FedMemServer, RoundReport
@@ -92,8 +93,21 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             windows,
             strategy,
             self.settings,
+            backend=self.build_backend(),
             enable_prototype_aggregation=config["enable_prototype_aggregation"],
         )
+
+    def build_backend(self) -> SequentialBackend | VectorizedBackend:
+        """``federated_backend`` (auto: sequential on CPU, vectorized on CUDA; see properties/federated.yaml)."""
+        name = self.config["federated_backend"] or "auto"
+        on_cuda = self.device.type == "cuda"
+        if name == "auto":
+            name = "vectorized" if on_cuda else "sequential"
+        if name == "sequential":
+            return SequentialBackend()
+        if name == "vectorized":
+            return VectorizedBackend(self.config["vectorized_chunk_targets"] or (8192 if on_cuda else 256))
+        raise ValueError(f"federated_backend must be auto, sequential or vectorized, got {name!r}")
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         server = self.build_server(train_data)
@@ -113,7 +127,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
                     set_color(f"round {round_idx}", "green")
                     + f" [clients: {report.clients}, mean local loss: {report.mean_loss:.4f}, "
                     f"up: {report.bytes_up / 1e6:.2f} MB, down: {report.bytes_down / 1e6:.2f} MB, "
-                    f"time: {report.seconds:.2f}s]"
+                    f"time: {report.seconds:.2f}s, peak RSS: {report.peak_rss_mb:.0f} MB]"
                 )
             stop = False
             if valid_data is not None and (round_idx + 1) % self.eval_every == 0:

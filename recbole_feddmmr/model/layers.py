@@ -15,6 +15,9 @@ once per distinct item.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +64,36 @@ def candidate_einsum(pattern: str, candidate: Tensor, *others: Tensor) -> Tensor
     return torch.einsum(pattern, candidate, *others)
 
 
+_vmap_mode = threading.local()
+
+
+@contextmanager
+def vmap_mode() -> Iterator[None]:
+    """Inside, the layers use only ops that ``torch.func.vmap`` batches: :func:`fast_dropout` is ``F.dropout``
+    (each vmapped sample draws its own mask; the fast path's in-place random bytes cannot run), and causal
+    attention is written out (the fused CPU kernel has no batching rule and would run sample by sample)."""
+    previous = in_vmap_mode()
+    _vmap_mode.on = True
+    try:
+        yield
+    finally:
+        _vmap_mode.on = previous
+
+
+def in_vmap_mode() -> bool:
+    return getattr(_vmap_mode, "on", False)
+
+
+def causal_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """``query``, ``key``, ``value`` [B, h, L, d] -> [B, h, L, d]; position t attends to positions <= t."""
+    if not in_vmap_mode():
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True)
+    seq_len = query.size(-2)
+    future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=query.device).triu(1)  # [L, L]
+    logits = (query @ key.transpose(-2, -1)) / math.sqrt(query.size(-1))  # [B, h, L, L]
+    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1) @ value
+
+
 def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Inverted dropout whose CPU mask costs ~10x less than ``F.dropout``'s.
 
@@ -73,7 +106,7 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or in_vmap_mode():
         return F.dropout(x, p, training=True)
     threshold = round(p * 256)
     words = torch.empty(-(-x.numel() // 7), dtype=torch.int64).random_()  # [W], 63 random bits each
@@ -116,7 +149,7 @@ class CausalSelfAttentionBlock(nn.Module):
         batch_size, seq_len, hidden = x.shape
         qkv = self.qkv(x).view(batch_size, seq_len, 3, self.num_heads, hidden // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each [B, h, L, d]
-        attended = F.scaled_dot_product_attention(query, key, value, is_causal=True)  # [B, h, L, d]
+        attended = causal_attention(query, key, value)  # [B, h, L, d]
         attended = attended.transpose(1, 2).reshape(batch_size, seq_len, hidden)  # [B, L, H]
         x = self.norm1(x + self.dropout(self.out(attended)))
         return self.norm2(x + self.dropout(self.ff_out(self.dropout(F.gelu(self.ff_in(x))))))

@@ -17,6 +17,8 @@ sum_e (mean router weight_e - 1/E)^2`` over the E experts the dataset enables.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -34,6 +36,19 @@ from recbole_feddmmr.model.layers import (
 )
 
 EXPERTS = ("sequential", "visual", "semantic")
+
+
+class PredictionPoints(NamedTuple):
+    """The parameter-free inputs of the training loss at P prediction points of a batch of windows."""
+
+    rows: Tensor  # [P] window (row of the batch) of each point
+    positions: Tensor  # [P] position in the window; the point predicts the item after it
+    users: Tensor  # [P]
+    positives: Tensor  # [P] the target item
+    times: Tensor | None  # [P] the target's time
+    memory: MemoryReadout  # [P, K, F] what the experts read
+    negatives: Tensor | None  # [P, N] (BPR / SSM; None: drawn by the loss)
+    weight: Tensor | None  # [P] 1 = a training target, 0 = padding (None: every point is a target)
 
 
 def item_feature_table(dataset, id_field: str, value_field: str | None, expected_dim: int) -> Tensor | None:
@@ -58,30 +73,43 @@ def item_feature_table(dataset, id_field: str, value_field: str | None, expected
     return table
 
 
-def bpr_loss(scores: Tensor) -> Tensor:
+def weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
+    """Mean of ``values`` [P] over the points whose ``weight`` [P] is 1 (padding has 0); plain mean if no weight."""
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def bpr_loss(scores: Tensor, weight: Tensor | None = None) -> Tensor:
     """``scores`` [B, 1 + N], positive in column 0 -> mean over B x N of -log sigmoid(pos - neg)."""
-    return -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean()
+    pairwise = -F.logsigmoid(scores[:, :1] - scores[:, 1:])  # [B, N]
+    return pairwise.mean() if weight is None else weighted_mean(pairwise.mean(dim=1), weight)
 
 
-def sampled_softmax_loss(scores: Tensor) -> Tensor:
+def sampled_softmax_loss(scores: Tensor, weight: Tensor | None = None) -> Tensor:
     """``scores`` [B, 1 + N], positive in column 0 -> mean cross-entropy of the positive among the 1 + N."""
-    return F.cross_entropy(scores, scores.new_zeros(scores.size(0), dtype=torch.long))
+    per_point = F.cross_entropy(scores, scores.new_zeros(scores.size(0), dtype=torch.long), reduction="none")  # [B]
+    return weighted_mean(per_point, weight)
 
 
-def load_balance_loss(router_weights: Tensor, enabled: Tensor) -> Tensor:
+def load_balance_loss(router_weights: Tensor, enabled: Tensor, point_weight: Tensor | None = None) -> Tensor:
     """``router_weights`` [B, C, X], ``enabled`` [X] bool -> sum over enabled e of (mean w_e - 1/E)^2.
 
     The mean runs over the (user, candidate) pairs where every enabled expert is live, i.e. where
     the router had the full choice: elsewhere an expert is off for want of a feature or of memory,
     its weight is exactly 0 (masked softmax), and counting those pairs would push the router to
-    overweight that expert wherever it is live. No such pair: the loss is 0.
+    overweight that expert wherever it is live. No such pair: the loss is 0. ``point_weight`` [B]
+    leaves out padded points (weight 0). Written with masks only (no data-dependent shapes), so it
+    runs under ``torch.func.vmap``.
     """
-    weights = router_weights.reshape(-1, router_weights.size(-1))[:, enabled]  # [B*C, E]
-    full_choice = (weights > 0).all(dim=1)  # live experts get weight > 0, switched-off ones exactly 0
-    if not full_choice.any():
-        return weights.sum() * 0.0
-    usage = weights[full_choice].mean(dim=0)  # [E]
-    return ((usage - 1.0 / usage.numel()) ** 2).sum()
+    weights = router_weights.index_select(-1, enabled.nonzero().squeeze(1))  # [B, C, E]
+    full_choice = (weights > 0).all(dim=-1)  # [B, C]; live experts get weight > 0, switched-off ones exactly 0
+    if point_weight is not None:
+        full_choice = full_choice & (point_weight[:, None] > 0)
+    pairs = full_choice.sum()
+    usage = (weights * full_choice[..., None]).sum(dim=(0, 1)) / pairs.clamp(min=1)  # [E]
+    loss = ((usage - 1.0 / usage.numel()) ** 2).sum()
+    return torch.where(pairs > 0, loss, loss * 0.0)
 
 
 def surprise_of(scores: Tensor) -> Tensor:
@@ -242,16 +270,21 @@ class UR4RecV2MoE(SequentialRecommender):
         candidates: Tensor | None = None,
         target_visual: Tensor | None = None,
         target_text: Tensor | None = None,
+        *,
+        all_items: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Scores and router weights of candidates for each user.
 
         ``candidates``: [B, C] item ids per user, or ``None`` for all items (shared, [N]).
         ``target_visual`` [B, C, Fv] / ``target_text`` [B, C, Ft] override the feature-table lookup
-        of per-user candidates.
+        of per-user candidates. Item-only work runs once per distinct candidate of the batch, or with
+        ``all_items`` once per item of the catalogue (a fixed shape, as ``torch.func.vmap`` needs).
         -> final scores [B, C] (or [B, N]), router weights [B, C, X].
         """
         if candidates is None:
             items, index = torch.arange(self.n_items, device=seq_repr.device), None  # [N], shared by all users
+        elif all_items:
+            items, index = torch.arange(self.n_items, device=seq_repr.device), candidates  # [N], [B, C]
         else:
             # item-only work runs once per distinct item of the batch, then is gathered per user
             items, index = torch.unique(candidates, return_inverse=True)  # [U], [B, C]
@@ -271,23 +304,25 @@ class UR4RecV2MoE(SequentialRecommender):
             user_has_memory = memory_mask.any(dim=1)[:, None]  # [B, 1]
             live[slot] = select_candidates(available[items], index) & user_has_memory  # [B, C]
             if name == "visual" and target_visual is not None:
-                expert_scores[slot] = self.visual_expert(seq_repr, target_visual, memory_feats.float(), memory_mask)
+                expert_scores[slot] = self.visual_expert(
+                    seq_repr, target_visual, memory_feats.to(seq_repr.dtype), memory_mask
+                )
             elif name == "visual":
                 expert_scores[slot] = self.visual_expert(
-                    seq_repr, features.visual[items], memory_feats.float(), memory_mask, index
+                    seq_repr, features.visual[items], memory_feats.to(seq_repr.dtype), memory_mask, index
                 )
             elif target_text is not None:
                 expert_scores[slot] = self.semantic_expert(
                     seq_repr,
                     select_candidates(item_id_emb, index),
-                    memory_feats.float(),
+                    memory_feats.to(seq_repr.dtype),
                     memory_mask,
                     None,
                     target_text,
                 )
             else:
                 expert_scores[slot] = self.semantic_expert(
-                    seq_repr, item_id_emb, memory_feats.float(), memory_mask, index, features.text[items]
+                    seq_repr, item_id_emb, memory_feats.to(seq_repr.dtype), memory_mask, index, features.text[items]
                 )
 
         router_weights = self.router(item_id_emb, torch.stack(live, dim=-1), index)  # [B, C, X]
@@ -352,10 +387,16 @@ class UR4RecV2MoE(SequentialRecommender):
         top_k = self.memory_top_k if self.training else self.memory_top_k_eval
         return self.memory.retrieve_multimodal_memory(user_ids, top_k=top_k, before=times)
 
-    def commit_memory_writes(self) -> int:
+    def set_memory_clock(self, step: int) -> None:
+        """Set LocalDynamicMemory's training clock (the step its reads see and its writes are stamped from)."""
+        if isinstance(self.memory, LocalDynamicMemory):
+            self.memory.step.fill_(step)
+
+    def commit_memory_writes(self, step: int | None = None) -> int:
         """Write the last training loss's positives into LocalDynamicMemory (gated by their surprise).
 
-        Called by the trainer after each optimizer step; -> number of interactions written.
+        Called by the trainer after each optimizer step, at memory step ``step`` (default: the next
+        step); -> number of interactions written.
         """
         if self.pending_memory_writes is None or not isinstance(self.memory, LocalDynamicMemory):
             self.pending_memory_writes = None
@@ -372,7 +413,13 @@ class UR4RecV2MoE(SequentialRecommender):
             times,
             visual_available=features.visual_available[items] if self.memory.store_visual else None,
             text_available=features.text_available[items] if self.memory.store_text else None,
+            step=step,
         )
+
+    @property
+    def writes_memory(self) -> bool:
+        """Whether a training loss now records its positives for :meth:`commit_memory_writes`."""
+        return self.training and isinstance(self.memory, LocalDynamicMemory)
 
     # ------------------------------------------------------- RecBole interface
     def _target_times(self, interaction) -> Tensor | None:
@@ -390,40 +437,88 @@ class UR4RecV2MoE(SequentialRecommender):
         seq_repr: Tensor,
         memory: MemoryReadout,
         positives: Tensor,
-        users: Tensor | None = None,
-        times: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """``seq_repr`` [P, H] and memory of P prediction points, ``positives`` [P] -> (rec loss, weighted lb loss).
+        negatives: Tensor | None = None,
+        weight: Tensor | None = None,
+        all_items: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``seq_repr`` [P, H] and memory of P prediction points, ``positives`` [P] -> (rec loss, weighted lb loss,
+        surprise [P] of the positives, see :func:`surprise_of`, or ``None`` when the memory is not written).
 
-        In training with LocalDynamicMemory, the positives' surprise (see :func:`surprise_of`) is kept, with
-        ``users`` and ``times`` [P], for :meth:`commit_memory_writes`.
+        ``negatives`` [P, N] (BPR / SSM; drawn here when ``None``); ``weight`` [P] 0 for padded points.
         """
-        writes_memory = self.training and isinstance(self.memory, LocalDynamicMemory) and users is not None
         if self.loss_type in ("BPR", "SSM"):
-            negatives = sample_negatives(positives, self.n_items, self.train_neg_num)  # [P, N]
+            if negatives is None:
+                negatives = sample_negatives(positives, self.n_items, self.train_neg_num)  # [P, N]
             candidates = torch.cat([positives[:, None], negatives], dim=1)  # [P, 1 + N]
-            scores, router_weights = self.score_candidates(seq_repr, memory, candidates)
-            rec_loss = bpr_loss(scores) if self.loss_type == "BPR" else sampled_softmax_loss(scores)
-            surprise = surprise_of(scores.detach()) if writes_memory else None
+            scores, router_weights = self.score_candidates(seq_repr, memory, candidates, all_items=all_items)
+            rec_loss = bpr_loss(scores, weight) if self.loss_type == "BPR" else sampled_softmax_loss(scores, weight)
+            surprise = surprise_of(scores.detach()) if self.writes_memory else None
         else:
             scores, router_weights = self.score_candidates(seq_repr, memory)  # [P, n_items]
             surprise = None
-            if writes_memory:  # negatives = every item but the positive and the padding item 0
+            if self.writes_memory:  # negatives = every item but the positive and the padding item 0
                 raw = scores.detach()
                 positive_score = raw.gather(1, positives[:, None]).squeeze(1)  # [P]
                 mean_negative = (raw.sum(dim=1) - positive_score - raw[:, 0]) / (self.n_items - 2)  # [P]
                 surprise = 1.0 - torch.sigmoid(positive_score - mean_negative)
             padding_item = scores.new_zeros(1, dtype=torch.long)
             scores = scores.index_fill(1, padding_item, float("-inf"))  # the padding item is never a target
-            rec_loss = F.cross_entropy(scores, positives)
-        if writes_memory:
+            rec_loss = weighted_mean(F.cross_entropy(scores, positives, reduction="none"), weight)
+        lb_loss = load_balance_loss(router_weights, self.expert_enabled, weight)
+        return rec_loss, self.load_balance_weight * lb_loss, surprise
+
+    def record_memory_writes(
+        self, users: Tensor, positives: Tensor, surprise: Tensor | None, times: Tensor | None
+    ) -> None:
+        """Keep [P] positives and their surprise for the next :meth:`commit_memory_writes` (``None``: nothing)."""
+        if surprise is not None:
             self.pending_memory_writes = (users, positives, surprise, times)
-        return rec_loss, self.load_balance_weight * load_balance_loss(router_weights, self.expert_enabled)
 
     def calculate_loss(self, interaction) -> tuple[Tensor, Tensor]:
         """RecBole's per-sample batch -> (recommendation loss, weighted load-balance loss); the trainer logs both."""
         user_ids, _, _, seq_repr, memory = self._read_batch(interaction)
-        return self._loss(seq_repr, memory, interaction[self.ITEM_ID], user_ids, self._target_times(interaction))
+        positives, times = interaction[self.ITEM_ID], self._target_times(interaction)
+        rec_loss, lb_loss, surprise = self._loss(seq_repr, memory, positives)
+        self.record_memory_writes(user_ids, positives, surprise, times)
+        return rec_loss, lb_loss
+
+    def prediction_points(
+        self,
+        user_ids: Tensor,
+        windows: Tensor,
+        targets: Tensor,
+        target_mask: Tensor,
+        target_times: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> PredictionPoints:
+        """The parameter-free inputs of the window loss: every marked position of ``windows`` [B, L] as a
+        prediction point, with its memory read and, with a ``generator``, its negatives drawn.
+
+        ``targets`` [B, L] the item that follows each position, ``target_mask`` [B, L] which positions are
+        training targets, ``target_times`` [B, L] the time of each target (needed by LocalDynamicMemory).
+        """
+        row, position = target_mask.nonzero(as_tuple=True)  # [P], [P]
+        users, positives = user_ids[row], targets[row, position]  # [P], [P]
+        times = None if target_times is None else target_times[row, position]  # [P]
+        negatives = None  # without a generator, the loss draws them from the global one (after the backbone's
+        if generator is not None and self.loss_type in ("BPR", "SSM"):  # dropout: centralised runs keep their stream)
+            negatives = sample_negatives(positives, self.n_items, self.train_neg_num, generator)  # [P, N]
+        memory = self.read_memory(users, windows[row], position + 1, times)
+        return PredictionPoints(row, position, users, positives, times, memory, negatives, None)
+
+    def points_loss(
+        self, windows: Tensor, points: PredictionPoints, *, all_items: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The window loss at ``points`` (see :meth:`prediction_points`) of ``windows`` [B, L], in one backbone
+        pass -> (rec loss, weighted lb loss, surprise [P] or ``None``). Records no memory write, so that with
+        ``all_items`` and padded points it is a pure function of the parameters (``torch.func`` can vmap it).
+        """
+        hidden = self.backbone.all_positions(self.sequence_item_repr(windows))  # [B, L, H]
+        seq_repr = hidden[points.rows, points.positions]  # [P, H]
+        if self.user_emb_dim:
+            seq_repr = seq_repr + self.user_proj(self.user_embedding(points.users))
+        return self._loss(seq_repr, points.memory, points.positives, points.negatives, points.weight, all_items)
 
     def calculate_window_loss(
         self,
@@ -432,6 +527,8 @@ class UR4RecV2MoE(SequentialRecommender):
         targets: Tensor,
         target_mask: Tensor,
         target_times: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The same loss over every marked position of whole sequence windows, in one backbone pass.
 
@@ -440,16 +537,12 @@ class UR4RecV2MoE(SequentialRecommender):
         the time of each target (needed by LocalDynamicMemory). Position t is the
         prediction point of a sample whose input is ``windows[:, :t + 1]``: exactly RecBole's
         sample for that target whenever the window starts at the user's first item.
+        Negatives come from ``generator`` (default: torch's global generator).
         """
-        hidden = self.backbone.all_positions(self.sequence_item_repr(windows))  # [B, L, H]
-        row, position = target_mask.nonzero(as_tuple=True)  # [P], [P]
-        seq_repr = hidden[row, position]  # [P, H]
-        users = user_ids[row]  # [P]
-        if self.user_emb_dim:
-            seq_repr = seq_repr + self.user_proj(self.user_embedding(users))
-        times = None if target_times is None else target_times[row, position]  # [P]
-        memory = self.read_memory(users, windows[row], position + 1, times)
-        return self._loss(seq_repr, memory, targets[row, position], users, times)
+        points = self.prediction_points(user_ids, windows, targets, target_mask, target_times, generator=generator)
+        rec_loss, lb_loss, surprise = self.points_loss(windows, points)
+        self.record_memory_writes(points.users, points.positives, surprise, points.times)
+        return rec_loss, lb_loss
 
     def predict(self, interaction) -> Tensor:
         """Score of each row's ``item_id`` -> [B]."""

@@ -1,0 +1,217 @@
+"""Federated FedDMMR against centralised RecBole SASRec and the federated plain model, in one command.
+
+    python -m recbole_feddmmr.federated.benchmark --dataset ml-100k --rounds 20 --stopping_step 5 \\
+        --sasrec_epochs 6 --jobs 2 --out results/ml-100k_federated.json
+
+Accuracy: federated UR4RecV2MoE, the same federated loop with the experts (and so the memory's
+features and prototypes) off (``feature_id_field=null``), and centralised RecBole SASRec; each trains
+with early stopping on validation NDCG@10 (full ranking) and its best-validation checkpoint is
+evaluated on test, full ranking and uni100 (:func:`recbole_feddmmr.benchmark.run_model`).
+
+Speed, in one process from the same initial model: one centralised training epoch of UR4RecV2MoE,
+then one full-participation round with each backend (sequential, vectorized); peak RSS after each.
+
+With ``--jobs 2`` the tasks run in two processes side by side (one torch thread each, set
+``OMP_NUM_THREADS=1``); the speed ratios are always taken inside one process. Results are written
+after each task, so a cut-off run still reports what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from recbole.utils import init_seed
+
+from recbole_feddmmr.benchmark import git_commit, machine_description, parse_run, run_model
+
+DEFAULT_RUNS = (
+    "UR4RecV2MoE[federated=True]",
+    "UR4RecV2MoE[federated=True,feature_id_field=null]",
+    "SASRec",
+)
+
+
+def measure_speed(dataset: str, overrides: dict[str, Any], chunk_targets: int | None) -> dict[str, Any]:
+    """Seconds of one centralised epoch and of one full-participation round per backend (same process)."""
+    from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
+    from recbole_feddmmr.federated.server import peak_rss_mb
+    from recbole_feddmmr.federated.trainer import FederatedTrainer
+    from recbole_feddmmr.quick_start import prepare_run
+    from recbole_feddmmr.trainer import UR4RecV2MoETrainer
+
+    config, (train_data, _, _), model = prepare_run("UR4RecV2MoE", dataset, config_dict=overrides)
+    initial = copy.deepcopy(model.state_dict())
+    centralised = UR4RecV2MoETrainer(config, model)
+    started = time.perf_counter()
+    centralised._train_epoch(train_data, 0)
+    result: dict[str, Any] = {
+        "centralised_epoch_seconds": time.perf_counter() - started,
+        "centralised_peak_rss_mb": peak_rss_mb(),
+        "rounds": {},
+    }
+    on_cuda = config["device"].type == "cuda"
+    backends = {
+        "sequential": SequentialBackend(),
+        "vectorized": VectorizedBackend(chunk_targets or (8192 if on_cuda else 256)),
+    }
+    for name, backend in backends.items():
+        model.load_state_dict(initial)
+        init_seed(config["seed"], config["reproducibility"])
+        server = FederatedTrainer(config, model).build_server(train_data)
+        server.backend = backend
+        report = server.run_round(0)
+        result["rounds"][name] = {
+            "clients": report.clients,
+            "seconds": report.seconds,
+            "mean_local_loss": report.mean_loss,
+            "bytes_up": report.bytes_up,
+            "bytes_down": report.bytes_down,
+            "peak_rss_mb": report.peak_rss_mb,
+        }
+    rounds, epoch = result["rounds"], result["centralised_epoch_seconds"]
+    result["round_over_epoch"] = {name: values["seconds"] / epoch for name, values in rounds.items()}
+    result["vectorized_over_sequential"] = rounds["vectorized"]["seconds"] / rounds["sequential"]["seconds"]
+    result["vectorized_chunk_targets"] = backends["vectorized"].chunk_targets
+    return result
+
+
+def _task(kind: str, label: str, dataset: str, overrides: dict[str, Any], chunk_targets: int | None):
+    logging.basicConfig(level=logging.INFO)
+    if kind == "speed":
+        return kind, label, measure_speed(dataset, {**overrides, "federated": True}, chunk_targets)
+    model, run_overrides = parse_run(label)
+    return kind, label, {**run_model(model, dataset, {**overrides, **run_overrides}), "run_overrides": run_overrides}
+
+
+def ratios(runs: list[dict[str, Any]], numerator: str, denominator: str) -> dict[str, float]:
+    """Test NDCG@10 and HR@10 (full, uni100) of run ``numerator`` over run ``denominator``."""
+    by_label = {run["label"]: run for run in runs}
+    top, bottom = by_label[numerator], by_label[denominator]
+    return {
+        f"{split}_{metric}": top[split][metric] / bottom[split][metric]
+        for split in ("test_full", "test_uni100")
+        for metric in ("ndcg@10", "hit@10")
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [
+        "| run | best round/epoch | valid NDCG@10 | test HR@10 | test NDCG@10 | uni100 HR@10 | uni100 NDCG@10 "
+        "| expert share (seq / vis / sem) | MB up+down per round |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"]:
+        full, uni = run["test_full"], run["test_uni100"]
+        share = run.get("expert_share")
+        share_text = " / ".join(f"{value:.2f}" for value in share.values()) if share else "-"
+        traffic = "-"
+        if run.get("rounds"):
+            traffic = f"{(run['bytes_up_total'] + run['bytes_down_total']) / len(run['rounds']) / 1e6:.0f}"
+        lines.append(
+            f"| {run['label']} | {run['best_epoch']} of {run['epochs_trained']} | {run['best_valid_ndcg@10']:.4f} "
+            f"| {full['hit@10']:.4f} | {full['ndcg@10']:.4f} | {uni['hit@10']:.4f} | {uni['ndcg@10']:.4f} "
+            f"| {share_text} | {traffic} |"
+        )
+    for key, values in report.items():
+        if key.startswith("ratio "):
+            text = ", ".join(f"{name} x{value:.3f}" for name, value in values.items())
+            lines.append(f"\n{key[len('ratio ') :]}: {text}")
+    speed = report.get("speed")
+    if speed:
+        rounds = speed["rounds"]
+        lines.append(
+            f"\nspeed: centralised epoch {speed['centralised_epoch_seconds']:.1f} s; full round of "
+            f"{rounds['sequential']['clients']} clients: sequential {rounds['sequential']['seconds']:.1f} s "
+            f"(x{speed['round_over_epoch']['sequential']:.2f} of the epoch), vectorized "
+            f"{rounds['vectorized']['seconds']:.1f} s (x{speed['round_over_epoch']['vectorized']:.2f}); "
+            f"vectorized / sequential x{speed['vectorized_over_sequential']:.2f}; peak RSS "
+            f"{speed['centralised_peak_rss_mb']:.0f} / {rounds['sequential']['peak_rss_mb']:.0f} / "
+            f"{rounds['vectorized']['peak_rss_mb']:.0f} MB after the epoch / sequential / vectorized round; "
+            f"bytes per round {rounds['sequential']['bytes_up'] / 1e6:.0f} MB up, "
+            f"{rounds['sequential']['bytes_down'] / 1e6:.0f} MB down"
+        )
+    lines.append(f"\ncommand: `{report['command']}`; commit {report['commit']}; machine: {report['machine']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), help="MODEL[key=value,...] labels")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of the federated runs")
+    parser.add_argument("--sasrec_epochs", type=int, default=6, help="epochs of centralised runs")
+    parser.add_argument("--stopping_step", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--jobs", type=int, default=1, help="tasks run side by side in this many processes")
+    parser.add_argument("--no_speed", action="store_true", help="skip the epoch / round timing")
+    parser.add_argument("--chunk_targets", type=int, default=None, help="vectorized backend chunk size")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides (yaml)")
+    parser.add_argument("--out", default="results/federated_benchmark.json")
+    parser.add_argument("--report", metavar="JSON", help="only print the table of an existing results file")
+    args = parser.parse_args(argv)
+    if args.report:
+        report = json.loads(Path(args.report).read_text())
+        print(format_report(report))
+        return report
+
+    import yaml
+
+    overrides: dict[str, Any] = {
+        "rounds": args.rounds,
+        "epochs": args.sasrec_epochs,
+        "stopping_step": args.stopping_step,
+        "seed": args.seed,
+        "show_progress": False,
+        "state": "INFO",
+    }
+    overrides.update({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)})
+    report: dict[str, Any] = {
+        "command": "python -m recbole_feddmmr.federated.benchmark "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": git_commit(),
+        "machine": machine_description(),
+        "dataset": args.dataset,
+        "overrides": overrides,
+        "runs": [],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # longest first, so that side-by-side processes finish together
+    tasks = [("run", label) for label in args.runs[:1]]
+    tasks += [] if args.no_speed else [("speed", "speed")]
+    tasks += [("run", label) for label in args.runs[1:]]
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state shared by fork
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context) as pool:
+        futures = [
+            pool.submit(_task, kind, label, args.dataset, overrides, args.chunk_targets) for kind, label in tasks
+        ]
+        for future in as_completed(futures):
+            kind, label, result = future.result()
+            if kind == "speed":
+                report["speed"] = result
+            else:
+                report["runs"].append({"label": label, **result})
+                report["runs"].sort(key=lambda run: args.runs.index(run["label"]))
+            out.write_text(json.dumps(report, indent=2))
+    labels = [run["label"] for run in report["runs"]]
+    federated, plain, central = (args.runs + [None] * 3)[:3]
+    if federated in labels and central in labels:
+        report[f"ratio {federated} / {central}"] = ratios(report["runs"], federated, central)
+    if federated in labels and plain in labels:
+        report[f"ratio {federated} / {plain}"] = ratios(report["runs"], federated, plain)
+    out.write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

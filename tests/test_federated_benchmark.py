@@ -1,0 +1,51 @@
+"""The federated benchmark command on the tiny dataset: every figure it reports is consistent with its parts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import TINY_CONFIG
+
+from recbole_feddmmr.federated.benchmark import main
+
+
+def test_federated_benchmark_reports_accuracy_speed_experts_and_bytes(tmp_path):
+    out = tmp_path / "federated.json"
+    settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"), num_memory_prototypes=2)
+    settings.pop("epochs")
+    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    runs = ["UR4RecV2MoE[federated=True]", "UR4RecV2MoE[federated=True,feature_id_field=null]", "SASRec"]
+    arguments = ["--dataset", "tiny", "--runs", *runs, "--rounds", "2", "--sasrec_epochs", "1", "--jobs", "2"]
+    report = main([*arguments, "--chunk_targets", "16", "--out", str(out), "--set", *overrides])
+    assert json.loads(out.read_text()) == report
+    assert main(["--report", str(out)]) == report
+
+    federated, plain, sasrec = report["runs"]
+    assert [run["label"] for run in report["runs"]] == runs
+    assert federated["epochs_trained"] == plain["epochs_trained"] == 2  # rounds
+    for run in (federated, plain):
+        rounds = run["rounds"]
+        assert run["bytes_up_total"] == sum(r["bytes_up"] for r in rounds) > 0
+        assert all(r["clients"] == 12 for r in rounds)  # one client per user, all of them every round
+    assert "rounds" not in sasrec and "expert_share" not in sasrec
+    # the router's shares are a distribution; with the experts off everything is the sequential expert's
+    assert sum(federated["expert_share"].values()) == pytest.approx(1.0)
+    assert plain["expert_share"] == pytest.approx({"sequential": 1.0, "visual": 0.0, "semantic": 0.0})
+    # the plain model sends no prototypes: fewer bytes up per round than the model with memory features
+    assert plain["rounds"][0]["bytes_up"] < federated["rounds"][0]["bytes_up"]
+    ratio = report[f"ratio {runs[0]} / {runs[2]}"]
+    assert ratio["test_full_ndcg@10"] == pytest.approx(
+        federated["test_full"]["ndcg@10"] / sasrec["test_full"]["ndcg@10"]
+    )
+
+    speed = report["speed"]
+    sequential, vectorized = speed["rounds"]["sequential"], speed["rounds"]["vectorized"]
+    assert sequential["clients"] == vectorized["clients"] == 12
+    assert sequential["bytes_up"] == vectorized["bytes_up"]  # the same messages, whoever ran the clients
+    assert speed["vectorized_over_sequential"] == pytest.approx(vectorized["seconds"] / sequential["seconds"])
+    assert speed["round_over_epoch"]["sequential"] == pytest.approx(
+        sequential["seconds"] / speed["centralised_epoch_seconds"]
+    )
+    assert min(sequential["peak_rss_mb"], vectorized["peak_rss_mb"]) > 10
