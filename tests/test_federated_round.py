@@ -70,6 +70,7 @@ def test_clients_send_parameter_updates_and_prototypes_never_their_memory(tmp_pa
         }
         assert set(result.update) == parameter_names  # parameters only: no buffer, no memory slot
         assert not any(name.startswith("memory.") for name in result.update)
+        assert "user_embedding.weight" not in result.update  # per-user parameters stay with their client
         assert result.prototypes.shape[0] <= 2 and result.prototypes.shape[1] == entry_dim
     # the merged global prototypes are now extra memory slots of every user
     assert int(model.memory.prototype_valid.sum()) == 2

@@ -71,3 +71,16 @@ def test_a_resume_file_of_other_settings_is_refused(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(RuntimeError, match="other settings"):
         run(tmp_path, rounds=3, local_lr=0.01)
+
+
+def test_the_backend_setting_picks_the_execution_and_a_vectorized_run_trains(tmp_path):
+    config, _, _, model = tiny_run(tmp_path, **FEDERATED)
+    assert FederatedTrainer(config, model).build_backend().name == "sequential"  # auto on a CPU
+    config, _, _, model = tiny_run(tmp_path, **FEDERATED, federated_backend="simulated")
+    with pytest.raises(ValueError, match="federated_backend must be"):
+        FederatedTrainer(config, model).build_backend()
+    trainer, test_result = run(tmp_path, federated_backend="vectorized", vectorized_chunk_targets=16, rounds=2)
+    assert trainer.build_backend().chunk_targets == 16
+    assert [report.clients for report in trainer.round_reports] == [12, 12]
+    assert trainer.round_reports[-1].peak_rss_mb > 10
+    assert 0.0 <= test_result["ndcg@10"] <= 1.0 and int(trainer.model.memory.prototype_valid.sum()) == 2

@@ -48,6 +48,15 @@ class SequentialBackend:
             yield client.fit(model, global_params, windows, round_idx, settings)
 
 
+def mapped_dims(points):
+    """vmap's ``in_dims`` for padded points: dim 0 of every tensor; a field or modality the batch lacks
+    (``None``) is not mapped."""
+    return points._replace(
+        **{name: None if value is None else 0 for name, value in points._asdict().items() if name != "memory"},
+        memory=points.memory._make(None if value is None else 0 for value in points.memory),
+    )
+
+
 class _PointsLoss(nn.Module):
     """``model.points_loss`` as a module's forward, so ``functional_call`` can swap in one client's parameters."""
 
@@ -108,6 +117,11 @@ class VectorizedBackend:
         round_idx: int,
         settings: LocalSettings,
     ) -> Iterator[ClientResult]:
+        if not hasattr(model, "points_loss"):
+            raise TypeError(
+                f"the vectorized backend needs a model with prediction_points / points_loss (UR4RecV2MoE), "
+                f"not {type(model).__name__}: use federated_backend=sequential"
+            )
         load_parameters(model, global_params)
         model.train()
         for chunk in self.chunks(clients, windows, settings):
@@ -123,7 +137,12 @@ class VectorizedBackend:
         settings: LocalSettings,
     ) -> Iterator[ClientResult]:
         count = len(chunk)
-        params = {name: value.expand(count, *value.shape).clone() for name, value in global_params.items()}  # [n, ...]
+        # each client's copy of the shared parameters and of the per-user ones (the model's current rows)
+        model_params = dict(model.named_parameters())
+        per_user = {name: model_params[name].detach() for name in getattr(model, "per_user_parameters", ())}
+        params = {
+            name: value.expand(count, *value.shape).clone() for name, value in {**global_params, **per_user}.items()
+        }  # [n, ...]
         optimizer = torch.optim.Adam(list(params.values()), lr=settings.local_lr)
         device = windows.user_ids.device
         generators = [client_generator(settings.seed, round_idx, client.client_id, device) for client in chunk]
@@ -150,16 +169,7 @@ class VectorizedBackend:
                 stacked_windows, points, flat_points = self._stack(
                     model, [client_batches[step] for client_batches in batches], generators
                 )
-                # vmap over dim 0 of every tensor; a field or modality the batch lacks (None) is not mapped
-                points_dims = points._replace(
-                    **{
-                        name: None if value is None else 0
-                        for name, value in points._asdict().items()
-                        if name != "memory"
-                    },
-                    memory=points.memory._make(None if value is None else 0 for value in points.memory),
-                )
-                client_step = vmap(client_gradients, in_dims=(0, 0, points_dims), randomness="different")
+                client_step = vmap(client_gradients, in_dims=(0, 0, mapped_dims(points)), randomness="different")
                 with vmap_mode():
                     grads, (_, (reported, surprise)) = client_step(params, stacked_windows, points)
                 if torch.isnan(reported).any():
@@ -175,9 +185,13 @@ class VectorizedBackend:
                     model.commit_memory_writes(clock + step + 1)
                 loss_sum += reported.double()
                 steps += 1
+        with torch.no_grad():  # per-user parameters: each client's own users' rows go back into the model
+            for name in per_user:
+                for index, client in enumerate(chunk):
+                    model_params[name][client.user_ids] = params[name][index, client.user_ids]
         for index, client in enumerate(chunk):
             centres, counts = client.prototypes(model, settings)
-            update = {name: value[index] - global_params[name] for name, value in params.items()}
+            update = {name: params[name][index] - value for name, value in global_params.items()}
             mean_loss = float(loss_sum[index] / steps) if steps else 0.0
             yield ClientResult(
                 update, client.num_samples, centres, counts, mean_loss=mean_loss, client_id=client.client_id

@@ -25,8 +25,10 @@ class LocalSettings:
 
 def shared_parameters(model: nn.Module) -> dict[str, Tensor]:
     """What the server aggregates: the model's trainable parameters (detached copies). Buffers, such as the
-    users' memories, are private and never part of it."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    users' memories, and the model's ``per_user_parameters`` (e.g. the user embedding, one row per user)
+    are private: each client trains its own users' rows, which never leave it."""
+    private = set(getattr(model, "per_user_parameters", ()))
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad and name not in private}
 
 
 def load_parameters(model: nn.Module, params: dict[str, Tensor]) -> None:
@@ -98,7 +100,11 @@ class FedMemClient:
         round_idx: int,
         settings: LocalSettings,
     ) -> ClientResult:
-        """Train ``model`` from ``global_params`` on this client's windows -> its update and prototypes."""
+        """Train ``model`` from ``global_params`` on this client's windows -> its update and prototypes.
+
+        The optimizer also trains the model's per-user parameters: only this client's users' rows get a
+        gradient, and a fresh Adam moves no row without one, so the other clients' rows stay as they are.
+        """
         load_parameters(model, global_params)
         model.train()
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.local_lr)

@@ -160,6 +160,8 @@ class UR4RecV2MoE(SequentialRecommender):
         if self.user_emb_dim:
             self.user_embedding = nn.Embedding(dataset.user_num, self.user_emb_dim)
             self.user_proj = nn.Linear(self.user_emb_dim, self.hidden_dim, bias=False)
+        # parameters with one row per user (row = user id): a user's row is trained by that user's data alone
+        self.per_user_parameters: tuple[str, ...] = ("user_embedding.weight",) if self.user_emb_dim else ()
 
         id_field = config["feature_id_field"]
         self.item_features = ItemFeatures(
@@ -501,8 +503,10 @@ class UR4RecV2MoE(SequentialRecommender):
         row, position = target_mask.nonzero(as_tuple=True)  # [P], [P]
         users, positives = user_ids[row], targets[row, position]  # [P], [P]
         times = None if target_times is None else target_times[row, position]  # [P]
-        negatives = None  # without a generator, the loss draws them from the global one (after the backbone's
-        if generator is not None and self.loss_type in ("BPR", "SSM"):  # dropout: centralised runs keep their stream)
+        # without a generator the loss draws the negatives from the global generator after the backbone's
+        # dropout, as before this split, so centralised runs keep their random stream
+        negatives = None
+        if generator is not None and self.loss_type in ("BPR", "SSM"):
             negatives = sample_negatives(positives, self.n_items, self.train_neg_num, generator)  # [P, N]
         memory = self.read_memory(users, windows[row], position + 1, times)
         return PredictionPoints(row, position, users, positives, times, memory, negatives, None)
