@@ -26,6 +26,7 @@ def test_a_federated_run_trains_by_rounds_and_evaluates_with_recboles_evaluator(
     assert [report.round_idx for report in reports] == [0, 1, 2]
     assert all(report.clients == 12 for report in reports)  # one client per user, all of them every round
     assert all(report.bytes_up > 0 and report.bytes_down > 0 for report in reports)
+    assert trainer.best_valid_score == max(report.valid_score for report in reports)  # validated every round
     assert set(test_result) >= {"hit@10", "ndcg@10"}
     assert not trainer.resume_file.exists()  # a finished run leaves no resume state behind
     assert int(trainer.model.memory.prototype_valid.sum()) == 2  # global prototypes are set

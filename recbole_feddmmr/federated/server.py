@@ -26,6 +26,7 @@ class RoundReport:
     bytes_down: int
     seconds: float
     peak_rss_mb: float = 0.0  # the process's peak resident memory so far (getrusage)
+    valid_score: float | None = None  # validation metric after the round, when the trainer evaluated it
 
 
 def peak_rss_mb() -> float:

@@ -132,6 +132,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             stop = False
             if valid_data is not None and (round_idx + 1) % self.eval_every == 0:
                 valid_score, valid_result = self._valid_epoch(valid_data, show_progress=False)
+                report.valid_score = float(valid_score)
                 self.best_valid_score, self.cur_step, stop, improved = early_stopping(
                     valid_score, self.best_valid_score, self.cur_step, self.stopping_step, self.valid_metric_bigger
                 )
