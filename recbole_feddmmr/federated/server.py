@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +29,12 @@ class RoundReport:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB (ru_maxrss is in KB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process in MB (ru_maxrss is in KB on Linux, bytes on macOS); 0 where
+    the ``resource`` module does not exist (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
