@@ -17,13 +17,16 @@ def test_federated_benchmark_reports_accuracy_speed_experts_and_bytes(tmp_path):
     settings.pop("epochs")
     overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
     runs = ["UR4RecV2MoE[federated=True]", "UR4RecV2MoE[federated=True,feature_id_field=null]", "SASRec"]
-    arguments = ["--dataset", "tiny", "--runs", *runs, "--rounds", "2", "--sasrec_epochs", "1", "--jobs", "2"]
+    broken = "UR4RecV2MoE[federated=True,loss_type=hinge]"  # fails at once: the other runs must still report
+    arguments = ["--dataset", "tiny", "--runs", *runs, broken, "--rounds", "2", "--sasrec_epochs", "1", "--jobs", "2"]
     report = main([*arguments, "--chunk_targets", "16", "--out", str(out), "--set", *overrides])
     assert json.loads(out.read_text()) == report
     assert main(["--report", str(out)]) == report
 
     federated, plain, sasrec = report["runs"]
     assert [run["label"] for run in report["runs"]] == runs
+    (failure,) = report["failed"]
+    assert failure["task"] == broken and "loss_type must be" in failure["error"]
     assert federated["epochs_trained"] == plain["epochs_trained"] == 2  # rounds
     for run in (federated, plain):
         rounds = run["rounds"]

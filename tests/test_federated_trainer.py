@@ -58,7 +58,7 @@ def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_
     assert resumed == uninterrupted
 
 
-def test_a_resume_file_of_other_settings_is_refused(tmp_path, monkeypatch):
+def test_runs_of_other_settings_never_resume_from_each_others_state(tmp_path, monkeypatch):
     real_round = FedMemServer.run_round
 
     def crash_after_round_zero(self, round_idx):
@@ -70,8 +70,15 @@ def test_a_resume_file_of_other_settings_is_refused(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, rounds=3)
     monkeypatch.undo()
+    killed = list((tmp_path / "saved").glob("*.resume.pth"))
+    assert len(killed) == 1
+    # same model, dataset and seed, experts off: its own resume file, a run from round 0
+    trainer, _ = run(tmp_path, rounds=3, feature_id_field=None)
+    assert [report.round_idx for report in trainer.round_reports] == [0, 1, 2]
+    assert trainer.resume_file != killed[0] and killed[0].exists()  # the killed run can still resume
+    trainer.resume_file.write_bytes(killed[0].read_bytes())  # a file under the right name, from other settings
     with pytest.raises(RuntimeError, match="other settings"):
-        run(tmp_path, rounds=3, local_lr=0.01)
+        run(tmp_path, rounds=3, feature_id_field=None)
 
 
 def test_the_backend_setting_picks_the_execution_and_a_vectorized_run_trains(tmp_path):

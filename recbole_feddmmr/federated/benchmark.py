@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"bytes per round {rounds['sequential']['bytes_up'] / 1e6:.0f} MB up, "
             f"{rounds['sequential']['bytes_down'] / 1e6:.0f} MB down"
         )
+    for failure in report.get("failed", []):
+        lines.append(f"\nFAILED {failure['task']}: {failure['error'].strip().splitlines()[-1]}")
     lines.append(f"\ncommand: `{report['command']}`; commit {report['commit']}; machine: {report['machine']}")
     return "\n".join(lines)
 
@@ -191,11 +194,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tasks += [("run", label) for label in args.runs[1:]]
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state shared by fork
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context) as pool:
-        futures = [
-            pool.submit(_task, kind, label, args.dataset, overrides, args.chunk_targets) for kind, label in tasks
-        ]
+        futures = {
+            pool.submit(_task, kind, label, args.dataset, overrides, args.chunk_targets): label for kind, label in tasks
+        }
         for future in as_completed(futures):
-            kind, label, result = future.result()
+            try:
+                kind, label, result = future.result()
+            except Exception:  # one failed task must not take the other tasks' results with it
+                report.setdefault("failed", []).append({"task": futures[future], "error": traceback.format_exc()})
+                out.write_text(json.dumps(report, indent=2))
+                continue
             if kind == "speed":
                 report["speed"] = result
             else:
@@ -214,4 +222,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main().get("failed") else 0)

@@ -29,12 +29,21 @@ from recbole_feddmmr.federated.server import FedMemServer, RoundReport
 from recbole_feddmmr.federated.strategy import FedMemStrategy
 from recbole_feddmmr.trainer import UR4RecV2MoETrainer
 
-# settings that define a federated run (a resume file written under other values is refused)
-RUN_KEYS = (
-    "model", "dataset", "seed", "partition", "num_clients", "dirichlet_alpha", "clients_per_round",
-    "client_fraction", "local_epochs", "local_batch_size", "local_lr", "rounds", "fedprox_mu", "eval_every",
-    "enable_prototype_aggregation", "num_memory_prototypes",
+# settings that do not change what a federated run computes; every other config entry is part of the
+# run's fingerprint, which names its resume file
+NOT_IN_FINGERPRINT = frozenset(
+    {
+        "show_progress", "state", "checkpoint_dir", "eval_batch_size", "federated_backend",
+        "vectorized_chunk_targets", "device", "gpu_id", "use_gpu", "local_rank", "nproc", "world_size", "offset",
+        "ip", "port", "worker", "log_wandb", "wandb_project", "eval_user_chunk",
+    }
 )  # fmt: skip
+
+
+def run_fingerprint(config) -> str:
+    """A hash of every config entry that defines the run (the same command gives the same fingerprint)."""
+    settings = {key: value for key, value in config.final_config_dict.items() if key not in NOT_IN_FINGERPRINT}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class FederatedTrainer(UR4RecV2MoETrainer):
@@ -50,9 +59,9 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             num_prototypes=config["num_memory_prototypes"] if config["enable_prototype_aggregation"] else 0,
             seed=config["seed"],
         )
-        fingerprint = json.dumps({key: config[key] for key in RUN_KEYS}, sort_keys=True, default=str)
-        self.run_fingerprint = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
-        name = f"{config['model']}-{config['dataset']}-federated-seed{config['seed']}.resume.pth"
+        # named by the fingerprint: runs of other settings (e.g. side by side in a benchmark) never share one
+        self.run_fingerprint = run_fingerprint(config)
+        name = f"{config['model']}-{config['dataset']}-federated-seed{config['seed']}-{self.run_fingerprint}.resume.pth"
         self.resume_file = Path(config["checkpoint_dir"]) / name
         self.round_reports: list[RoundReport] = []
 
