@@ -24,6 +24,7 @@ import logging
 import platform
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,45 @@ def expert_share(model, eval_data, device) -> dict[str, float]:
     return dict(zip(EXPERTS, (total / max(pairs, 1)).tolist(), strict=True))
 
 
+# entries RecBole's Config derives from the others (giving them back would contradict its checks)
+DERIVED_CONFIG_KEYS = (
+    "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type", "device", "valid_neg_sample_args", "test_neg_sample_args",
+    "eval_neg_sample_args", "single_spec", "local_rank", "is_distributed",
+)  # fmt: skip
+
+
+def evaluate_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint saved by a run (RecBole's format: config, state_dict, epoch) evaluated on test as
+    :func:`run_model` does: full ranking and uni100, plus the router's expert shares."""
+    from recbole_feddmmr.utils import get_model
+
+    checkpoint = torch.load(path, weights_only=False)  # written by this project's trainers: trusted
+    settings = dict(checkpoint["config"].final_config_dict)
+    model_name, dataset = settings.pop("model"), settings.pop("dataset")
+    for derived in DERIVED_CONFIG_KEYS:  # Config computes these again from the rest
+        settings.pop(derived, None)
+    settings["data_path"] = str(Path(settings["data_path"]).parent)  # Config appends the dataset's name again
+    if (settings.get("train_neg_sample_args") or {}).get("distribution") == "none":
+        settings["train_neg_sample_args"] = None  # RecBole's normalised form of "no sampling"
+    results: dict[str, Any] = {"checkpoint": str(path), "model": model_name, "best_epoch": int(checkpoint["epoch"])}
+    for protocol in ("full", "uni100"):
+        eval_args = dict(settings["eval_args"], mode={"valid": "full", "test": protocol})
+        config = Config(model=model_name, dataset=dataset, config_dict=dict(settings, eval_args=eval_args))
+        init_seed(config["seed"], config["reproducibility"])
+        train_data, _, test_data = data_preparation(config, create_dataset(config))
+        model = get_model(model_name)(config, train_data._dataset).to(config["device"])
+        model.load_state_dict(checkpoint["state_dict"])
+        model.load_other_parameter(checkpoint.get("other_parameter"))
+        trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
+        results[f"test_{protocol}"] = {
+            k: float(v) for k, v in trainer.evaluate(test_data, load_best_model=False).items()
+        }
+        if protocol == "full" and hasattr(model, "live_experts"):
+            results["live_experts"] = model.live_experts
+            results["expert_share"] = expert_share(model, test_data, config["device"])
+    return results
+
+
 def time_memory_calls(memory) -> dict[str, Any]:
     """Wrap the memory's read and write so their time inside training epochs is summed (``["seconds"]``)."""
     timer: dict[str, Any] = {"seconds": 0.0, "training": False}
@@ -190,7 +230,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides (yaml values)"
     )
     parser.add_argument("--report", metavar="JSON", help="only print the table of an existing results file")
+    parser.add_argument(
+        "--evaluate", nargs="+", metavar="CHECKPOINT", help="only evaluate saved checkpoints on test (to --out)"
+    )
     args = parser.parse_args(argv)
+    if args.evaluate:
+        report = {
+            "command": "python -m recbole_feddmmr.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "commit": git_commit(),
+            "machine": machine_description(),
+            "evaluated": [evaluate_checkpoint(path) for path in args.evaluate],
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        return report
     if args.report:
         report = json.loads(Path(args.report).read_text())
         for label in args.baseline or []:  # ratios against other runs of the file, printed, not saved
@@ -210,8 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     overrides.update({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)})
     report: dict[str, Any] = {
-        "command": "python -m recbole_feddmmr.benchmark "
-        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "python -m recbole_feddmmr.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
         "commit": git_commit(),
         "machine": machine_description(),
         "dataset": args.dataset,

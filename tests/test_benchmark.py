@@ -50,3 +50,18 @@ def test_benchmark_reports_each_run_and_ratios_against_the_baseline(tmp_path):
     assert ratios["test_full_ndcg@10"] == pytest.approx(
         dynamic["test_full"]["ndcg@10"] / history["test_full"]["ndcg@10"]
     )
+
+
+def test_a_saved_checkpoint_evaluates_to_the_runs_own_test_figures(tmp_path):
+    out = tmp_path / "report.json"
+    settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"))
+    settings.pop("epochs")
+    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    arguments = ["--dataset", "tiny", "--models", "UR4RecV2MoE", "--baseline", "UR4RecV2MoE", "--epochs", "2"]
+    (run,) = main([*arguments, "--out", str(out), "--set", *overrides])["runs"]
+    evaluated = main(["--evaluate", run["checkpoint"], "--out", str(tmp_path / "evaluated.json")])["evaluated"][0]
+    assert evaluated["test_full"] == pytest.approx(run["test_full"])
+    assert evaluated["test_uni100"] == pytest.approx(run["test_uni100"])
+    assert evaluated["best_epoch"] == run["best_epoch"] and evaluated["expert_share"] == pytest.approx(
+        run["expert_share"]
+    )
