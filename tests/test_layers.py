@@ -175,3 +175,20 @@ def test_fast_dropout_keep_rate_scaling_and_eval_identity():
     assert abs(keep_rate - (256 - 26) / 256) < 0.005  # p = 0.1 rounds to 26/256
     torch.testing.assert_close(dropped[kept], torch.full_like(dropped[kept], 256 / 230))
     assert abs(dropped.mean().item() - 1.0) < 0.01  # inverted dropout keeps the expectation
+
+
+def test_written_out_causal_attention_of_vmap_mode_equals_the_fused_kernel():
+    from recbole_feddmmr.model.layers import causal_attention, in_vmap_mode, vmap_mode
+
+    generator = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(2, 4, 6, 8, generator=generator) for _ in range(3))  # [B, h, L, d]
+    fused = causal_attention(query, key, value)
+    with vmap_mode():
+        assert in_vmap_mode()
+        written_out = causal_attention(query, key, value)
+    assert not in_vmap_mode()
+    torch.testing.assert_close(written_out, fused, rtol=1e-5, atol=1e-6)
+    changed_future = value.clone()
+    changed_future[:, :, 3:] += 1.0  # positions after 2 must not change what positions <= 2 attend to
+    with vmap_mode():
+        torch.testing.assert_close(causal_attention(query, key, changed_future)[:, :, :3], written_out[:, :, :3])
