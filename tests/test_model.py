@@ -247,3 +247,17 @@ def test_backbone_reads_history_features_only_when_asked(tmp_path, backbone_item
     torch.testing.assert_close(after[1], before[1])
     assert torch.allclose(after[0], before[0]) != backbone_item_features
     assert sorted(model.backbone_feature_proj) == (["text", "visual"] if backbone_item_features else [])
+
+
+def test_padded_points_of_weight_zero_change_no_loss():
+    scores = torch.tensor([[2.0, 1.0, 3.0], [0.0, -1.0, -2.0]])
+    padded = torch.cat([scores, torch.tensor([[9.0, -9.0, 40.0]])])  # a padding row with extreme scores
+    weight = torch.tensor([1.0, 1.0, 0.0])
+    assert bpr_loss(padded, weight).item() == pytest.approx(bpr_loss(scores).item(), rel=1e-6)
+    assert sampled_softmax_loss(padded, weight).item() == pytest.approx(sampled_softmax_loss(scores).item(), rel=1e-6)
+    all_on = torch.tensor([True, True, True])
+    router = torch.tensor([[[0.5, 0.25, 0.25]], [[0.6, 0.1, 0.3]], [[0.1, 0.1, 0.8]]])  # [B=3, C=1, X], all live
+    assert load_balance_loss(router, all_on, weight).item() == pytest.approx(
+        load_balance_loss(router[:2], all_on).item(), rel=1e-6
+    )
+    assert load_balance_loss(router, all_on, torch.zeros(3)).item() == 0.0  # no real point: no balance to keep
