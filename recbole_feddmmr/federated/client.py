@@ -121,17 +121,16 @@ class FedMemClient:
 
         generator = client_generator(settings.seed, round_idx, self.client_id, windows.user_ids.device)
         loss_func = partial(model.calculate_window_loss, generator=generator)
-        step_losses = []
+        loss_sum, steps = 0.0, 0
         for local_epoch in range(settings.local_epochs):
-            clock = memory_clock(round_idx, local_epoch, settings, windows)
-            for step, batch in enumerate(self.epoch_batches(windows, round_idx, local_epoch, settings)):
-                total = train_steps(
-                    model, optimizer, [batch], loss_func, extra_loss=proximal, memory_clock=clock + step
-                )
-                step_losses.append(sum(total) if isinstance(total, tuple) else total)
+            batches = self.epoch_batches(windows, round_idx, local_epoch, settings)
+            clock = memory_clock(round_idx, local_epoch, settings, windows)  # train_steps adds the step index
+            total = train_steps(model, optimizer, batches, loss_func, extra_loss=proximal, memory_clock=clock)
+            loss_sum += sum(total) if isinstance(total, tuple) else total or 0.0
+            steps += len(batches)
         update = {
             name: p.detach() - global_params[name] for name, p in model.named_parameters() if name in global_params
         }
         centres, counts = self.prototypes(model, settings)
-        mean_loss = sum(step_losses) / len(step_losses) if step_losses else 0.0
+        mean_loss = loss_sum / steps if steps else 0.0
         return ClientResult(update, self.num_samples, centres, counts, mean_loss=mean_loss, client_id=self.client_id)
