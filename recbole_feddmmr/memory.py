@@ -278,8 +278,9 @@ class LocalDynamicMemory(nn.Module):
         with torch.no_grad():
             self.prototype_visual.zero_()
             self.prototype_text.zero_()
-            self.prototype_visual[:count] = prototypes[:, :visual_dim].to(self.prototype_visual.dtype)
-            self.prototype_text[:count] = prototypes[:, visual_dim:].to(self.prototype_text.dtype)
+            # the server's merged prototypes come from k-means on the CPU: to this memory's device and dtype
+            self.prototype_visual[:count] = prototypes[:, :visual_dim].to(self.prototype_visual)
+            self.prototype_text[:count] = prototypes[:, visual_dim:].to(self.prototype_text)
             self.prototype_valid.fill_(False)
             self.prototype_valid[:count] = True
 

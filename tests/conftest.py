@@ -1,4 +1,6 @@
-"""Shared fixtures: the tiny atomic dataset of tests/test_data/tiny (see make_tiny.py)."""
+"""Shared fixtures: the tiny atomic dataset of tests/test_data/tiny (see make_tiny.py), and the ``gpu`` marker:
+tests that need a CUDA device are marked ``@pytest.mark.gpu`` and skipped where none exists
+(``python -m pytest -m gpu tests`` runs only them; scripts/gpu_check.sh does on a GPU machine)."""
 
 from __future__ import annotations
 
@@ -38,26 +40,43 @@ TINY_CONFIG = {
 }
 
 
-def tiny_config(tmp_path: Path, **overrides):
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_config(tmp_path: Path, device: str = "cpu", **overrides):
+    """The tiny dataset's Config on ``device``: CPU unless a test asks for CUDA (RecBole itself would pick
+    CUDA wherever one exists, and the tests' models and windows are built on the CPU)."""
     from recbole_feddmmr.config import Config
 
     settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"), **overrides)
-    return Config(model=settings.pop("model", "UR4RecV2MoE"), dataset="tiny", config_dict=settings)
+    config = Config(model=settings.pop("model", "UR4RecV2MoE"), dataset="tiny", config_dict=settings)
+    config["device"] = torch.device(device)
+    return config
 
 
-def tiny_run(tmp_path: Path, **overrides):
-    """(config, dataset, (train, valid, test), model) on the tiny dataset."""
+def tiny_run(tmp_path: Path, device: str = "cpu", **overrides):
+    """(config, dataset, (train, valid, test), model) on the tiny dataset, the model on ``device``."""
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
     from recbole_feddmmr.utils import get_model
 
-    config = tiny_config(tmp_path, **overrides)
+    config = tiny_config(tmp_path, device, **overrides)
     init_seed(config["seed"], True)
     dataset = create_dataset(config)
     splits = data_preparation(config, dataset)
     init_seed(config["seed"], True)
-    model = get_model(config["model"])(config, splits[0]._dataset)
+    model = get_model(config["model"])(config, splits[0]._dataset).to(config["device"])
     return config, dataset, splits, model
 
 

@@ -46,7 +46,10 @@ def test_federated_benchmark_reports_accuracy_speed_experts_and_bytes(tmp_path):
     speed = report["speed"]
     sequential, vectorized = speed["rounds"]["sequential"], speed["rounds"]["vectorized"]
     assert sequential["clients"] == vectorized["clients"] == 12
-    assert sequential["bytes_up"] == vectorized["bytes_up"]  # the same messages, whoever ran the clients
+    # the same messages, whoever ran the clients, but for how many prototypes each sends: the backends draw
+    # dropout masks differently, so memories (and so the clusters big enough to send) may differ
+    prototype_bytes = 2 * (TINY_CONFIG["text_dim"] + TINY_CONFIG["visual_dim"] + 1) * 4  # K = 2 per client
+    assert abs(sequential["bytes_up"] - vectorized["bytes_up"]) <= 12 * prototype_bytes
     assert speed["vectorized_over_sequential"] == pytest.approx(vectorized["seconds"] / sequential["seconds"])
     assert speed["round_over_epoch"]["sequential"] == pytest.approx(
         sequential["seconds"] / speed["centralised_epoch_seconds"]

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
-from recbole_feddmmr.federated.strategy import ClientResult, FedMemStrategy, UpdateAccumulator, memory_prototypes
+from recbole_feddmmr.federated.strategy import (
+    ClientResult,
+    FedMemStrategy,
+    ServerOptimizer,
+    UpdateAccumulator,
+    memory_prototypes,
+    sparse_row_updates,
+)
 
 USERS = np.arange(1, 201)
 
@@ -81,13 +88,105 @@ def test_prototypes_merge_by_weighted_kmeans_on_hand_made_clusters():
     torch.testing.assert_close(counts[order], torch.tensor([4.0, 4.0]))
 
 
-def test_client_prototypes_use_what_it_has_below_k_and_result_counts_its_bytes():
-    few = torch.randn(3, 4)
-    centres, counts = memory_prototypes(few, num_prototypes=5)
-    torch.testing.assert_close(centres, few)
-    assert counts.tolist() == [1.0, 1.0, 1.0]
+def test_a_client_sends_only_prototypes_that_average_enough_memory_entries():
+    few = torch.randn(4, 4)
+    centres, counts = memory_prototypes(few, num_prototypes=5, min_entries=5)
+    assert centres.shape == (0, 4) and counts.numel() == 0  # 4 entries < 5: nothing is sent
+    centres, counts = memory_prototypes(torch.randn(7, 4), num_prototypes=5, min_entries=5)
+    assert counts.tolist() == [7.0]  # one cluster only: the mean of all seven
     many = torch.cat([torch.zeros(6, 4), torch.full((4, 4), 5.0)])
-    centres, counts = memory_prototypes(many, num_prototypes=2)
-    assert sorted(counts.tolist()) == [4.0, 6.0]
+    centres, counts = memory_prototypes(many, num_prototypes=5, min_entries=4)
+    assert sorted(counts.tolist()) == [4.0, 6.0]  # k = min(5, 10 // 4) = 2 clusters, both large enough
+    centres, counts = memory_prototypes(many, num_prototypes=5, min_entries=5)
+    assert counts.tolist() == [6.0]  # the cluster of 4 is dropped
+    torch.testing.assert_close(centres, torch.zeros(1, 4))
     result = ClientResult({"w": torch.zeros(10)}, 7, centres, counts)
-    assert result.num_bytes() == 10 * 4 + 2 * 4 * 4 + 2 * 4
+    assert result.num_bytes() == 10 * 4 + 1 * 4 * 4 + 1 * 4
+
+
+def test_row_tables_travel_as_changed_rows_and_their_indices():
+    delta = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, -2.0]])
+    message, changed = sparse_row_updates({"table": delta, "w": torch.ones(3)}, ["table"])
+    assert changed["table"].tolist() == [1, 3]
+    torch.testing.assert_close(message["table"], torch.tensor([[1.0, 0.0], [0.0, -2.0]]))
+    torch.testing.assert_close(message["w"], torch.ones(3))
+    result = ClientResult(message, 5, torch.zeros(0, 2), torch.zeros(0), changed_rows=changed)
+    assert result.num_bytes() == 2 * 2 * 4 + 2 * 8 + 3 * 4  # two rows, their int64 indices, the dense vector
+
+
+def _two_clients_of_a_table(aggregation: str) -> dict[str, torch.Tensor]:
+    """Client A (10 samples) changed rows 1, 2; client B (30 samples) changed row 2; rows 0 and 3 untouched."""
+    accumulator = UpdateAccumulator(aggregation, {"table": torch.Size([4, 2])})
+    accumulator.add(
+        {"table": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "w": torch.tensor([1.0])},
+        10,
+        {"table": torch.tensor([1, 2])},
+    )
+    accumulator.add({"table": torch.tensor([[-1.0, 0.0]]), "w": torch.tensor([5.0])}, 30, {"table": torch.tensor([2])})
+    return accumulator.mean()
+
+
+def test_rowwise_aggregation_averages_a_row_over_the_clients_that_changed_it():
+    # by hand: row 1 only A changed, row 2 both (weights 10 and 30), rows 0 and 3 nobody
+    mean = _two_clients_of_a_table("mean")
+    torch.testing.assert_close(
+        mean["table"], torch.tensor([[0.0, 0.0], [10 / 40, 20 / 40], [(30 - 30) / 40, 40 / 40], [0.0, 0.0]])
+    )
+    rowwise = _two_clients_of_a_table("rowwise")
+    torch.testing.assert_close(
+        rowwise["table"], torch.tensor([[0.0, 0.0], [1.0, 2.0], [(30 - 30) / 40, 40 / 40], [0.0, 0.0]])
+    )
+    summed = _two_clients_of_a_table("sum")
+    torch.testing.assert_close(summed["table"], torch.tensor([[0.0, 0.0], [1.0, 2.0], [2.0, 4.0], [0.0, 0.0]]))
+    for aggregate in (mean, rowwise, summed):  # dense parameters: the weighted mean in every mode
+        torch.testing.assert_close(aggregate["w"], torch.tensor([(10 * 1.0 + 30 * 5.0) / 40]))
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        UpdateAccumulator("median")
+
+
+def test_fedavg_with_server_lr_one_is_the_plain_weighted_mean_step():
+    params = {"w": torch.tensor([0.3, -1.7, 2.0]), "frozen": torch.ones(1)}
+    update = {"w": torch.tensor([0.1, 0.25, -3.0])}
+    stepped = ServerOptimizer("fedavg", lr=1.0).step(params, update)
+    assert torch.equal(stepped["w"], FedMemStrategy.apply(params, update)["w"])  # bit for bit
+    assert torch.equal(stepped["frozen"], params["frozen"])
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
+def test_server_optimizers_follow_the_papers_updates_for_two_rounds(name):
+    lr, momentum, b1, b2, tau = 0.5, 0.9, 0.9, 0.99, 0.1
+    x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    deltas = [torch.tensor([0.2, -0.4], dtype=torch.float64), torch.tensor([-0.1, 0.3], dtype=torch.float64)]
+    optimizer = ServerOptimizer(name, lr=lr, momentum=momentum, beta1=b1, beta2=b2, tau=tau)
+    x = {"w": x0}
+    for delta in deltas:
+        x = optimizer.step(x, {"w": delta})
+    # the same two rounds written out by hand, elementwise, in plain floats
+    for i in range(2):
+        value, m, v = x0[i].item(), 0.0, tau**2
+        for delta in (d[i].item() for d in deltas):
+            if name == "fedavg":
+                value += lr * delta
+            elif name == "fedavgm":
+                m = momentum * m + delta
+                value += lr * m
+            else:
+                m = b1 * m + (1 - b1) * delta
+                if name == "fedadam":
+                    v = b2 * v + (1 - b2) * delta**2
+                else:
+                    v = v - (1 - b2) * delta**2 * (1.0 if v > delta**2 else -1.0 if v < delta**2 else 0.0)
+                value += lr * m / (v**0.5 + tau)
+        assert x["w"][i].item() == pytest.approx(value, rel=1e-12)
+
+
+def test_server_optimizer_state_round_trips_and_refuses_another_optimizer():
+    first = ServerOptimizer("fedadam", lr=0.1)
+    params = first.step({"w": torch.zeros(2)}, {"w": torch.ones(2)})
+    second = ServerOptimizer("fedadam", lr=0.1)
+    second.load_state_dict(first.state_dict())
+    torch.testing.assert_close(second.step(params, {"w": torch.ones(2)}), first.step(params, {"w": torch.ones(2)}))
+    with pytest.raises(ValueError, match="cannot resume"):
+        ServerOptimizer("fedyogi").load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match="server_optimizer must be one of"):
+        ServerOptimizer("fedsgd")

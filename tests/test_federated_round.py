@@ -41,12 +41,17 @@ def test_one_client_with_all_users_and_one_local_epoch_equals_one_centralised_ep
         torch.testing.assert_close(federated.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_clients_send_parameter_updates_and_prototypes_never_their_memory(tmp_path):
-    config, _, (train_data, _, _), model = tiny_run(tmp_path, memory_surprise_threshold=-1.0, num_memory_prototypes=2)
+def _recorded_round(tmp_path, min_entries: int = 5, round_idx: int = 0, **overrides):
+    """One round of one-user clients on the tiny dataset, every positive written to memory -> (model, report,
+    what each client sent)."""
+    config, _, (train_data, _, _), model = tiny_run(
+        tmp_path, memory_surprise_threshold=-1.0, num_memory_prototypes=2, **overrides
+    )
     windows = SequenceWindows(train_data, model, 16, torch.device("cpu"), config["seed"])
     clients = [FedMemClient(i, user[None], windows) for i, user in enumerate(windows.user_ids.unique())]
     sent: list[ClientResult] = []
-    server = FedMemServer(model, clients, windows, FedMemStrategy(num_prototypes=2), LocalSettings(num_prototypes=2))
+    settings = LocalSettings(num_prototypes=2, prototype_min_entries=min_entries)
+    server = FedMemServer(model, clients, windows, FedMemStrategy(num_prototypes=2), settings)
     run = server.backend.run
 
     def recording_run(*args, **kwargs):
@@ -55,8 +60,13 @@ def test_clients_send_parameter_updates_and_prototypes_never_their_memory(tmp_pa
             yield result
 
     server.backend.run = recording_run
-    report = server.run_round(0)
-    assert len(sent) == len(clients) == report.clients
+    report = server.run_round(round_idx)
+    return model, report, sent
+
+
+def test_clients_send_parameter_updates_and_prototypes_never_their_memory(tmp_path):
+    model, report, sent = _recorded_round(tmp_path)
+    assert len(sent) == report.clients == model.memory.item_ids.size(0) - 1  # every user but the padding one
     parameter_names = set(shared_parameters(model))
     entry_dim = model.memory.visual.size(-1) + model.memory.text.size(-1)
     for result in sent:
@@ -67,8 +77,13 @@ def test_clients_send_parameter_updates_and_prototypes_never_their_memory(tmp_pa
             "prototype_counts",
             "mean_loss",
             "client_id",
+            "changed_rows",
         }
         assert set(result.update) == parameter_names  # parameters only: no buffer, no memory slot
+        # the item embedding travels as its changed rows: those of the items this client scored
+        rows = result.changed_rows["item_embedding.weight"]
+        assert 0 < len(rows) < model.n_items and 0 not in rows.tolist()  # never the padding row
+        assert result.update["item_embedding.weight"].shape == (len(rows), model.item_emb_dim)
         assert not any(name.startswith("memory.") for name in result.update)
         assert "user_embedding.weight" not in result.update  # per-user parameters stay with their client
         assert result.prototypes.shape[0] <= 2 and result.prototypes.shape[1] == entry_dim
@@ -77,10 +92,11 @@ def test_clients_send_parameter_updates_and_prototypes_never_their_memory(tmp_pa
     assert report.bytes_up == sum(result.num_bytes() for result in sent)
 
 
-def _one_user_clients(tmp_path, backend, **settings):
+def _one_user_clients(tmp_path, backend, device="cpu", **settings):
     """A model and a server of one-user clients on the tiny dataset, in float64 and without dropout."""
     config, _, (train_data, _, _), model = tiny_run(
         tmp_path,
+        device,
         dropout=0.0,
         memory_surprise_threshold=0.3,
         num_memory_prototypes=2,
@@ -88,7 +104,7 @@ def _one_user_clients(tmp_path, backend, **settings):
         max_seq_len=4,
     )
     model.double()
-    windows = SequenceWindows(train_data, model, 16, torch.device("cpu"), config["seed"])
+    windows = SequenceWindows(train_data, model, 16, torch.device(device), config["seed"])
     clients = [FedMemClient(i, user[None], windows) for i, user in enumerate(windows.user_ids.unique())]
     local = LocalSettings(num_prototypes=2, seed=config["seed"], **settings)
     return model, FedMemServer(model, clients, windows, FedMemStrategy(num_prototypes=2), local, backend=backend)
@@ -97,18 +113,25 @@ def _one_user_clients(tmp_path, backend, **settings):
 # FedProx with few local steps: on a parameter whose loss gradient is exactly zero (attention key biases),
 # Adam steps by lr * g / eps for tiny g, so the proximal gradient mu * (w - w_global) grows round-off by
 # lr * mu / eps = 5e4 per step in either backend; after ~4 steps that noise is lr-sized and the two differ.
-@pytest.mark.parametrize(
-    "settings", [{"local_epochs": 2, "local_batch_size": 2}, {"fedprox_mu": 0.5, "local_batch_size": 8}]
-)
+BACKEND_SETTINGS = [{"local_epochs": 2, "local_batch_size": 2}, {"fedprox_mu": 0.5, "local_batch_size": 8}]
+
+
+@pytest.mark.parametrize("settings", BACKEND_SETTINGS)
 def test_sequential_and_vectorized_backends_compute_the_same_rounds(tmp_path, settings):
+    assert_backends_compute_the_same_rounds(tmp_path, settings, "cpu")
+
+
+def assert_backends_compute_the_same_rounds(tmp_path, settings, device):
     """Same seed and settings: the same aggregated model, memories, prototypes and losses after two rounds.
 
     Float64 and dropout 0: dropout masks are drawn differently by the two backends, and in float32
     Adam turns the round-off noise on parameters whose true gradient is exactly zero (the key biases
     of softmax attention) into lr-sized steps of either sign.
     """
-    sequential_model, sequential = _one_user_clients(tmp_path / "s", SequentialBackend(), **settings)
-    vectorized_model, vectorized = _one_user_clients(tmp_path / "v", VectorizedBackend(chunk_targets=20), **settings)
+    sequential_model, sequential = _one_user_clients(tmp_path / "s", SequentialBackend(), device, **settings)
+    vectorized_model, vectorized = _one_user_clients(
+        tmp_path / "v", VectorizedBackend(chunk_targets=20), device, **settings
+    )
     chunks = vectorized.backend.chunks(vectorized.clients, vectorized.windows, vectorized.settings)
     assert len(chunks) > 1 and max(len(chunk) for chunk in chunks) > 1  # batched, and in several chunks
     steps = {client.steps_per_epoch(vectorized.windows, vectorized.settings) for client in vectorized.clients}
@@ -125,3 +148,37 @@ def test_sequential_and_vectorized_backends_compute_the_same_rounds(tmp_path, se
     expected = sequential_model.state_dict()
     for name, value in vectorized_model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_no_sent_prototype_is_a_single_items_feature_row(tmp_path):
+    """A prototype of one memory entry is an item's feature row: the server would learn an item the user saw."""
+    model, _, sent = _recorded_round(tmp_path)
+    features = model.item_features
+    item_rows = torch.cat([features.visual, features.text], dim=1)[1:]  # [items, Fv + Ft], without padding
+    prototypes = torch.cat([result.prototypes for result in sent])  # [P, Fv + Ft]
+    assert len(prototypes) > 0  # clients with five or more memory entries did send
+    assert all((result.prototype_counts >= 5).all() for result in sent)
+    distance = torch.cdist(prototypes.double(), item_rows.double())  # [P, items]
+    assert distance.min() > 1e-4
+    # the rule is what protects them: with one entry allowed, some prototypes are items' rows
+    model, _, leaky = _recorded_round(tmp_path / "leaky", min_entries=1)
+    leaked = torch.cdist(torch.cat([result.prototypes for result in leaky]).double(), item_rows.double())
+    assert (leaked.min(dim=1).values < 1e-4).any()
+
+
+def test_a_sampled_round_touches_only_its_selected_clients_private_state(tmp_path):
+    config, _, (train_data, _, _), model = tiny_run(tmp_path, memory_surprise_threshold=-1.0)
+    windows = SequenceWindows(train_data, model, 16, torch.device("cpu"), config["seed"])
+    clients = [FedMemClient(i, user[None], windows) for i, user in enumerate(windows.user_ids.unique())]
+    strategy = FedMemStrategy(num_prototypes=2, clients_per_round=3, seed=5)
+    server = FedMemServer(model, clients, windows, strategy, LocalSettings(num_prototypes=2))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    selected = strategy.select_clients(0, len(clients))
+    report = server.run_round(0)
+    assert report.clients == 3
+    chosen_users = torch.cat([clients[i].user_ids for i in selected])
+    others = torch.tensor([user for user in range(model.memory.item_ids.size(0)) if user not in chosen_users])
+    after = model.state_dict()
+    for name in ("memory.item_ids", "memory.count", "memory.text", "user_embedding.weight"):
+        assert torch.equal(after[name][others], before[name][others]), name  # no other user's row moved
+        assert not torch.equal(after[name][chosen_users], before[name][chosen_users]), name  # the selected trained

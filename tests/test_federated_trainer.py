@@ -39,8 +39,14 @@ def test_random_and_dirichlet_partitions_group_users_into_clients(tmp_path):
     assert trainer.round_reports[0].clients == 3
 
 
-def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    _, uninterrupted = run(tmp_path / "a", rounds=4)
+@pytest.mark.parametrize(
+    "server",
+    [{}, {"server_optimizer": "fedadam", "server_lr": 0.01, "aggregation": "rowwise"}],
+    ids=["fedavg", "fedadam"],
+)
+def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_path, monkeypatch, server):
+    """The resume state holds everything a round depends on, the server optimizer's moments included."""
+    _, uninterrupted = run(tmp_path / "a", rounds=4, **server)
 
     real_round = FedMemServer.run_round
 
@@ -51,9 +57,9 @@ def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_
 
     monkeypatch.setattr(FedMemServer, "run_round", crash_at_round_two)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", rounds=4)
+        run(tmp_path / "b", rounds=4, **server)
     monkeypatch.setattr(FedMemServer, "run_round", real_round)
-    trainer, resumed = run(tmp_path / "b", rounds=4)  # the same command again
+    trainer, resumed = run(tmp_path / "b", rounds=4, **server)  # the same command again
     assert [report.round_idx for report in trainer.round_reports] == [2, 3]
     assert resumed == uninterrupted
 
@@ -92,3 +98,21 @@ def test_the_backend_setting_picks_the_execution_and_a_vectorized_run_trains(tmp
     assert [report.clients for report in trainer.round_reports] == [12, 12]
     assert trainer.round_reports[-1].peak_rss_mb > 10
     assert 0.0 <= test_result["ndcg@10"] <= 1.0 and int(trainer.model.memory.prototype_valid.sum()) == 2
+
+
+def test_a_time_budget_stops_the_run_after_the_round_that_spends_it(tmp_path):
+    trainer, _ = run(tmp_path, rounds=50, time_budget_s=1e-9)
+    assert len(trainer.round_reports) == 1  # the first round already spent it
+    assert trainer.round_reports[0].elapsed_seconds > 0
+
+
+def test_server_settings_reach_the_strategy(tmp_path):
+    config, _, (train_data, _, _), model = tiny_run(
+        tmp_path, **FEDERATED, server_optimizer="fedyogi", server_lr=0.05, aggregation="sum", local_optimizer="sgd"
+    )
+    trainer = FederatedTrainer(config, model)
+    server = trainer.build_server(train_data)
+    optimizer = server.strategy.server_optimizer
+    assert (optimizer.name, optimizer.lr, optimizer.tau) == ("fedyogi", 0.05, 0.001)  # tau from federated.yaml
+    assert server.strategy.aggregation == "sum" and trainer.settings.local_optimizer == "sgd"
+    assert server.row_shapes == {"item_embedding.weight": model.item_embedding.weight.shape}

@@ -146,7 +146,7 @@ def test_half_precision_storage_and_state_dict_round_trip():
         assert torch.equal(left, right)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cpu_and_cuda_retrieval_agree():
     memory = make(surprise_threshold=0.0)
     write(memory, 1, [5, 6, 7], [0.9, 0.8, 0.7], [1, 2, 3])

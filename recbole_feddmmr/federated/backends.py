@@ -22,9 +22,11 @@ from recbole_feddmmr.federated.client import (
     LocalSettings,
     client_generator,
     load_parameters,
+    local_optimizer,
     memory_clock,
+    proximal_term,
 )
-from recbole_feddmmr.federated.strategy import ClientResult
+from recbole_feddmmr.federated.strategy import ClientResult, sparse_row_updates
 from recbole_feddmmr.model.layers import vmap_mode
 from recbole_feddmmr.trainer import SequenceWindows
 
@@ -143,7 +145,7 @@ class VectorizedBackend:
         params = {
             name: value.expand(count, *value.shape).clone() for name, value in {**global_params, **per_user}.items()
         }  # [n, ...]
-        optimizer = torch.optim.Adam(list(params.values()), lr=settings.local_lr)
+        optimizer = local_optimizer(list(params.values()), settings)
         device = windows.user_ids.device
         generators = [client_generator(settings.seed, round_idx, client.client_id, device) for client in chunk]
         loss_module = _PointsLoss(model)
@@ -156,11 +158,11 @@ class VectorizedBackend:
             reported = rec_loss + lb_loss
             loss = reported
             if mu > 0:  # FedProx, as in the sequential client
-                loss = loss + mu / 2 * sum(((client_params[n] - v) ** 2).sum() for n, v in global_params.items())
+                loss = loss + proximal_term(client_params, global_params, mu)
             return loss, (reported, rec_loss.new_zeros(points.weight.shape) if surprise is None else surprise)
 
         client_gradients = grad_and_value(client_loss, has_aux=True)
-        loss_sum, steps = torch.zeros(count, dtype=torch.float64), 0
+        loss_sum, steps = torch.zeros(count, dtype=torch.float64, device=device), 0  # on the device: no sync per step
         for local_epoch in range(settings.local_epochs):
             clock = memory_clock(round_idx, local_epoch, settings, windows)
             batches = [client.epoch_batches(windows, round_idx, local_epoch, settings) for client in chunk]
@@ -189,12 +191,19 @@ class VectorizedBackend:
             for name in per_user:
                 for index, client in enumerate(chunk):
                     model_params[name][client.user_ids] = params[name][index, client.user_ids]
+        mean_losses = (loss_sum / steps).tolist() if steps else [0.0] * count  # one host sync per chunk
         for index, client in enumerate(chunk):
             centres, counts = client.prototypes(model, settings)
             update = {name: params[name][index] - value for name, value in global_params.items()}
-            mean_loss = float(loss_sum[index] / steps) if steps else 0.0
+            update, changed_rows = sparse_row_updates(update, getattr(model, "per_item_parameters", ()))
             yield ClientResult(
-                update, client.num_samples, centres, counts, mean_loss=mean_loss, client_id=client.client_id
+                update,
+                client.num_samples,
+                centres,
+                counts,
+                mean_loss=mean_losses[index],
+                client_id=client.client_id,
+                changed_rows=changed_rows,
             )
 
     @staticmethod

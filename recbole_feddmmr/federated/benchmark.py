@@ -9,7 +9,10 @@ with early stopping on validation NDCG@10 (full ranking) and its best-validation
 evaluated on test, full ranking and uni100 (:func:`recbole_feddmmr.benchmark.run_model`).
 
 Speed, in one process from the same initial model: one centralised training epoch of UR4RecV2MoE,
-then one full-participation round with each backend (sequential, vectorized); peak RSS after each.
+then one full-participation round with each backend (sequential, vectorized; ``--backends`` picks);
+peak RSS after each, and peak CUDA memory on a GPU. ``--speed_only`` runs only this part, e.g. on a GPU:
+
+    python -m recbole_feddmmr.federated.benchmark --dataset ml-100k --speed_only --backends vectorized
 
 With ``--jobs 2`` the tasks run in two processes side by side (one torch thread each, set
 ``OMP_NUM_THREADS=1``); the speed ratios are always taken inside one process. Results are written
@@ -34,6 +37,7 @@ from recbole.utils import init_seed
 
 from recbole_feddmmr.benchmark import git_commit, machine_description, parse_run, run_model
 
+BACKENDS = ("sequential", "vectorized")
 DEFAULT_RUNS = (
     "UR4RecV2MoE[federated=True]",
     "UR4RecV2MoE[federated=True,feature_id_field=null]",
@@ -41,8 +45,12 @@ DEFAULT_RUNS = (
 )
 
 
-def measure_speed(dataset: str, overrides: dict[str, Any], chunk_targets: int | None) -> dict[str, Any]:
+def measure_speed(
+    dataset: str, overrides: dict[str, Any], chunk_targets: int | None, backends: tuple[str, ...] = BACKENDS
+) -> dict[str, Any]:
     """Seconds of one centralised epoch and of one full-participation round per backend (same process)."""
+    import torch
+
     from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
     from recbole_feddmmr.federated.server import peak_rss_mb
     from recbole_feddmmr.federated.trainer import FederatedTrainer
@@ -50,25 +58,35 @@ def measure_speed(dataset: str, overrides: dict[str, Any], chunk_targets: int | 
     from recbole_feddmmr.trainer import UR4RecV2MoETrainer
 
     config, (train_data, _, _), model = prepare_run("UR4RecV2MoE", dataset, config_dict=overrides)
+    on_cuda = config["device"].type == "cuda"
+
+    def cuda_peak_mb() -> dict[str, float]:  # peak CUDA memory since the last reset (kernels finished)
+        if not on_cuda:
+            return {}
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        return {"cuda_peak_mb": peak}
+
     initial = copy.deepcopy(model.state_dict())
     centralised = UR4RecV2MoETrainer(config, model)
+    cuda_peak_mb()
     started = time.perf_counter()
     centralised._train_epoch(train_data, 0)
+    peak = cuda_peak_mb()  # synchronises first: the epoch's last kernels are part of its time
     result: dict[str, Any] = {
+        "device": str(config["device"]),
         "centralised_epoch_seconds": time.perf_counter() - started,
         "centralised_peak_rss_mb": peak_rss_mb(),
+        **{f"centralised_{key}": value for key, value in peak.items()},
         "rounds": {},
     }
-    on_cuda = config["device"].type == "cuda"
-    backends = {
-        "sequential": SequentialBackend(),
-        "vectorized": VectorizedBackend(chunk_targets or (8192 if on_cuda else 256)),
-    }
-    for name, backend in backends.items():
+    chunk_targets = chunk_targets or (8192 if on_cuda else 256)
+    for name in backends:
         model.load_state_dict(initial)
         init_seed(config["seed"], config["reproducibility"])
         server = FederatedTrainer(config, model).build_server(train_data)
-        server.backend = backend
+        server.backend = SequentialBackend() if name == "sequential" else VectorizedBackend(chunk_targets)
         report = server.run_round(0)
         result["rounds"][name] = {
             "clients": report.clients,
@@ -77,18 +95,28 @@ def measure_speed(dataset: str, overrides: dict[str, Any], chunk_targets: int | 
             "bytes_up": report.bytes_up,
             "bytes_down": report.bytes_down,
             "peak_rss_mb": report.peak_rss_mb,
+            **cuda_peak_mb(),
         }
     rounds, epoch = result["rounds"], result["centralised_epoch_seconds"]
     result["round_over_epoch"] = {name: values["seconds"] / epoch for name, values in rounds.items()}
-    result["vectorized_over_sequential"] = rounds["vectorized"]["seconds"] / rounds["sequential"]["seconds"]
-    result["vectorized_chunk_targets"] = backends["vectorized"].chunk_targets
+    if "sequential" in rounds and "vectorized" in rounds:
+        result["vectorized_over_sequential"] = rounds["vectorized"]["seconds"] / rounds["sequential"]["seconds"]
+    if "vectorized" in rounds:
+        result["vectorized_chunk_targets"] = chunk_targets
     return result
 
 
-def _task(kind: str, label: str, dataset: str, overrides: dict[str, Any], chunk_targets: int | None):
+def _task(
+    kind: str,
+    label: str,
+    dataset: str,
+    overrides: dict[str, Any],
+    chunk_targets: int | None,
+    backends: tuple[str, ...] = BACKENDS,
+):
     logging.basicConfig(level=logging.INFO)
     if kind == "speed":
-        return kind, label, measure_speed(dataset, {**overrides, "federated": True}, chunk_targets)
+        return kind, label, measure_speed(dataset, {**overrides, "federated": True}, chunk_targets, backends)
     model, run_overrides = parse_run(label)
     return kind, label, {**run_model(model, dataset, {**overrides, **run_overrides}), "run_overrides": run_overrides}
 
@@ -110,6 +138,8 @@ def format_report(report: dict[str, Any]) -> str:
         "| expert share (seq / vis / sem) | MB up+down per round |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    if not report["runs"]:  # --speed_only
+        lines = []
     for run in report["runs"]:
         full, uni = run["test_full"], run["test_uni100"]
         share = run.get("expert_share")
@@ -127,7 +157,20 @@ def format_report(report: dict[str, Any]) -> str:
             text = ", ".join(f"{name} x{value:.3f}" for name, value in values.items())
             lines.append(f"\n{key[len('ratio ') :]}: {text}")
     speed = report.get("speed")
-    if speed:
+    if speed and set(speed["rounds"]) != set(BACKENDS):  # some backends only (--backends)
+        rounds = ", ".join(
+            f"{name} {values['seconds']:.1f} s (x{speed['round_over_epoch'][name]:.2f} of the epoch, "
+            f"{values['clients']} clients, peak RSS {values['peak_rss_mb']:.0f} MB"
+            + (f", CUDA peak {values['cuda_peak_mb']:.0f} MB)" if "cuda_peak_mb" in values else ")")
+            for name, values in speed["rounds"].items()
+        )
+        cuda_peak = speed.get("centralised_cuda_peak_mb")
+        lines.append(
+            f"\nspeed on {speed.get('device', '?')}: centralised epoch {speed['centralised_epoch_seconds']:.1f} s"
+            + (f" (CUDA peak {cuda_peak:.0f} MB)" if cuda_peak is not None else "")
+            + f"; full round: {rounds}"
+        )
+    elif speed:
         rounds = speed["rounds"]
         lines.append(
             f"\nspeed: centralised epoch {speed['centralised_epoch_seconds']:.1f} s; full round of "
@@ -156,6 +199,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--jobs", type=int, default=1, help="tasks run side by side in this many processes")
     parser.add_argument("--no_speed", action="store_true", help="skip the epoch / round timing")
+    parser.add_argument("--speed_only", action="store_true", help="only the epoch / round timing (no --runs)")
+    parser.add_argument(
+        "--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="backends the speed part times"
+    )
     parser.add_argument("--chunk_targets", type=int, default=None, help="vectorized backend chunk size")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides (yaml)")
     parser.add_argument("--out", default="results/federated_benchmark.json")
@@ -189,13 +236,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # longest first, so that side-by-side processes finish together
-    tasks = [("run", label) for label in args.runs[:1]]
+    if args.speed_only and args.no_speed:
+        parser.error("--speed_only and --no_speed exclude each other")
+    runs = [] if args.speed_only else args.runs
+    tasks = [("run", label) for label in runs[:1]]
     tasks += [] if args.no_speed else [("speed", "speed")]
-    tasks += [("run", label) for label in args.runs[1:]]
+    tasks += [("run", label) for label in runs[1:]]
+    backends = tuple(dict.fromkeys(args.backends))  # in the given order, once each
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state shared by fork
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context) as pool:
         futures = {
-            pool.submit(_task, kind, label, args.dataset, overrides, args.chunk_targets): label for kind, label in tasks
+            pool.submit(_task, kind, label, args.dataset, overrides, args.chunk_targets, backends): label
+            for kind, label in tasks
         }
         for future in as_completed(futures):
             try:

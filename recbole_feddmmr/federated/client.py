@@ -9,18 +9,41 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from recbole_feddmmr.federated.strategy import ClientResult, memory_prototypes
+from recbole_feddmmr.federated.strategy import ClientResult, memory_prototypes, sparse_row_updates
 from recbole_feddmmr.trainer import SequenceWindows, train_steps
+
+LOCAL_OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
 class LocalSettings:
     local_epochs: int = 1
     local_batch_size: int = 256  # training targets per local step
-    local_lr: float = 1e-3  # Adam, created fresh every round: no optimizer state is kept between rounds
+    local_lr: float = 1e-3
+    # created fresh every round (no optimizer state is kept between rounds): adam, or plain sgd as in the
+    # FedOpt papers (a fresh Adam moves every coordinate it touches by about lr, whatever the gradient)
+    local_optimizer: str = "adam"
     fedprox_mu: float = 0.0  # FedProx proximal term mu/2 ||w - w_global||^2 (0 = FedAvg)
     num_prototypes: int = 5  # k-means centres of the client's memory sent up (0 = none)
+    prototype_min_entries: int = 5  # a prototype averages at least this many memory entries
     seed: int = 2020
+
+    def __post_init__(self) -> None:
+        if self.local_optimizer not in LOCAL_OPTIMIZERS:
+            raise ValueError(f"local_optimizer must be one of {LOCAL_OPTIMIZERS}, got {self.local_optimizer!r}")
+
+
+def local_optimizer(params: list[Tensor], settings: LocalSettings) -> torch.optim.Optimizer:
+    """A client's fresh optimizer for one round (elementwise, so one over stacked client copies is each
+    client's own)."""
+    if settings.local_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.local_lr)
+    return torch.optim.Adam(params, lr=settings.local_lr)
+
+
+def proximal_term(params: dict[str, Tensor], global_params: dict[str, Tensor], mu: float) -> Tensor:
+    """FedProx's ``mu / 2 * ||w - w_global||^2`` over the shared parameters (one client's or, under vmap, each's)."""
+    return mu / 2 * sum(((params[name] - value) ** 2).sum() for name, value in global_params.items())
 
 
 def shared_parameters(model: nn.Module) -> dict[str, Tensor]:
@@ -90,7 +113,7 @@ class FedMemClient:
         entries = memory.entry_features(self.user_ids).cpu()  # [n, Fv + Ft]
         if entries.size(1) == 0:  # the memory stores no feature modality (experts off): nothing to summarise
             return torch.zeros(0, 0), torch.zeros(0)
-        return memory_prototypes(entries, settings.num_prototypes, settings.seed)
+        return memory_prototypes(entries, settings.num_prototypes, settings.seed, settings.prototype_min_entries)
 
     def fit(
         self,
@@ -107,17 +130,10 @@ class FedMemClient:
         """
         load_parameters(model, global_params)
         model.train()
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.local_lr)
+        optimizer = local_optimizer([p for p in model.parameters() if p.requires_grad], settings)
         proximal = None
         if settings.fedprox_mu > 0:
-            trainable = dict(model.named_parameters())
-
-            def proximal() -> Tensor:
-                return (
-                    settings.fedprox_mu
-                    / 2
-                    * sum(((trainable[name] - value) ** 2).sum() for name, value in global_params.items())
-                )
+            proximal = partial(proximal_term, dict(model.named_parameters()), global_params, settings.fedprox_mu)
 
         generator = client_generator(settings.seed, round_idx, self.client_id, windows.user_ids.device)
         loss_func = partial(model.calculate_window_loss, generator=generator)
@@ -131,6 +147,15 @@ class FedMemClient:
         update = {
             name: p.detach() - global_params[name] for name, p in model.named_parameters() if name in global_params
         }
+        update, changed_rows = sparse_row_updates(update, getattr(model, "per_item_parameters", ()))
         centres, counts = self.prototypes(model, settings)
         mean_loss = loss_sum / steps if steps else 0.0
-        return ClientResult(update, self.num_samples, centres, counts, mean_loss=mean_loss, client_id=self.client_id)
+        return ClientResult(
+            update,
+            self.num_samples,
+            centres,
+            counts,
+            mean_loss=mean_loss,
+            client_id=self.client_id,
+            changed_rows=changed_rows,
+        )

@@ -1,4 +1,4 @@
-"""The server of the simulation: one round = select, run clients on a backend, FedAvg, merge prototypes."""
+"""The server of the simulation: one round = select, run clients on a backend, aggregate, merge prototypes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from recbole_feddmmr.federated.backends import SequentialBackend
 from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, load_parameters, shared_parameters
-from recbole_feddmmr.federated.strategy import FedMemStrategy, UpdateAccumulator
+from recbole_feddmmr.federated.strategy import FedMemStrategy
 from recbole_feddmmr.trainer import SequenceWindows
 
 
@@ -26,6 +26,7 @@ class RoundReport:
     seconds: float
     peak_rss_mb: float = 0.0  # the process's peak resident memory so far (getrusage)
     valid_score: float | None = None  # validation metric after the round, when the trainer evaluated it
+    elapsed_seconds: float = 0.0  # wall time of the run up to the end of this round (evaluation included)
 
 
 def peak_rss_mb() -> float:
@@ -60,16 +61,22 @@ class FedMemServer:
         self.backend = backend or SequentialBackend()
         self.enable_prototype_aggregation = enable_prototype_aggregation
         self.global_params = shared_parameters(model)
+        # item-indexed tables among the shared parameters: clients send their changed rows only
+        self.row_shapes = {
+            name: self.global_params[name].shape
+            for name in getattr(model, "per_item_parameters", ())
+            if name in self.global_params
+        }
 
     def run_round(self, round_idx: int) -> RoundReport:
         started = time.perf_counter()
         selected = [self.clients[i] for i in self.strategy.select_clients(round_idx, len(self.clients))]
-        accumulator = UpdateAccumulator()
+        accumulator = self.strategy.new_accumulator(self.row_shapes)
         sent_prototypes, losses, bytes_up = {}, [], 0
         for result in self.backend.run(
             self.model, selected, self.global_params, self.windows, round_idx, self.settings
         ):
-            accumulator.add(result.update, result.num_samples)
+            accumulator.add(result.update, result.num_samples, result.changed_rows)
             if len(result.prototypes):
                 sent_prototypes[result.client_id] = (result.prototypes, result.prototype_counts)
             losses.append(result.mean_loss)
@@ -77,7 +84,7 @@ class FedMemServer:
         # in client order, whatever order the backend returned them in: the merge's k-means depends on it
         prototypes = [sent_prototypes[client_id][0] for client_id in sorted(sent_prototypes)]
         counts = [sent_prototypes[client_id][1] for client_id in sorted(sent_prototypes)]
-        self.global_params = self.strategy.apply(self.global_params, accumulator.mean())
+        self.global_params = self.strategy.aggregate(self.global_params, accumulator)
         load_parameters(self.model, self.global_params)
         bytes_down = sum(p.numel() * p.element_size() for p in self.global_params.values()) * len(selected)
         memory = getattr(self.model, "memory", None)

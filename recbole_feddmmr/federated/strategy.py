@@ -1,67 +1,202 @@
-"""The server's algorithm, FedAvg with memory prototypes, as one small object that knows no transport.
+"""The server's algorithm as one small object that knows no transport: select, configure, aggregate.
 
 A round: :meth:`FedMemStrategy.select_clients` picks the participants (seeded), the execution
-backend runs them and feeds each :class:`ClientResult` to an :class:`UpdateAccumulator`
-(a streaming weighted sum, so memory does not grow with the number of clients), and
-:meth:`FedMemStrategy.merge_prototypes` turns the clients' memory prototypes into the
-global prototypes every client reads next round.
+backend runs them and feeds each :class:`ClientResult` to an :class:`UpdateAccumulator` (a
+streaming weighted sum, so memory does not grow with the number of clients),
+:meth:`FedMemStrategy.aggregate` turns the aggregated update (the pseudo-gradient) into new global
+parameters with a :class:`ServerOptimizer`, and :meth:`FedMemStrategy.merge_prototypes` turns the
+clients' memory prototypes into the global prototypes every client reads next round.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 from torch import Tensor
 
+AGGREGATIONS = ("mean", "rowwise", "sum")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+
 
 @dataclass
 class ClientResult:
-    """What one client sends up: nothing else of its state ever reaches the server."""
+    """What one client sends up: nothing else of its state ever reaches the server.
 
-    update: dict[str, Tensor]  # parameter name -> (local - global) delta
+    For an item-indexed table (a row per item, e.g. the item embedding) the client sends only the rows
+    its training changed: ``update[name]`` is then ``[k, D]`` and ``changed_rows[name]`` their indices
+    ``[k]``; every other parameter's update is dense.
+    """
+
+    update: dict[str, Tensor]  # parameter name -> (local - global) delta (changed rows only for row tables)
     num_samples: int  # training targets seen, the FedAvg weight
     prototypes: Tensor  # [k, D] k-means centres of the client's memory features (k <= K)
     prototype_counts: Tensor  # [k] memory entries behind each centre
     mean_loss: float = 0.0
     client_id: int = -1  # who sent it (the server orders prototypes by it, so the merge ignores arrival order)
+    changed_rows: dict[str, Tensor] = field(default_factory=dict)  # row table name -> [k] int64 row indices
 
     def num_bytes(self) -> int:
-        tensors = [*self.update.values(), self.prototypes, self.prototype_counts]
+        tensors = [*self.update.values(), *self.changed_rows.values(), self.prototypes, self.prototype_counts]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class UpdateAccumulator:
-    """Streaming weighted FedAvg: sum_i n_i * update_i / sum_i n_i, one client at a time."""
+def sparse_row_updates(
+    update: dict[str, Tensor], row_tables: Collection[str]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Dense client update -> (the message's update, changed rows): each table of ``row_tables`` keeps only
+    the rows with a nonzero delta ``[k, D]`` and reports their indices ``[k]``."""
+    message, changed = dict(update), {}
+    for name in row_tables:
+        if name in update:
+            delta = update[name]  # [R, D]
+            rows = delta.flatten(1).ne(0).any(dim=1).nonzero().squeeze(1)  # [k]
+            message[name], changed[name] = delta[rows], rows
+    return message, changed
 
-    def __init__(self) -> None:
-        self.total: dict[str, Tensor] = {}
+
+class UpdateAccumulator:
+    """Streaming aggregation of client updates, one client at a time.
+
+    Dense parameters: the weighted mean ``sum_i n_i * update_i / sum_i n_i``. A row table (``row_shapes``:
+    name -> full shape) aggregates by ``aggregation``:
+
+    * ``mean``: as a dense parameter (a row no client changed counts as a zero update from every client,
+      so a row few clients touched is diluted by all the others);
+    * ``rowwise``: each row by the weighted mean over the clients that changed that row,
+      ``sum_{i: r changed} n_i * update_i[r] / sum_{i: r changed} n_i``;
+    * ``sum``: each row by the plain sum of the clients' updates of that row (FedRec-style servers).
+
+    A row that no client changed gets a zero update in every mode.
+    """
+
+    def __init__(self, aggregation: str = "mean", row_shapes: dict[str, torch.Size] | None = None) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        self.aggregation = aggregation
+        self.row_shapes = dict(row_shapes or {})
+        self.total: dict[str, Tensor] = {}  # name -> sum_i n_i * update_i (float64); row tables: sum_i update_i for sum
+        self.row_weight: dict[str, Tensor] = {}  # row table -> [R] sum of n_i over the clients that changed the row
         self.weight = 0
 
-    def add(self, update: dict[str, Tensor], num_samples: int) -> None:
+    def add(self, update: dict[str, Tensor], num_samples: int, changed_rows: dict[str, Tensor] | None = None) -> None:
         if num_samples <= 0:
             return
+        changed_rows = changed_rows or {}
         for name, delta in update.items():
+            if name in changed_rows:
+                rows = changed_rows[name]
+                scale = 1.0 if self.aggregation == "sum" else float(num_samples)
+                if name not in self.total:
+                    self.total[name] = delta.new_zeros(self.row_shapes[name], dtype=torch.float64)
+                    self.row_weight[name] = delta.new_zeros(self.row_shapes[name][0], dtype=torch.float64)
+                self.total[name].index_add_(0, rows, delta.detach().double() * scale)
+                self.row_weight[name].index_add_(0, rows, delta.new_full(rows.shape, num_samples, dtype=torch.float64))
+                continue
             weighted = delta.detach().double() * num_samples
             self.total[name] = self.total[name] + weighted if name in self.total else weighted
         self.weight += num_samples
 
     def add_partial(self, other: UpdateAccumulator) -> None:
         """Merge a pre-aggregated shard (e.g. a worker's many clients)."""
+        if other.aggregation != self.aggregation:
+            raise ValueError(f"cannot merge a {other.aggregation!r} shard into a {self.aggregation!r} aggregate")
         for name, weighted in other.total.items():
             self.total[name] = self.total[name] + weighted if name in self.total else weighted.clone()
+        for name, weight in other.row_weight.items():
+            self.row_weight[name] = self.row_weight[name] + weight if name in self.row_weight else weight.clone()
         self.weight += other.weight
 
     def mean(self) -> dict[str, Tensor]:
+        """The aggregated update (the server optimizer's pseudo-gradient), in float32."""
         if not self.weight:
             raise ValueError("no client update with samples to aggregate")
-        return {name: (total / self.weight).float() for name, total in self.total.items()}
+        aggregated = {}
+        for name, total in self.total.items():
+            if name not in self.row_weight or self.aggregation == "mean":
+                aggregated[name] = (total / self.weight).float()
+            elif self.aggregation == "rowwise":
+                row_weight = self.row_weight[name].clamp(min=1.0).view(-1, *[1] * (total.dim() - 1))  # [R, 1...]
+                aggregated[name] = (total / row_weight).float()  # untouched rows: 0 / 1
+            else:  # sum
+                aggregated[name] = total.float()
+        return aggregated
+
+
+class ServerOptimizer:
+    """The server's step on the aggregated client update (the pseudo-gradient ``delta``), after
+    "Adaptive Federated Optimization" (Reddi et al., ICLR 2021, Algorithm 2):
+
+    * ``fedavg``: ``x += lr * delta`` (``lr`` 1 is plain FedAvg);
+    * ``fedavgm``: ``m = momentum * m + delta; x += lr * m``;
+    * ``fedadam``: ``m = b1 * m + (1 - b1) * delta; v = b2 * v + (1 - b2) * delta^2; x += lr * m / (sqrt(v) + tau)``;
+    * ``fedyogi``: as fedadam with ``v = v - (1 - b2) * delta^2 * sign(v - delta^2)``.
+
+    As in the paper, ``m`` starts at 0 and ``v`` at ``tau^2``, with no bias correction. Written out rather
+    than borrowed from ``torch.optim`` because torch's Adam adds bias correction and has no Yogi, and these
+    four lines are the algorithm the paper specifies. The state is per parameter and is part of the run's
+    resume state (:meth:`state_dict`).
+    """
+
+    def __init__(
+        self,
+        name: str = "fedavg",
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        tau: float = 1e-3,
+    ) -> None:
+        if name not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server_optimizer must be one of {SERVER_OPTIMIZERS}, got {name!r}")
+        if lr <= 0:
+            raise ValueError(f"server_lr must be > 0, got {lr}")
+        self.name, self.lr, self.momentum, self.beta1, self.beta2, self.tau = name, lr, momentum, beta1, beta2, tau
+        self.first_moment: dict[str, Tensor] = {}
+        self.second_moment: dict[str, Tensor] = {}
+
+    def step(self, params: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, Tensor]:
+        """New parameters from ``params`` and the pseudo-gradient ``delta`` (names without one are kept)."""
+        new = dict(params)
+        for name, update in delta.items():
+            value = params[name]
+            update = update.to(value.dtype)
+            if self.name == "fedavg":
+                new[name] = value + self.lr * update
+                continue
+            m = self.first_moment.get(name)
+            if self.name == "fedavgm":
+                m = update.clone() if m is None else self.momentum * m + update
+                self.first_moment[name] = m
+                new[name] = value + self.lr * m
+                continue
+            m = torch.zeros_like(update) if m is None else m
+            v = self.second_moment.get(name, torch.full_like(update, self.tau**2))
+            m = self.beta1 * m + (1 - self.beta1) * update
+            squared = update * update
+            if self.name == "fedadam":
+                v = self.beta2 * v + (1 - self.beta2) * squared
+            else:  # fedyogi
+                v = v - (1 - self.beta2) * squared * torch.sign(v - squared)
+            self.first_moment[name], self.second_moment[name] = m, v
+            new[name] = value + self.lr * m / (v.sqrt() + self.tau)
+        return new
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "first_moment": self.first_moment, "second_moment": self.second_moment}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["name"] != self.name:
+            raise ValueError(f"server optimizer state of {state['name']!r} cannot resume {self.name!r}")
+        self.first_moment, self.second_moment = dict(state["first_moment"]), dict(state["second_moment"])
 
 
 class FedMemStrategy:
-    """Client selection, weighted FedAvg and prototype merging."""
+    """Client selection, aggregation (weighted mean, row-wise for item tables) with a server optimizer,
+    and prototype merging."""
 
     def __init__(
         self,
@@ -69,16 +204,27 @@ class FedMemStrategy:
         clients_per_round: int | None = None,
         client_fraction: float = 1.0,
         seed: int = 0,
+        *,
+        aggregation: str = "mean",
+        server_optimizer: ServerOptimizer | None = None,
     ) -> None:
         if not 0.0 < client_fraction <= 1.0:
             raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.num_prototypes = num_prototypes
         self.clients_per_round = clients_per_round
         self.client_fraction = client_fraction
         self.seed = seed
+        self.aggregation = aggregation
+        self.server_optimizer = server_optimizer or ServerOptimizer()
 
     def select_clients(self, round_idx: int, num_clients: int) -> np.ndarray:
-        """Sorted client indices of round ``round_idx``; the same (seed, round) always selects the same."""
+        """Sorted client indices of round ``round_idx``; the same (seed, round) always selects the same.
+
+        O(selected) for large populations: numpy's ``Generator.choice`` without replacement draws a small
+        sample by Floyd's method rather than permuting all ``num_clients``.
+        """
         count = self.clients_per_round or max(1, round(self.client_fraction * num_clients))
         count = min(count, num_clients)
         if count == num_clients:
@@ -86,9 +232,17 @@ class FedMemStrategy:
         rng = np.random.default_rng([self.seed, round_idx])
         return np.sort(rng.choice(num_clients, size=count, replace=False))
 
+    def new_accumulator(self, row_shapes: dict[str, torch.Size] | None = None) -> UpdateAccumulator:
+        """An empty aggregate for one round; ``row_shapes``: the item-indexed tables and their full shapes."""
+        return UpdateAccumulator(self.aggregation, row_shapes)
+
+    def aggregate(self, global_params: dict[str, Tensor], accumulator: UpdateAccumulator) -> dict[str, Tensor]:
+        """New global parameters: the server optimizer's step on the round's aggregated update."""
+        return self.server_optimizer.step(global_params, accumulator.mean())
+
     @staticmethod
     def apply(global_params: dict[str, Tensor], mean_update: dict[str, Tensor]) -> dict[str, Tensor]:
-        """New global parameters: the old plus the weighted mean update (names without an update are kept)."""
+        """Plain FedAvg: the old parameters plus the weighted mean update (names without an update are kept)."""
         return {
             name: value + mean_update[name] if name in mean_update else value for name, value in global_params.items()
         }
@@ -113,13 +267,26 @@ class FedMemStrategy:
         return torch.as_tensor(kmeans.cluster_centers_).float(), merged_counts.float()
 
 
-def memory_prototypes(features: Tensor, num_prototypes: int = 5, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """A client's memory features [n, D] -> (k-means centres [k, D], entries per centre [k]), k = min(K, n)."""
-    if len(features) <= num_prototypes:
-        return features.float().clone(), torch.ones(len(features))
+def memory_prototypes(
+    features: Tensor, num_prototypes: int = 5, seed: int = 0, min_entries: int = 5
+) -> tuple[Tensor, Tensor]:
+    """A client's memory features [n, D] -> (k-means centres [k, D], entries per centre [k]).
+
+    A centre is sent only if it averages at least ``min_entries`` memory entries: k = min(K, n // min_entries)
+    clusters, and a cluster that k-means left with fewer entries is dropped. So no prototype is one item's
+    feature row (which would tell the server an item the user has seen), and a client with fewer than
+    ``min_entries`` entries sends none.
+    """
+    min_entries = max(1, min_entries)
+    clusters = min(num_prototypes, len(features) // min_entries)
+    if clusters == 0:
+        return torch.zeros(0, features.size(1)), torch.zeros(0)
+    if clusters == 1:
+        return features.double().mean(dim=0, keepdim=True).float(), torch.tensor([float(len(features))])
     # one k-means++ start (scikit-learn's default): every client runs this every round, and a few dozen
     # memory entries need no restarts (the server's merge, once a round, keeps 4)
-    kmeans = KMeans(n_clusters=num_prototypes, n_init=1, random_state=seed)
+    kmeans = KMeans(n_clusters=clusters, n_init=1, random_state=seed)
     labels = kmeans.fit_predict(features.double().numpy())
-    counts = torch.bincount(torch.as_tensor(labels), minlength=num_prototypes).float()
-    return torch.as_tensor(kmeans.cluster_centers_).float(), counts
+    counts = torch.bincount(torch.as_tensor(labels), minlength=clusters).float()
+    keep = counts >= min_entries
+    return torch.as_tensor(kmeans.cluster_centers_).float()[keep], counts[keep]

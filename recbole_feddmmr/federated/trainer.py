@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +27,14 @@ from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBack
 from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, shared_parameters
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
 from recbole_feddmmr.federated.server import FedMemServer, RoundReport
-from recbole_feddmmr.federated.strategy import FedMemStrategy
+from recbole_feddmmr.federated.strategy import FedMemStrategy, ServerOptimizer
 from recbole_feddmmr.trainer import UR4RecV2MoETrainer
 
 # settings that do not change what a federated run computes; every other config entry is part of the
-# run's fingerprint, which names its resume file
+# run's fingerprint, which names its resume file (the backend is: its dropout masks differ)
 NOT_IN_FINGERPRINT = frozenset(
     {
-        "show_progress", "state", "checkpoint_dir", "eval_batch_size", "federated_backend",
+        "show_progress", "state", "checkpoint_dir", "eval_batch_size",
         "vectorized_chunk_targets", "device", "gpu_id", "use_gpu", "local_rank", "nproc", "world_size", "offset",
         "ip", "port", "worker", "log_wandb", "wandb_project", "eval_user_chunk",
     }
@@ -55,8 +56,10 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             local_epochs=config["local_epochs"],
             local_batch_size=config["local_batch_size"] or config["train_batch_size"],
             local_lr=config["local_lr"] or config["learning_rate"],
+            local_optimizer=config["local_optimizer"] or "adam",
             fedprox_mu=config["fedprox_mu"] or 0.0,
             num_prototypes=config["num_memory_prototypes"] if config["enable_prototype_aggregation"] else 0,
+            prototype_min_entries=config["prototype_min_entries"] or 1,
             seed=config["seed"],
         )
         # named by the fingerprint: runs of other settings (e.g. side by side in a benchmark) never share one
@@ -64,6 +67,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         name = f"{config['model']}-{config['dataset']}-federated-seed{config['seed']}-{self.run_fingerprint}.resume.pth"
         self.resume_file = Path(config["checkpoint_dir"]) / name
         self.round_reports: list[RoundReport] = []
+        self.elapsed_before_resume = 0.0
 
     # --------------------------------------------------------------- the run
     def build_server(self, train_data) -> FedMemServer:
@@ -95,6 +99,15 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             clients_per_round=config["clients_per_round"],
             client_fraction=config["client_fraction"],
             seed=config["seed"],
+            aggregation=config["aggregation"] or "mean",
+            server_optimizer=ServerOptimizer(
+                config["server_optimizer"] or "fedavg",
+                lr=config["server_lr"] or 1.0,
+                momentum=config["server_momentum"],
+                beta1=config["server_beta1"],
+                beta2=config["server_beta2"],
+                tau=config["server_tau"],
+            ),
         )
         return FedMemServer(
             self.model,
@@ -107,11 +120,13 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         )
 
     def build_backend(self) -> SequentialBackend | VectorizedBackend:
-        """``federated_backend`` (auto: sequential on CPU, vectorized on CUDA; see properties/federated.yaml)."""
+        """``federated_backend`` (auto: sequential; see properties/federated.yaml)."""
         name = self.config["federated_backend"] or "auto"
         on_cuda = self.device.type == "cuda"
         if name == "auto":
-            name = "vectorized" if on_cuda else "sequential"
+            # sequential on every device: the vectorized CUDA path has not yet run on a GPU (switch to it
+            # on CUDA once scripts/gpu_check.sh has passed on one)
+            name = "sequential"
         if name == "sequential":
             return SequentialBackend()
         if name == "vectorized":
@@ -119,7 +134,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         raise ValueError(f"federated_backend must be auto, sequential or vectorized, got {name!r}")
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        server = self.build_server(train_data)
+        server = self.server = self.build_server(train_data)
         self._resume_if_interrupted(server)
         self.logger.info(
             f"federated: {len(server.clients)} clients ({self.config['partition']} partition), "
@@ -127,6 +142,8 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         )
         rounds = range(self.start_epoch, self.rounds)
         iterator = tqdm(rounds, desc=set_color("Rounds", "pink"), ncols=100) if show_progress else rounds
+        budget = self.config["time_budget_s"]
+        started = time.perf_counter() - self.elapsed_before_resume
         for round_idx in iterator:
             report = server.run_round(round_idx)
             self.round_reports.append(report)
@@ -153,7 +170,11 @@ class FederatedTrainer(UR4RecV2MoETrainer):
                     self.best_valid_result = valid_result
                     if saved:
                         self._save_checkpoint(round_idx, verbose=verbose)
-            self._save_resume_state(round_idx)
+            report.elapsed_seconds = time.perf_counter() - started
+            if budget and report.elapsed_seconds >= budget and not stop:
+                self.logger.info(f"time budget of {budget} s spent after round {round_idx}: stopping")
+                stop = True
+            self._save_resume_state(round_idx, report.elapsed_seconds)
             if stop:
                 break
         if valid_data is None and saved:
@@ -162,10 +183,12 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         return self.best_valid_score, self.best_valid_result
 
     # ------------------------------------------------------------ resumption
-    def _save_resume_state(self, round_idx: int) -> None:
+    def _save_resume_state(self, round_idx: int, elapsed_seconds: float = 0.0) -> None:
         state = {
             "fingerprint": self.run_fingerprint,
             "round": round_idx,
+            "elapsed_seconds": elapsed_seconds,  # wall time so far, so a resumed run keeps its time budget
+            "server_optimizer": self.server.strategy.server_optimizer.state_dict(),  # momenta of FedAvgM/Adam/Yogi
             "cur_step": self.cur_step,
             "best_valid_score": self.best_valid_score,
             "best_valid_result": self.best_valid_result,
@@ -173,6 +196,8 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             "state_dict": self.model.state_dict(),  # global model, every user's memory, global prototypes
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
+        if self.device.type == "cuda":  # dropout on CUDA draws from the CUDA generators
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         self.resume_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.resume_file.with_name(self.resume_file.name + ".tmp")
         torch.save(state, tmp)
@@ -181,17 +206,22 @@ class FederatedTrainer(UR4RecV2MoETrainer):
     def _resume_if_interrupted(self, server: FedMemServer) -> None:
         if not self.resume_file.exists():
             return
-        state = torch.load(self.resume_file, weights_only=False)  # written by this trainer
+        # written by this trainer; tensors onto this run's device (the file may come from a run on another)
+        state = torch.load(self.resume_file, map_location=self.device, weights_only=False)
         if state["fingerprint"] != self.run_fingerprint:
             raise RuntimeError(
                 f"{self.resume_file} belongs to a federated run with other settings: delete it to start afresh"
             )
         self.model.load_state_dict(state["state_dict"])
         server.global_params = shared_parameters(self.model)
+        server.strategy.server_optimizer.load_state_dict(state["server_optimizer"])
+        self.elapsed_before_resume = state["elapsed_seconds"]
         self.start_epoch = state["round"] + 1
         self.cur_step, self.best_valid_score = state["cur_step"], state["best_valid_score"]
         self.best_valid_result, self.saved_model_file = state["best_valid_result"], state["saved_model_file"]
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())  # RNG states are CPU byte tensors, whatever map_location
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state_all([rng.cpu() for rng in state["rng"]["cuda"]])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         self.logger.info(f"resuming the interrupted federated run from round {self.start_epoch} ({self.resume_file})")

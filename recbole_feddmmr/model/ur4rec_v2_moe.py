@@ -162,6 +162,9 @@ class UR4RecV2MoE(SequentialRecommender):
             self.user_proj = nn.Linear(self.user_emb_dim, self.hidden_dim, bias=False)
         # parameters with one row per user (row = user id): a user's row is trained by that user's data alone
         self.per_user_parameters: tuple[str, ...] = ("user_embedding.weight",) if self.user_emb_dim else ()
+        # parameters with one row per item (row = item id): a training step changes only the rows of the items
+        # it scored, which lets federated aggregation average a row over the clients that changed it
+        self.per_item_parameters: tuple[str, ...] = ("item_embedding.weight",)
 
         id_field = config["feature_id_field"]
         self.item_features = ItemFeatures(

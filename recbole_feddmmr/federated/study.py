@@ -1,0 +1,243 @@
+"""The federated accuracy study: server optimizers, aggregation, clients per round, local epochs, ablations.
+
+    python -m recbole_feddmmr.federated.study --dataset ml-100k --jobs 2 --time_budget 3600 \\
+        --out results/federated_study
+
+Every run is a ``MODEL[key=value,...]`` label (as in ``recbole_feddmmr.benchmark``): federated runs of
+UR4RecV2MoE under settings of ``properties/federated.yaml``, and the centralised UR4RecV2MoE under the same
+protocol and seed. Each trains with early stopping on validation NDCG@10 (full ranking), federated runs
+also stop when their time budget (``time_budget_s``, evaluation included) is spent, and the
+best-validation checkpoint is evaluated on test once. The round (or epoch) kept is chosen on validation
+only.
+
+Writes to ``--out``: ``runs/<label>.json`` per finished run (a rerun of the same command skips them, so
+an interrupted study continues), ``table.md`` and ``table.csv`` (best validation NDCG@10, its round, test
+HR@10 / NDCG@10 of that round, wall seconds, MB up+down per round), ``curves.png`` (validation NDCG@10
+against rounds and against wall seconds), and, when both the ``--defaults`` run and the ``--centralised``
+run finished, ``federated_accuracy.json`` with their test NDCG@10 and its ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import multiprocessing
+import shlex
+import sys
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from recbole_feddmmr.benchmark import git_commit, machine_description, parse_run, run_model
+
+CENTRALISED = "UR4RecV2MoE"
+# the defaults of properties/federated.yaml, whatever they are
+DEFAULTS = "UR4RecV2MoE[federated=True]"
+_SAMPLED = "federated=True,clients_per_round=64"
+_SGD_ADAM = "local_optimizer=sgd,local_lr=0.1,server_optimizer=fedadam,server_lr=0.01"
+DEFAULT_RUNS = (
+    CENTRALISED,
+    DEFAULTS,
+    # server optimizer x aggregation, 64 sampled one-user clients per round
+    f"UR4RecV2MoE[{_SAMPLED},server_optimizer=fedavg,aggregation=mean]",
+    f"UR4RecV2MoE[{_SAMPLED},server_optimizer=fedavg,aggregation=rowwise]",
+    f"UR4RecV2MoE[{_SAMPLED},local_optimizer=sgd,local_lr=0.1,server_optimizer=fedavgm,server_lr=1.0,aggregation=mean]",
+    f"UR4RecV2MoE[{_SAMPLED},local_optimizer=sgd,local_lr=0.1,server_optimizer=fedavgm,server_lr=1.0,aggregation=rowwise]",
+    f"UR4RecV2MoE[{_SAMPLED},{_SGD_ADAM},aggregation=mean]",
+    f"UR4RecV2MoE[{_SAMPLED},{_SGD_ADAM},aggregation=rowwise]",
+    # clients per round and local epochs
+    f"UR4RecV2MoE[federated=True,clients_per_round=256,{_SGD_ADAM}]",
+    f"UR4RecV2MoE[federated=True,{_SGD_ADAM}]",
+    f"UR4RecV2MoE[{_SAMPLED},{_SGD_ADAM},local_epochs=2]",
+    # what memory prototypes and the experts add, same settings
+    f"UR4RecV2MoE[{_SAMPLED},{_SGD_ADAM},enable_prototype_aggregation=false]",
+    f"UR4RecV2MoE[{_SAMPLED},{_SGD_ADAM},feature_id_field=null]",
+)
+
+
+def run_file(out: Path, label: str) -> Path:
+    """``out/runs/<readable prefix>-<hash>.json``: labels hold brackets, commas and '=' (not file-name safe)."""
+    digest = hashlib.sha256(label.encode()).hexdigest()[:10]
+    readable = "".join(c if c.isalnum() else "_" for c in label)[:80]
+    return out / "runs" / f"{readable}-{digest}.json"
+
+
+def _run(label: str, dataset: str, overrides: dict[str, Any], checkpoint_dir: str) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO)
+    model, run_overrides = parse_run(label)
+    # a folder of its own: RecBole names checkpoints by model and second, so side-by-side runs could collide
+    result = run_model(model, dataset, {**overrides, "checkpoint_dir": checkpoint_dir, **run_overrides})
+    return {"label": label, **result, "run_overrides": run_overrides}
+
+
+def summary_row(run: dict[str, Any]) -> dict[str, Any]:
+    """One table row of a finished run (federated or centralised)."""
+    rounds = run.get("rounds") or []
+    wall = rounds[-1]["elapsed_seconds"] if rounds else run["train_seconds"]
+    traffic = (run["bytes_up_total"] + run["bytes_down_total"]) / len(rounds) / 1e6 if rounds else None
+    return {
+        "run": run["label"],
+        "best_valid_ndcg@10": run["best_valid_ndcg@10"],
+        "best_round": run["best_epoch"],
+        "rounds_run": run["epochs_trained"],
+        "test_hit@10": run["test_full"]["hit@10"],
+        "test_ndcg@10": run["test_full"]["ndcg@10"],
+        "wall_seconds": wall,
+        "mb_up_down_per_round": traffic,
+    }
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, footer: str) -> str:
+    with (out / "table.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        "| run | best valid NDCG@10 | best round/epoch | test HR@10 | test NDCG@10 | wall s | MB up+down per round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        traffic = "-" if row["mb_up_down_per_round"] is None else f"{row['mb_up_down_per_round']:.0f}"
+        lines.append(
+            f"| {row['run']} | {row['best_valid_ndcg@10']:.4f} | {row['best_round']} of {row['rounds_run']} "
+            f"| {row['test_hit@10']:.4f} | {row['test_ndcg@10']:.4f} | {row['wall_seconds']:.0f} | {traffic} |"
+        )
+    text = "\n".join(lines) + "\n\n" + footer + "\n"
+    (out / "table.md").write_text(text)
+    return text
+
+
+def plot_curves(runs: list[dict[str, Any]], out: Path) -> Path | None:
+    """Validation NDCG@10 against rounds and against wall seconds, one line per federated run."""
+    federated = [run for run in runs if run.get("rounds")]
+    if not federated:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_round, by_time) = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
+    for run in federated:
+        points = [
+            (r["round_idx"] + 1, r["elapsed_seconds"], r["valid_score"])
+            for r in run["rounds"]
+            if r["valid_score"] is not None
+        ]
+        if not points:
+            continue
+        rounds, seconds, scores = zip(*points, strict=True)
+        label = run["label"].replace("UR4RecV2MoE", "").strip("[]") or "defaults"
+        by_round.plot(rounds, scores, marker=".", label=label)
+        by_time.plot(seconds, scores, marker=".", label=label)
+    central = next((run for run in runs if not run.get("rounds")), None)
+    for axis in (by_round, by_time):
+        if central is not None:
+            axis.axhline(central["best_valid_ndcg@10"], color="black", linestyle="--", label="centralised (best)")
+        axis.grid(alpha=0.3)
+    by_round.set_xlabel("round")
+    by_time.set_xlabel("wall seconds (evaluation included)")
+    by_round.set_ylabel("validation NDCG@10 (full ranking)")
+    by_time.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    path = out / "curves.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), help="MODEL[key=value,...] labels")
+    parser.add_argument("--centralised", default=CENTRALISED, help="the run the federated defaults are compared to")
+    parser.add_argument("--defaults", default=DEFAULTS, help="the federated run with the chosen defaults")
+    parser.add_argument("--time_budget", type=float, default=3600.0, help="seconds per federated run")
+    parser.add_argument("--rounds", type=int, default=2000, help="round cap of federated runs")
+    parser.add_argument("--eval_every", type=int, default=5, help="rounds between validations")
+    parser.add_argument("--stopping_step", type=int, default=10, help="validations without improvement")
+    parser.add_argument("--epochs", type=int, default=200, help="epoch cap of centralised runs")
+    parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side in this many processes")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides (yaml)")
+    parser.add_argument("--out", default="results/federated_study")
+    args = parser.parse_args(argv)
+
+    import yaml
+
+    overrides: dict[str, Any] = {
+        "rounds": args.rounds,
+        "time_budget_s": args.time_budget,
+        "eval_every": args.eval_every,
+        "epochs": args.epochs,
+        "stopping_step": args.stopping_step,
+        "seed": args.seed,
+        "show_progress": False,
+        "state": "INFO",
+    }
+    overrides.update({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)})
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    command = "python -m recbole_feddmmr.federated.study " + shlex.join(argv if argv is not None else sys.argv[1:])
+    done = {label: json.loads(run_file(out, label).read_text()) for label in args.runs if run_file(out, label).exists()}
+    pending = [label for label in args.runs if label not in done]
+    if done:
+        print(f"{len(done)} runs already in {out / 'runs'}, {len(pending)} to go", flush=True)
+    failed = []
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state shared by fork
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context) as pool:
+        futures = {
+            pool.submit(_run, label, args.dataset, overrides, str(run_file(out, label).with_suffix(".saved"))): label
+            for label in pending
+        }
+        for future in as_completed(futures):
+            label = futures[future]
+            try:
+                result = future.result()
+            except Exception:  # one failed run must not take the others' results with it
+                failed.append({"run": label, "error": traceback.format_exc()})
+                print(f"FAILED {label}: {failed[-1]['error'].strip().splitlines()[-1]}", flush=True)
+                continue
+            result.update(command=command, commit=git_commit(), machine=machine_description(), seed=args.seed)
+            run_file(out, label).write_text(json.dumps(result, indent=2))
+            done[label] = result
+            row = summary_row(result)
+            print(
+                f"finished {label}: best valid NDCG@10 {row['best_valid_ndcg@10']:.4f} at {row['best_round']}, "
+                f"test NDCG@10 {row['test_ndcg@10']:.4f}, {row['wall_seconds']:.0f} s ({len(done)}/{len(args.runs)})",
+                flush=True,
+            )
+    runs = [done[label] for label in args.runs if label in done]
+    report: dict[str, Any] = {"command": command, "runs": [summary_row(run) for run in runs], "failed": failed}
+    if not runs:
+        return report
+    commits = sorted({run["commit"] for run in runs})
+    footer = f"command: `{command}`; seed {args.seed}; commit(s) {', '.join(commits)}; machine: {runs[-1]['machine']}"
+    print(write_table(report["runs"], out, footer))
+    plot_curves(runs, out)
+    if args.defaults in done and args.centralised in done:
+        federated, central = done[args.defaults], done[args.centralised]
+        accuracy = {
+            "federated_test_ndcg10": federated["test_full"]["ndcg@10"],
+            "centralised_test_ndcg10": central["test_full"]["ndcg@10"],
+            "ratio": federated["test_full"]["ndcg@10"] / central["test_full"]["ndcg@10"],
+            "federated_run": args.defaults,
+            "centralised_run": args.centralised,
+            "federated_wall_seconds": summary_row(federated)["wall_seconds"],
+            "command": command,
+            "commit": federated["commit"],
+            "seed": args.seed,
+            "machine": federated["machine"],
+        }
+        (out / "federated_accuracy.json").write_text(json.dumps(accuracy, indent=2))
+        report["accuracy"] = accuracy
+        print(f"federated / centralised test NDCG@10: x{accuracy['ratio']:.3f}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main().get("failed") else 0)

@@ -1,0 +1,57 @@
+"""The federated study command on the tiny dataset: table, curves and the accuracy ratio agree with its runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from conftest import TINY_CONFIG
+
+from recbole_feddmmr.federated.study import main, run_file
+
+
+def test_study_writes_table_curves_and_the_federated_over_centralised_ratio(tmp_path):
+    out = tmp_path / "study"
+    settings = dict(TINY_CONFIG, num_memory_prototypes=2)
+    settings.pop("epochs")
+    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    sampled = "UR4RecV2MoE[federated=True,clients_per_round=4,server_optimizer=fedadam,server_lr=0.01]"
+    runs = ["UR4RecV2MoE", "UR4RecV2MoE[federated=True]", sampled]
+    arguments = ["--dataset", "tiny", "--runs", *runs, "--rounds", "3", "--eval_every", "1", "--epochs", "2"]
+    arguments += ["--jobs", "2", "--out", str(out), "--set", *overrides]
+    report = main(arguments)
+    assert not report["failed"]
+
+    results = {label: json.loads(run_file(out, label).read_text()) for label in runs}
+    with (out / "table.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["run"] for row in rows] == runs
+    for row in rows:  # each row is its run's best-validation figures
+        run = results[row["run"]]
+        assert float(row["test_ndcg@10"]) == pytest.approx(run["test_full"]["ndcg@10"])
+        assert float(row["best_valid_ndcg@10"]) == pytest.approx(run["best_valid_ndcg@10"])
+    federated = results[runs[1]]
+    assert [r["clients"] for r in federated["rounds"]] == [12, 12, 12]  # the defaults: every client
+    assert [r["clients"] for r in results[sampled]["rounds"]] == [4, 4, 4]
+    valid = [r["valid_score"] for r in federated["rounds"]]
+    assert federated["best_valid_ndcg@10"] == pytest.approx(max(valid))  # kept on validation
+    elapsed = [r["elapsed_seconds"] for r in federated["rounds"]]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    assert rows[0]["mb_up_down_per_round"] == "" and float(rows[1]["mb_up_down_per_round"]) > 0  # centralised: none
+
+    accuracy = json.loads((out / "federated_accuracy.json").read_text())
+    central = results["UR4RecV2MoE"]["test_full"]["ndcg@10"]
+    assert accuracy["centralised_test_ndcg10"] == central
+    assert accuracy["federated_test_ndcg10"] == federated["test_full"]["ndcg@10"]
+    assert accuracy["ratio"] == pytest.approx(federated["test_full"]["ndcg@10"] / central)
+    assert accuracy["command"].startswith("python -m recbole_feddmmr.federated.study") and accuracy["commit"]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| run | best valid NDCG@10" in (out / "table.md").read_text()
+
+    # the same command again continues the study: finished runs are read, not trained again
+    before = {label: run_file(out, label).stat().st_mtime_ns for label in runs}
+    again = main(arguments)
+    assert again["runs"] == report["runs"]
+    assert {label: run_file(out, label).stat().st_mtime_ns for label in runs} == before
