@@ -33,6 +33,7 @@ import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
+from recbole_feddmmr.compat import load_trusted
 from recbole_feddmmr.config import Config
 from recbole_feddmmr.quick_start import prepare_run
 from recbole_feddmmr.utils import get_trainer
@@ -111,7 +112,7 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
     test_uni100 = trainer.evaluate(test_uni, load_best_model=True)
 
     samples = len(train_data._dataset.inter_feat)
-    best_epoch = int(torch.load(trainer.saved_model_file, weights_only=False)["epoch"])
+    best_epoch = int(load_trusted(trainer.saved_model_file, map_location="cpu")["epoch"])
     rounds = [dataclasses.asdict(report) for report in getattr(trainer, "round_reports", [])]
     if rounds:  # federated: a round plays the part of an epoch
         epoch_seconds = [report["seconds"] for report in rounds]
@@ -168,7 +169,7 @@ def evaluate_checkpoint(path: str) -> dict[str, Any]:
     :func:`run_model` does: full ranking and uni100, plus the router's expert shares."""
     from recbole_feddmmr.utils import get_model
 
-    checkpoint = torch.load(path, weights_only=False)  # written by this project's trainers: trusted
+    checkpoint = load_trusted(path, map_location="cpu")  # written by this project's trainers
     settings = dict(checkpoint["config"].final_config_dict)
     model_name, dataset = settings.pop("model"), settings.pop("dataset")
     for derived in DERIVED_CONFIG_KEYS:  # Config computes these again from the rest

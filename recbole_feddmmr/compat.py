@@ -35,6 +35,12 @@ def apply_numpy_aliases() -> None:
             setattr(np, name, target)
 
 
+def load_trusted(path, map_location=None):
+    """``torch.load`` of a file this project wrote (a checkpoint, a federated resume state): they pickle
+    configs and numpy RNG states, which ``weights_only=True`` refuses. Never call it on a file from elsewhere."""
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
 @contextmanager
 def trusted_checkpoint_loading() -> Iterator[None]:
     """Within this block ``torch.load`` unpickles full RecBole checkpoints."""

@@ -11,19 +11,26 @@ for exactly the items of the .inter file (an item that only appears in the
 
 from __future__ import annotations
 
-import csv
 import logging
 import shutil
 import time
 from pathlib import Path
 
-import pandas as pd
-
-from recbole_feddmmr.features.atomic import item_token_order, write_itememb
+from recbole_feddmmr.features.atomic import item_token_order, ml100k_item_texts, read_atomic, write_itememb
 from recbole_feddmmr.features.text import encode_texts, load_sentence_encoder
 from recbole_feddmmr.features.validate import FeatureFileError, FeatureFileReport, validate_itememb
 from recbole_feddmmr.synthetic import PLANTED, write_planted
 
+# read_atomic and ml100k_item_texts live with the feature tools (below this module) and are re-exported here
+__all__ = [
+    "ML100K",
+    "check_item_features",
+    "ensure_dataset",
+    "ml100k_item_texts",
+    "prepare_ml100k",
+    "read_atomic",
+    "recbole_ml100k_dir",
+]
 ML100K = "ml-100k"
 ML100K_COPIED = ("inter", "item", "user")
 logger = logging.getLogger(__name__)
@@ -33,28 +40,6 @@ def recbole_ml100k_dir() -> Path:
     import recbole
 
     return Path(recbole.__file__).resolve().parent / "dataset_example" / ML100K
-
-
-def read_atomic(path: str | Path) -> pd.DataFrame:
-    """An atomic file as strings, columns named without their ``:type`` suffix."""
-    frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
-    frame.columns = [column.split(":")[0] for column in frame.columns]
-    return frame
-
-
-def ml100k_item_texts(item_file: str | Path, item_ids: list[str]) -> list[str]:
-    """The text ``Title (year). Genres: A, B`` of each of ``item_ids``, from RecBole's ml-100k.item."""
-    items = read_atomic(item_file).set_index("item_id")
-    missing = [item for item in item_ids if item not in items.index]
-    if missing:
-        raise ValueError(f"{item_file}: no row for item ids {missing[:5]} that appear in the .inter file")
-    texts = []
-    for item in item_ids:
-        row = items.loc[item]
-        year = f" ({row['release_year']})" if row["release_year"] else ""
-        genres = ", ".join(row["class"].split())
-        texts.append(f"{row['movie_title']}{year}. Genres: {genres}" if genres else f"{row['movie_title']}{year}")
-    return texts
 
 
 def prepare_ml100k(target_dir: str | Path, encoder=None, show_progress: bool = True) -> Path:

@@ -42,15 +42,16 @@ def get_model(model_name: str) -> type:
 
 def get_trainer(model_type: ModelType, model_name: str, federated: bool = False) -> type:
     """``<model_name>Trainer`` from the plugin if it exists, else RecBole's choice; with ``federated``
-    the plugin's FederatedTrainer (UR4RecV2MoE only: it trains through the model's window loss).
+    the plugin's FederatedTrainer, for any model that trains through a window loss
+    (``calculate_window_loss``, e.g. UR4RecV2MoE).
 
     Either way the class can reload RecBole checkpoints on torch >= 2.6.
     """
     if federated:
-        if model_name != "UR4RecV2MoE":
+        if not hasattr(get_model(model_name), "calculate_window_loss"):
             raise ValueError(
-                f"federated training runs UR4RecV2MoE (plain SASRec = UR4RecV2MoE with --feature_id_field=None), "
-                f"not {model_name}"
+                f"federated training needs a model with a window loss (calculate_window_loss), which {model_name} "
+                "has not: use UR4RecV2MoE (a plain SASRec = UR4RecV2MoE with --feature_id_field=None)"
             )
         from recbole_feddmmr.federated.trainer import FederatedTrainer
 

@@ -19,7 +19,9 @@ def test_federated_benchmark_reports_accuracy_speed_experts_and_bytes(tmp_path):
     runs = ["UR4RecV2MoE[federated=True]", "UR4RecV2MoE[federated=True,feature_id_field=null]", "SASRec"]
     broken = "UR4RecV2MoE[federated=True,loss_type=hinge]"  # fails at once: the other runs must still report
     arguments = ["--dataset", "tiny", "--runs", *runs, broken, "--rounds", "2", "--sasrec_epochs", "1", "--jobs", "2"]
-    report = main([*arguments, "--chunk_targets", "16", "--out", str(out), "--set", *overrides])
+    report = main(
+        [*arguments, "--chunk_targets", "16", "--sampled_clients", "3", "--out", str(out), "--set", *overrides]
+    )
     assert json.loads(out.read_text()) == report
     assert main(["--report", str(out)]) == report
 
@@ -55,3 +57,10 @@ def test_federated_benchmark_reports_accuracy_speed_experts_and_bytes(tmp_path):
         sequential["seconds"] / speed["centralised_epoch_seconds"]
     )
     assert min(sequential["peak_rss_mb"], vectorized["peak_rss_mb"]) > 10
+    # a sampled round of 3 of the 12 clients, timed in the same process with the first backend
+    sampled = speed["sampled_round"]
+    assert (sampled["clients"], sampled["backend"]) == (3, "sequential")
+    assert speed["sampled_over_full"] == pytest.approx(sampled["seconds"] / sequential["seconds"])
+    assert speed["sampled_clients_over_all"] == pytest.approx(3 / 12)
+    # the broadcast goes to the selected clients only (the merged prototypes may be fewer from fewer clients)
+    assert 0.95 * sequential["bytes_down"] * 3 / 12 <= sampled["bytes_down"] <= sequential["bytes_down"] * 3 / 12

@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import tiny_run
 
+from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
 from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, client_generator, shared_parameters
 from recbole_feddmmr.federated.server import FedMemServer
 from recbole_feddmmr.federated.strategy import ClientResult, FedMemStrategy
-from recbole_feddmmr.trainer import SequenceWindows, UR4RecV2MoETrainer
+from recbole_feddmmr.trainer import UR4RecV2MoETrainer
 
 
 def test_one_client_with_all_users_and_one_local_epoch_equals_one_centralised_epoch(tmp_path):

@@ -178,7 +178,8 @@ def test_fast_dropout_keep_rate_scaling_and_eval_identity():
 
 
 def test_written_out_causal_attention_of_vmap_mode_equals_the_fused_kernel():
-    from recbole_feddmmr.model.layers import causal_attention, in_vmap_mode, vmap_mode
+    from recbole_feddmmr.model.layers import causal_attention
+    from recbole_feddmmr.vmapping import in_vmap_mode, vmap_mode
 
     generator = torch.Generator().manual_seed(3)
     query, key, value = (torch.randn(2, 4, 6, 8, generator=generator) for _ in range(3))  # [B, h, L, d]

@@ -82,6 +82,12 @@ def test_model_and_trainer_lookup_prefers_plugin_and_falls_back_to_recbole():
     assert issubclass(sasrec_trainer, Trainer) and issubclass(sasrec_trainer, TrustedCheckpointMixin)
     with pytest.raises(ValueError):
         get_model("NoSuchModel")
+    # federated training is chosen by what the model supports (a window loss), not by its name
+    from recbole_feddmmr.federated.trainer import FederatedTrainer
+
+    assert get_trainer(ModelType.SEQUENTIAL, "UR4RecV2MoE", federated=True) is FederatedTrainer
+    with pytest.raises(ValueError, match="window loss"):
+        get_trainer(ModelType.SEQUENTIAL, "SASRec", federated=True)
 
 
 def test_config_layers_plugin_yaml_and_reads_dataset_atomic(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from conftest import tiny_run
 
-from recbole_feddmmr.trainer import SequenceWindows, cut_windows, user_sequences
+from recbole_feddmmr.data import SequenceWindows, cut_windows, user_sequences
 
 
 def test_windows_cover_every_target_once_with_at_least_half_a_window_of_history():

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recbole_feddmmr.datasets import ML100K, ml100k_item_texts, read_atomic
-from recbole_feddmmr.features.atomic import item_token_order, write_itememb
+from recbole_feddmmr.features.atomic import item_token_order, ml100k_item_texts, read_atomic, write_itememb
 from recbole_feddmmr.features.image import encode_images, find_item_images, load_clip
 from recbole_feddmmr.features.text import encode_texts, load_sentence_encoder
 
@@ -53,7 +52,7 @@ def build_features(args: argparse.Namespace) -> dict:
         summary[name] = {"dim": matrix.shape[1], "encoded": int(present.sum()), "without": int((~present).sum())}
 
     if not args.no_text:
-        if args.dataset == ML100K and not args.text_columns:
+        if args.dataset == "ml-100k" and not args.text_columns:  # its own text recipe
             texts = ml100k_item_texts(folder / f"{args.dataset}.item", item_ids)
         else:
             if not args.text_columns:

@@ -1,11 +1,14 @@
-"""Write RecBole ``.itememb`` atomic files (one ``token`` id column, ``float_seq`` feature columns)."""
+"""RecBole atomic files: read them as tables, and write ``.itememb`` files (one ``token`` id column,
+``float_seq`` feature columns)."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 
 def item_token_order(token: str) -> tuple[int, int | str]:
@@ -47,3 +50,25 @@ def write_itememb(
             handle.write("\t".join([str(item_id)] + [rendered[name][row] for name in features]) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def read_atomic(path: str | Path) -> pd.DataFrame:
+    """An atomic file as strings, columns named without their ``:type`` suffix."""
+    frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
+    frame.columns = [column.split(":")[0] for column in frame.columns]
+    return frame
+
+
+def ml100k_item_texts(item_file: str | Path, item_ids: list[str]) -> list[str]:
+    """The text ``Title (year). Genres: A, B`` of each of ``item_ids``, from RecBole's ml-100k.item."""
+    items = read_atomic(item_file).set_index("item_id")
+    missing = [item for item in item_ids if item not in items.index]
+    if missing:
+        raise ValueError(f"{item_file}: no row for item ids {missing[:5]} that appear in the .inter file")
+    texts = []
+    for item in item_ids:
+        row = items.loc[item]
+        year = f" ({row['release_year']})" if row["release_year"] else ""
+        genres = ", ".join(row["class"].split())
+        texts.append(f"{row['movie_title']}{year}. Genres: {genres}" if genres else f"{row['movie_title']}{year}")
+    return texts

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.utils.rnn import pad_sequence
 
+from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.federated.client import (
     FedMemClient,
     LocalSettings,
@@ -27,8 +28,7 @@ from recbole_feddmmr.federated.client import (
     proximal_term,
 )
 from recbole_feddmmr.federated.strategy import ClientResult, sparse_row_updates
-from recbole_feddmmr.model.layers import vmap_mode
-from recbole_feddmmr.trainer import SequenceWindows
+from recbole_feddmmr.vmapping import vmap_mode
 
 
 class SequentialBackend:

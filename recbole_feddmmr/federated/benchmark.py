@@ -46,9 +46,14 @@ DEFAULT_RUNS = (
 
 
 def measure_speed(
-    dataset: str, overrides: dict[str, Any], chunk_targets: int | None, backends: tuple[str, ...] = BACKENDS
+    dataset: str,
+    overrides: dict[str, Any],
+    chunk_targets: int | None,
+    backends: tuple[str, ...] = BACKENDS,
+    sampled_clients: int | None = 64,
 ) -> dict[str, Any]:
-    """Seconds of one centralised epoch and of one full-participation round per backend (same process)."""
+    """Seconds of one centralised epoch, of one full-participation round per backend and of one round of
+    ``sampled_clients`` clients with the first backend (same process, same initial model)."""
     import torch
 
     from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
@@ -82,13 +87,17 @@ def measure_speed(
         "rounds": {},
     }
     chunk_targets = chunk_targets or (8192 if on_cuda else 256)
-    for name in backends:
+    timed = [(name, name, None) for name in backends]  # (result key, backend, clients per round: None = all)
+    if sampled_clients:
+        timed.append(("sampled", backends[0], sampled_clients))
+    for key, name, clients_per_round in timed:
         model.load_state_dict(initial)
         init_seed(config["seed"], config["reproducibility"])
         server = FederatedTrainer(config, model).build_server(train_data)
         server.backend = SequentialBackend() if name == "sequential" else VectorizedBackend(chunk_targets)
+        server.strategy.clients_per_round, server.strategy.client_fraction = clients_per_round, 1.0
         report = server.run_round(0)
-        result["rounds"][name] = {
+        values = {
             "clients": report.clients,
             "seconds": report.seconds,
             "mean_local_loss": report.mean_loss,
@@ -97,6 +106,12 @@ def measure_speed(
             "peak_rss_mb": report.peak_rss_mb,
             **cuda_peak_mb(),
         }
+        if key == "sampled":  # what a sampled round costs next to a full one, same backend, same process
+            result["sampled_round"] = {"backend": name, **values}
+            result["sampled_over_full"] = values["seconds"] / result["rounds"][name]["seconds"]
+            result["sampled_clients_over_all"] = values["clients"] / result["rounds"][name]["clients"]
+        else:
+            result["rounds"][key] = values
     rounds, epoch = result["rounds"], result["centralised_epoch_seconds"]
     result["round_over_epoch"] = {name: values["seconds"] / epoch for name, values in rounds.items()}
     if "sequential" in rounds and "vectorized" in rounds:
@@ -113,10 +128,12 @@ def _task(
     overrides: dict[str, Any],
     chunk_targets: int | None,
     backends: tuple[str, ...] = BACKENDS,
+    sampled_clients: int | None = 64,
 ):
     logging.basicConfig(level=logging.INFO)
     if kind == "speed":
-        return kind, label, measure_speed(dataset, {**overrides, "federated": True}, chunk_targets, backends)
+        speed = measure_speed(dataset, {**overrides, "federated": True}, chunk_targets, backends, sampled_clients)
+        return kind, label, speed
     model, run_overrides = parse_run(label)
     return kind, label, {**run_model(model, dataset, {**overrides, **run_overrides}), "run_overrides": run_overrides}
 
@@ -183,6 +200,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"bytes per round {rounds['sequential']['bytes_up'] / 1e6:.0f} MB up, "
             f"{rounds['sequential']['bytes_down'] / 1e6:.0f} MB down"
         )
+    sampled = (speed or {}).get("sampled_round")
+    if sampled:
+        lines.append(
+            f"\nsampled round: {sampled['clients']} clients ({sampled['backend']}) {sampled['seconds']:.1f} s, "
+            f"x{speed['sampled_over_full']:.3f} of the full round for x{speed['sampled_clients_over_all']:.3f} "
+            f"of its clients; peak RSS {sampled['peak_rss_mb']:.0f} MB"
+        )
     for failure in report.get("failed", []):
         lines.append(f"\nFAILED {failure['task']}: {failure['error'].strip().splitlines()[-1]}")
     lines.append(f"\ncommand: `{report['command']}`; commit {report['commit']}; machine: {report['machine']}")
@@ -204,6 +228,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="backends the speed part times"
     )
     parser.add_argument("--chunk_targets", type=int, default=None, help="vectorized backend chunk size")
+    parser.add_argument(
+        "--sampled_clients", type=int, default=64, help="the speed part also times a round of this many (0: no)"
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides (yaml)")
     parser.add_argument("--out", default="results/federated_benchmark.json")
     parser.add_argument("--report", metavar="JSON", help="only print the table of an existing results file")
@@ -246,7 +273,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state shared by fork
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context) as pool:
         futures = {
-            pool.submit(_task, kind, label, args.dataset, overrides, args.chunk_targets, backends): label
+            pool.submit(
+                _task, kind, label, args.dataset, overrides, args.chunk_targets, backends, args.sampled_clients
+            ): label
             for kind, label in tasks
         }
         for future in as_completed(futures):

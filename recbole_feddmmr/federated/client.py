@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.federated.strategy import ClientResult, memory_prototypes, sparse_row_updates
-from recbole_feddmmr.trainer import SequenceWindows, train_steps
+from recbole_feddmmr.trainer import train_steps
 
 LOCAL_OPTIMIZERS = ("adam", "sgd")
 

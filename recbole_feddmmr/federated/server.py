@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.federated.backends import SequentialBackend
 from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, load_parameters, shared_parameters
 from recbole_feddmmr.federated.strategy import FedMemStrategy
-from recbole_feddmmr.trainer import SequenceWindows
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 from recbole.utils import early_stopping, set_color
 from tqdm import tqdm
 
+from recbole_feddmmr.compat import load_trusted
 from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
 from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, shared_parameters
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
@@ -207,7 +208,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         if not self.resume_file.exists():
             return
         # written by this trainer; tensors onto this run's device (the file may come from a run on another)
-        state = torch.load(self.resume_file, map_location=self.device, weights_only=False)
+        state = load_trusted(self.resume_file, map_location=self.device)
         if state["fingerprint"] != self.run_fingerprint:
             raise RuntimeError(
                 f"{self.resume_file} belongs to a federated run with other settings: delete it to start afresh"

@@ -15,13 +15,12 @@ once per distinct item.
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from recbole_feddmmr.vmapping import in_vmap_mode
 
 
 def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
@@ -62,26 +61,6 @@ def candidate_einsum(pattern: str, candidate: Tensor, *others: Tensor) -> Tensor
     if candidate.dim() == len(candidate_spec) - 1:
         pattern = f"{candidate_spec[1:]},{rest}"
     return torch.einsum(pattern, candidate, *others)
-
-
-_vmap_mode = threading.local()
-
-
-@contextmanager
-def vmap_mode() -> Iterator[None]:
-    """Inside, the layers use only ops that ``torch.func.vmap`` batches: :func:`fast_dropout` is ``F.dropout``
-    (each vmapped sample draws its own mask; the fast path's in-place random bytes cannot run), and causal
-    attention is written out (the fused CPU kernel has no batching rule and would run sample by sample)."""
-    previous = in_vmap_mode()
-    _vmap_mode.on = True
-    try:
-        yield
-    finally:
-        _vmap_mode.on = previous
-
-
-def in_vmap_mode() -> bool:
-    return getattr(_vmap_mode, "on", False)
 
 
 def causal_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:

@@ -1,0 +1,144 @@
+"""RecBole's training split as sequence windows: tensors built once, served in shuffled mini-batches.
+
+RecBole trains a sequential model on one augmented sample per training target (the target's prefix, up
+to MAX_ITEM_LIST_LENGTH items), each run through the Transformer on its own. Here the same training
+targets are held as whole sequence windows: one causal pass gives the prediction point of every target
+in a window, as in the original SASRec. Each training target is trained exactly once per epoch. A user's
+first window starts at the first item, so its targets see exactly RecBole's input; later windows overlap
+the previous one by half and train only their second half, so such targets see between L/2 + 1 and L
+items of history (RecBole: L). The centralised trainer and the federated clients both read these windows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def rows_by_user(user_ids: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each user, users in increasing order, each user's rows in their original order."""
+    order = np.argsort(user_ids, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(user_ids[order])) + 1)
+
+
+def user_sequences(user_ids: np.ndarray, item_lists: np.ndarray, item_lengths: np.ndarray, targets: np.ndarray):
+    """Each user's full training sequence from RecBole's augmented samples (rows in time order per user).
+
+    -> {user: int64 array of items}; the first sample's input plus every target in order.
+    Raises if the rows are not consecutive prefixes (they always are for RecBole's augmentation).
+    """
+    sequences = {}
+    for rows in rows_by_user(user_ids):
+        first = rows[0]
+        sequence = np.concatenate([item_lists[first, : item_lengths[first]], targets[rows]])
+        last = rows[-1]
+        length = item_lengths[last]
+        if not np.array_equal(item_lists[last, :length], sequence[len(sequence) - 1 - length : len(sequence) - 1]):
+            raise ValueError(f"training samples of user {user_ids[first]} are not consecutive prefixes")
+        sequences[int(user_ids[first])] = sequence
+    return sequences
+
+
+def cut_windows(sequence: np.ndarray, max_len: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Windows (inputs [<=L], next items [<=L], train mask [<=L]) covering each target of ``sequence`` once.
+
+    Targets are ``sequence[1:]``. Window starts 0, L/2, L, ...; a window after the first trains
+    only positions >= L - L/2, which the previous window did not reach.
+    """
+    stride = max(1, max_len // 2)
+    windows, start, covered = [], 0, 0  # covered: targets 1..covered are done
+    while covered < len(sequence) - 1:
+        inputs = sequence[start : start + max_len]
+        nexts = sequence[start + 1 : start + 1 + max_len]
+        inputs = inputs[: len(nexts)]
+        target_index = start + 1 + np.arange(len(nexts))  # index of each position's target in sequence
+        windows.append((inputs, nexts, target_index > covered))
+        covered = int(target_index[-1])
+        start += stride if start + max_len < len(sequence) - 1 else max_len
+    return windows
+
+
+class SequenceWindows:
+    """The training split as device tensors of sequence windows, served in shuffled mini-batches.
+
+    A batch holds about ``train_batch_size`` training targets, so an epoch takes about as many
+    optimizer steps as RecBole's per-sample epoch.
+    """
+
+    def __init__(self, train_data, model, batch_size: int, device: torch.device, seed: int) -> None:
+        feat = train_data._dataset.inter_feat
+        max_len = feat[model.ITEM_SEQ].size(1)
+        user_ids = feat[model.USER_ID].numpy()
+        sequences = user_sequences(
+            user_ids, feat[model.ITEM_SEQ].numpy(), feat[model.ITEM_SEQ_LEN].numpy(), feat[model.ITEM_ID].numpy()
+        )
+        time_field = train_data._dataset.time_field
+        # each target's time, aligned with the sequence (its first item is no target): cut like the items
+        target_times = feat[time_field].numpy().astype(np.float64) if time_field in feat else np.zeros(len(feat))
+        time_sequences = {
+            int(user_ids[rows[0]]): np.concatenate([[-np.inf], target_times[rows]]) for rows in rows_by_user(user_ids)
+        }
+        users, rows = [], []
+        for user, sequence in sequences.items():
+            time_windows = cut_windows(time_sequences[user], max_len)
+            for (inputs, nexts, mask), (_, next_times, _) in zip(
+                cut_windows(sequence, max_len), time_windows, strict=True
+            ):
+                users.append(user)
+                rows.append((inputs, nexts, mask, next_times))
+        count = len(rows)
+        self.user_ids = torch.tensor(users, dtype=torch.long, device=device)  # [W]
+        self.windows = torch.zeros(count, max_len, dtype=torch.long)  # [W, L]
+        self.targets = torch.zeros(count, max_len, dtype=torch.long)  # [W, L]
+        self.target_mask = torch.zeros(count, max_len, dtype=torch.bool)  # [W, L]
+        self.target_times = torch.zeros(count, max_len, dtype=torch.float64)  # [W, L]
+        for index, (inputs, nexts, mask, next_times) in enumerate(rows):
+            self.windows[index, : len(inputs)] = torch.from_numpy(inputs)
+            self.targets[index, : len(nexts)] = torch.from_numpy(nexts)
+            self.target_mask[index, : len(mask)] = torch.from_numpy(mask)
+            self.target_times[index, : len(next_times)] = torch.from_numpy(next_times)
+        self.windows, self.targets, self.target_mask, self.target_times = (
+            t.to(device) for t in (self.windows, self.targets, self.target_mask, self.target_times)
+        )
+        self.num_targets = int(self.target_mask.sum())
+        if self.num_targets != len(feat):
+            raise ValueError(f"windows cover {self.num_targets} targets, the training split has {len(feat)}")
+        self.windows_per_batch = max(1, round(batch_size * count / self.num_targets))
+        self.shuffle = train_data.shuffle
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return -(-len(self.user_ids) // self.windows_per_batch)
+
+    def windows_of(self, users: Tensor) -> Tensor:
+        """Indices [w] of the windows that belong to ``users`` (e.g. one federated client's)."""
+        return torch.isin(self.user_ids, users.to(self.user_ids.device)).nonzero().squeeze(1)
+
+    def windows_per_batch_for(self, batch_size: int) -> int:
+        """Windows per batch for about ``batch_size`` training targets."""
+        return max(1, round(batch_size * len(self.user_ids) / self.num_targets))
+
+    def epoch(self, epoch_idx: int, subset: Tensor | None = None, windows_per_batch: int | None = None):
+        """Yield (user_ids [b], windows [b, L], targets [b, L], target_mask [b, L], target_times [b, L]).
+
+        The order is set by (seed, epoch). ``subset``: only these window indices (a client's data).
+        """
+        count = len(self.user_ids) if subset is None else len(subset)
+        if self.shuffle:
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch_idx))
+        else:
+            order = torch.arange(count)
+        order = order.to(self.user_ids.device)
+        if subset is not None:
+            order = subset[order]
+        step = windows_per_batch or self.windows_per_batch
+        for start in range(0, count, step):
+            index: Tensor = order[start : start + step]
+            yield (
+                self.user_ids[index],
+                self.windows[index],
+                self.targets[index],
+                self.target_mask[index],
+                self.target_times[index],
+            )
