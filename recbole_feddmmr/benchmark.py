@@ -80,6 +80,20 @@ def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
     return model, overrides
 
 
+def command_overrides(settings: list[str], **base: Any) -> dict[str, Any]:
+    """A benchmark command's config: ``base`` plus quiet progress and INFO logs, then ``--set KEY=VALUE``
+    items (yaml values), which win."""
+    import yaml
+
+    overrides = {**base, "show_progress": False, "state": "INFO"}
+    for item in settings:
+        if "=" not in item:
+            raise ValueError(f"--set takes KEY=VALUE items, got '{item}'")
+        key, value = item.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Train ``model`` with early stopping, evaluate its best checkpoint on test (full and uni100)."""
     config, (train_data, valid_data, test_data), model_instance = prepare_run(model, dataset, config_dict=overrides)
@@ -254,16 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return report
     baselines = args.baseline or ["SASRec"]
 
-    import yaml
-
-    overrides = {
-        "epochs": args.epochs,
-        "stopping_step": args.stopping_step,
-        "seed": args.seed,
-        "show_progress": False,
-        "state": "INFO",
-    }
-    overrides.update({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)})
+    overrides = command_overrides(args.set, epochs=args.epochs, stopping_step=args.stopping_step, seed=args.seed)
     report: dict[str, Any] = {
         "command": "python -m recbole_feddmmr.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
         "commit": git_commit(),

@@ -92,3 +92,17 @@ def _isolated(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["pytest"])
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
+
+
+def crash_rounds_after(monkeypatch, last_round: int) -> None:
+    """Make every federated round after ``last_round`` raise KeyboardInterrupt, as a killed run would."""
+    from recbole_feddmmr.federated.server import FedMemServer
+
+    real_round = FedMemServer.run_round
+
+    def crashing_round(self, round_idx):
+        if round_idx > last_round:
+            raise KeyboardInterrupt("killed")
+        return real_round(self, round_idx)
+
+    monkeypatch.setattr(FedMemServer, "run_round", crashing_round)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_run
+from conftest import crash_rounds_after, tiny_run
 
-from recbole_feddmmr.federated.server import FedMemServer
 from recbole_feddmmr.federated.trainer import FederatedTrainer
 from recbole_feddmmr.utils import get_trainer
 
@@ -44,38 +43,22 @@ def test_random_and_dirichlet_partitions_group_users_into_clients(tmp_path):
     [{}, {"server_optimizer": "fedadam", "server_lr": 0.01, "aggregation": "rowwise"}],
     ids=["fedavg", "fedadam"],
 )
-def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_path, monkeypatch, server):
+def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_path, server):
     """The resume state holds everything a round depends on, the server optimizer's moments included."""
     _, uninterrupted = run(tmp_path / "a", rounds=4, **server)
 
-    real_round = FedMemServer.run_round
-
-    def crash_at_round_two(self, round_idx):
-        if round_idx == 2:
-            raise KeyboardInterrupt("killed")
-        return real_round(self, round_idx)
-
-    monkeypatch.setattr(FedMemServer, "run_round", crash_at_round_two)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        crash_rounds_after(patch, 1)
         run(tmp_path / "b", rounds=4, **server)
-    monkeypatch.setattr(FedMemServer, "run_round", real_round)
     trainer, resumed = run(tmp_path / "b", rounds=4, **server)  # the same command again
     assert [report.round_idx for report in trainer.round_reports] == [2, 3]
     assert resumed == uninterrupted
 
 
-def test_runs_of_other_settings_never_resume_from_each_others_state(tmp_path, monkeypatch):
-    real_round = FedMemServer.run_round
-
-    def crash_after_round_zero(self, round_idx):
-        if round_idx > 0:
-            raise KeyboardInterrupt("killed")
-        return real_round(self, round_idx)
-
-    monkeypatch.setattr(FedMemServer, "run_round", crash_after_round_zero)
-    with pytest.raises(KeyboardInterrupt):
+def test_runs_of_other_settings_never_resume_from_each_others_state(tmp_path):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        crash_rounds_after(patch, 0)
         run(tmp_path, rounds=3)
-    monkeypatch.undo()
     killed = list((tmp_path / "saved").glob("*.resume.pth"))
     assert len(killed) == 1
     # same model, dataset and seed, experts off: its own resume file, a run from round 0

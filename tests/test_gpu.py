@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_run
+from conftest import crash_rounds_after, tiny_run
 from test_federated_round import BACKEND_SETTINGS, assert_backends_compute_the_same_rounds
 
-from recbole_feddmmr.federated.server import FedMemServer
+from recbole_feddmmr.compat import load_trusted
 from recbole_feddmmr.federated.trainer import FederatedTrainer
 
 pytestmark = pytest.mark.gpu
@@ -61,21 +61,13 @@ def test_sequential_and_vectorized_backends_compute_the_same_rounds_on_cuda(tmp_
     assert_backends_compute_the_same_rounds(tmp_path, settings, "cuda")
 
 
-def test_the_resume_state_of_a_cuda_run_holds_and_restores_the_cuda_rng(tmp_path, monkeypatch):
-    real_round = FedMemServer.run_round
-
-    def crash_after_round_zero(self, round_idx):
-        if round_idx > 0:
-            raise KeyboardInterrupt("killed")
-        return real_round(self, round_idx)
-
-    monkeypatch.setattr(FedMemServer, "run_round", crash_after_round_zero)
+def test_the_resume_state_of_a_cuda_run_holds_and_restores_the_cuda_rng(tmp_path):
     config, _, (train_data, valid_data, _), model = tiny_run(tmp_path, "cuda", **FEDERATED)
     killed = FederatedTrainer(config, model)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        crash_rounds_after(patch, 0)
         killed.fit(train_data, valid_data, saved=True)
-    monkeypatch.setattr(FedMemServer, "run_round", real_round)
-    state = torch.load(killed.resume_file, map_location="cpu", weights_only=False)
+    state = load_trusted(killed.resume_file, map_location="cpu")
     saved_rng = state["rng"]["cuda"]
     assert len(saved_rng) == torch.cuda.device_count()
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from recbole.utils import init_seed
 
-from recbole_feddmmr.benchmark import git_commit, machine_description, parse_run, run_model
+from recbole_feddmmr.benchmark import command_overrides, git_commit, machine_description, parse_run, run_model
 
 BACKENDS = ("sequential", "vectorized")
 DEFAULT_RUNS = (
@@ -240,17 +240,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(format_report(report))
         return report
 
-    import yaml
-
-    overrides: dict[str, Any] = {
-        "rounds": args.rounds,
-        "epochs": args.sasrec_epochs,
-        "stopping_step": args.stopping_step,
-        "seed": args.seed,
-        "show_progress": False,
-        "state": "INFO",
-    }
-    overrides.update({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)})
+    overrides = command_overrides(
+        args.set, rounds=args.rounds, epochs=args.sasrec_epochs, stopping_step=args.stopping_step, seed=args.seed
+    )
     report: dict[str, Any] = {
         "command": "python -m recbole_feddmmr.federated.benchmark "
         + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -32,7 +32,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from recbole_feddmmr.benchmark import git_commit, machine_description, parse_run, run_model
+from recbole_feddmmr.benchmark import command_overrides, git_commit, machine_description, parse_run, run_model
 
 CENTRALISED = "UR4RecV2MoE"
 # the defaults of properties/federated.yaml, whatever they are
@@ -167,19 +167,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="results/federated_study")
     args = parser.parse_args(argv)
 
-    import yaml
-
-    overrides: dict[str, Any] = {
-        "rounds": args.rounds,
-        "time_budget_s": args.time_budget,
-        "eval_every": args.eval_every,
-        "epochs": args.epochs,
-        "stopping_step": args.stopping_step,
-        "seed": args.seed,
-        "show_progress": False,
-        "state": "INFO",
-    }
-    overrides.update({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)})
+    overrides = command_overrides(
+        args.set,
+        rounds=args.rounds,
+        time_budget_s=args.time_budget,
+        eval_every=args.eval_every,
+        epochs=args.epochs,
+        stopping_step=args.stopping_step,
+        seed=args.seed,
+    )
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     command = "python -m recbole_feddmmr.federated.study " + shlex.join(argv if argv is not None else sys.argv[1:])
