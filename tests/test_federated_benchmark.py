@@ -13,7 +13,7 @@ from recbole_feddmmr.federated.benchmark import main
 
 def test_federated_benchmark_reports_accuracy_speed_experts_and_bytes(tmp_path):
     out = tmp_path / "federated.json"
-    settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"), num_memory_prototypes=2)
+    settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"), num_memory_prototypes=2, eval_every=1)
     settings.pop("epochs")
     overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
     runs = ["UR4RecV2MoE[federated=True]", "UR4RecV2MoE[federated=True,feature_id_field=null]", "SASRec"]

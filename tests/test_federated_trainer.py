@@ -8,7 +8,16 @@ from conftest import crash_rounds_after, tiny_run
 from recbole_feddmmr.federated.trainer import FederatedTrainer
 from recbole_feddmmr.utils import get_trainer
 
-FEDERATED = {"federated": True, "rounds": 3, "local_batch_size": 8, "num_memory_prototypes": 2, "stopping_step": 5}
+# every client every round and a validation after each, whatever properties/federated.yaml makes the default
+FEDERATED = {
+    "federated": True,
+    "rounds": 3,
+    "local_batch_size": 8,
+    "num_memory_prototypes": 2,
+    "stopping_step": 5,
+    "clients_per_round": None,
+    "eval_every": 1,
+}
 
 
 def run(tmp_path, **overrides):

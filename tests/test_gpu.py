@@ -25,6 +25,8 @@ FEDERATED = {
     "prototype_min_entries": 1,
     "stopping_step": 5,
     "vectorized_chunk_targets": 16,
+    "clients_per_round": None,
+    "eval_every": 1,
 }
 
 

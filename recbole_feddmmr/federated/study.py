@@ -37,25 +37,26 @@ from recbole_feddmmr.benchmark import command_overrides, git_commit, machine_des
 CENTRALISED = "UR4RecV2MoE"
 # the defaults of properties/federated.yaml, whatever they are
 DEFAULTS = "UR4RecV2MoE[federated=True]"
-_SAMPLED = "federated=True,clients_per_round=64"
-_SGD_ADAM = "local_optimizer=sgd,local_lr=0.1,server_optimizer=fedadam,server_lr=0.01"
+# every other run spells out what it varies, so its meaning does not change with the yaml's defaults
+_FEDAVG = "local_optimizer=adam,local_lr=0.001,server_optimizer=fedavg,server_lr=1.0"  # the FedAvg of before
+_FEDAVGM = "local_optimizer=sgd,local_lr=0.1,server_optimizer=fedavgm,server_lr=1.0"
+_FEDADAM = "local_optimizer=sgd,local_lr=0.1,server_optimizer=fedadam,server_lr=0.003"
 DEFAULT_RUNS = (
     CENTRALISED,
     DEFAULTS,
     # server optimizer x aggregation, 64 sampled one-user clients per round
-    f"UR4RecV2MoE[{_SAMPLED},server_optimizer=fedavg,aggregation=mean]",
-    f"UR4RecV2MoE[{_SAMPLED},server_optimizer=fedavg,aggregation=rowwise]",
-    f"UR4RecV2MoE[{_SAMPLED},local_optimizer=sgd,local_lr=0.1,server_optimizer=fedavgm,server_lr=1.0,aggregation=mean]",
-    f"UR4RecV2MoE[{_SAMPLED},local_optimizer=sgd,local_lr=0.1,server_optimizer=fedavgm,server_lr=1.0,aggregation=rowwise]",
-    f"UR4RecV2MoE[{_SAMPLED},{_SGD_ADAM},aggregation=mean]",
-    f"UR4RecV2MoE[{_SAMPLED},{_SGD_ADAM},aggregation=rowwise]",
+    *(
+        f"UR4RecV2MoE[federated=True,clients_per_round=64,{server},aggregation={aggregation}]"
+        for server in (_FEDAVG, _FEDAVGM, _FEDADAM)
+        for aggregation in ("mean", "rowwise")
+    ),
     # clients per round and local epochs
-    f"UR4RecV2MoE[federated=True,clients_per_round=256,{_SGD_ADAM}]",
-    f"UR4RecV2MoE[federated=True,{_SGD_ADAM}]",
-    f"UR4RecV2MoE[{_SAMPLED},{_SGD_ADAM},local_epochs=2]",
-    # what memory prototypes and the experts add, same settings
-    f"UR4RecV2MoE[{_SAMPLED},{_SGD_ADAM},enable_prototype_aggregation=false]",
-    f"UR4RecV2MoE[{_SAMPLED},{_SGD_ADAM},feature_id_field=null]",
+    f"UR4RecV2MoE[federated=True,clients_per_round=256,{_FEDADAM}]",
+    f"UR4RecV2MoE[federated=True,clients_per_round=null,client_fraction=1.0,{_FEDADAM}]",
+    "UR4RecV2MoE[federated=True,local_epochs=2]",
+    # what memory prototypes and the experts add, with the defaults
+    "UR4RecV2MoE[federated=True,enable_prototype_aggregation=false]",
+    "UR4RecV2MoE[federated=True,feature_id_field=null]",
 )
 
 
