@@ -55,12 +55,18 @@ def machine_description() -> str:
 
 
 def git_commit() -> str:
+    """The checkout's short commit, with ``-dirty`` when tracked files differ from it (a figure then came
+    from uncommitted code); ``unknown`` outside a git checkout."""
     try:
-        return subprocess.run(
+        commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{commit}-dirty" if changes else commit
 
 
 def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
@@ -116,7 +122,9 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
         return result
 
     trainer._train_epoch = timed_train_epoch
+    fit_started = time.perf_counter()
     best_valid_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    fit_seconds = time.perf_counter() - fit_started  # training and validation, as a user waits for them
     test_full = trainer.evaluate(test_data, load_best_model=True)
 
     uni_overrides = dict(overrides, eval_args=dict(config["eval_args"], mode={"valid": "full", "test": "uni100"}))
@@ -140,6 +148,7 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
         "test_uni100": {k: float(v) for k, v in test_uni100.items()},
         "train_samples_per_epoch": samples,
         "train_seconds": sum(epoch_seconds),
+        "fit_seconds": fit_seconds,
         "train_samples_per_second": samples * len(epoch_seconds) / sum(epoch_seconds),
         "checkpoint": trainer.saved_model_file,
     }

@@ -78,7 +78,7 @@ def _run(label: str, dataset: str, overrides: dict[str, Any], checkpoint_dir: st
 def summary_row(run: dict[str, Any]) -> dict[str, Any]:
     """One table row of a finished run (federated or centralised)."""
     rounds = run.get("rounds") or []
-    wall = rounds[-1]["elapsed_seconds"] if rounds else run["train_seconds"]
+    wall = run.get("fit_seconds") or (rounds[-1]["elapsed_seconds"] if rounds else run["train_seconds"])
     traffic = (run["bytes_up_total"] + run["bytes_down_total"]) / len(rounds) / 1e6 if rounds else None
     return {
         "run": run["label"],
@@ -98,7 +98,8 @@ def write_table(rows: list[dict[str, Any]], out: Path, footer: str) -> str:
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        "| run | best valid NDCG@10 | best round/epoch | test HR@10 | test NDCG@10 | wall s | MB up+down per round |",
+        "| run | best valid NDCG@10 | best round/epoch | test HR@10 | test NDCG@10 | wall s (training + validation) "
+        "| MB up+down per round |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     command = "python -m recbole_feddmmr.federated.study " + shlex.join(argv if argv is not None else sys.argv[1:])
+    started_at_commit = git_commit()  # the code the runs execute (HEAD may move while a long study runs)
     done = {label: json.loads(run_file(out, label).read_text()) for label in args.runs if run_file(out, label).exists()}
     pending = [label for label in args.runs if label not in done]
     if done:
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 failed.append({"run": label, "error": traceback.format_exc()})
                 print(f"FAILED {label}: {failed[-1]['error'].strip().splitlines()[-1]}", flush=True)
                 continue
-            result.update(command=command, commit=git_commit(), machine=machine_description(), seed=args.seed)
+            result.update(command=command, commit=started_at_commit, machine=machine_description(), seed=args.seed)
             run_file(out, label).write_text(json.dumps(result, indent=2))
             done[label] = result
             row = summary_row(result)
