@@ -17,6 +17,7 @@ FEDERATED = {
     "stopping_step": 5,
     "clients_per_round": None,
     "eval_every": 1,
+    "resume_every_s": 0,
 }
 
 
@@ -108,3 +109,19 @@ def test_server_settings_reach_the_strategy(tmp_path):
     assert (optimizer.name, optimizer.lr, optimizer.tau) == ("fedyogi", 0.05, 0.001)  # tau from federated.yaml
     assert server.strategy.aggregation == "sum" and trainer.settings.local_optimizer == "sgd"
     assert server.row_shapes == {"item_embedding.weight": model.item_embedding.weight.shape}
+
+
+def test_the_resume_state_is_saved_at_most_every_resume_every_s(tmp_path):
+    with pytest.MonkeyPatch.context() as patch:
+        saved_rounds = []
+        real_save = FederatedTrainer._save_resume_state
+        patch.setattr(
+            FederatedTrainer,
+            "_save_resume_state",
+            lambda self, round_idx, elapsed=0.0: saved_rounds.append(round_idx) or real_save(self, round_idx, elapsed),
+        )
+        run(tmp_path / "every", rounds=3)
+        assert saved_rounds == [0, 1, 2]
+        saved_rounds.clear()
+        run(tmp_path / "rarely", rounds=3, resume_every_s=1e9)
+        assert saved_rounds == []  # no round ended a whole interval after the last save

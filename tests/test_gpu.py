@@ -27,6 +27,7 @@ FEDERATED = {
     "vectorized_chunk_targets": 16,
     "clients_per_round": None,
     "eval_every": 1,
+    "resume_every_s": 0,
 }
 
 

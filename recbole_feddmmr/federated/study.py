@@ -113,6 +113,17 @@ def write_table(rows: list[dict[str, Any]], out: Path, footer: str) -> str:
     return text
 
 
+def short_labels(labels: list[str]) -> dict[str, str]:
+    """Each run label reduced to the settings that set it apart from the others (the shared ones once, in
+    the title): ``MODEL[a=1,b=2]`` and ``MODEL[a=1,b=3]`` -> ``b=2`` and ``b=3``."""
+    parsed = {label: dict(parse_run(label)[1]) for label in labels}
+    shared = set.intersection(*(set(o.items()) for o in parsed.values())) if parsed else set()
+    return {
+        label: ",".join(f"{k}={v}" for k, v in overrides.items() if (k, v) not in shared) or "(shared settings)"
+        for label, overrides in parsed.items()
+    }
+
+
 def plot_curves(runs: list[dict[str, Any]], out: Path) -> Path | None:
     """Validation NDCG@10 against rounds and against wall seconds, one line per federated run."""
     federated = [run for run in runs if run.get("rounds")]
@@ -123,7 +134,10 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (by_round, by_time) = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
+    names = short_labels([run["label"] for run in federated])
+    shared = dict(parse_run(federated[0]["label"])[1])
+    shared = {k: v for k, v in shared.items() if all(f"{k}={v}" not in names[run["label"]] for run in federated)}
+    figure, (by_round, by_time) = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for run in federated:
         points = [
             (r["round_idx"] + 1, r["elapsed_seconds"], r["valid_score"])
@@ -133,19 +147,23 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> Path | None:
         if not points:
             continue
         rounds, seconds, scores = zip(*points, strict=True)
-        label = run["label"].replace("UR4RecV2MoE", "").strip("[]") or "defaults"
-        by_round.plot(rounds, scores, marker=".", label=label)
-        by_time.plot(seconds, scores, marker=".", label=label)
+        by_round.plot(rounds, scores, marker=".", label=names[run["label"]])
+        by_time.plot(seconds, scores, marker=".", label=names[run["label"]])
     central = next((run for run in runs if not run.get("rounds")), None)
     for axis in (by_round, by_time):
         if central is not None:
-            axis.axhline(central["best_valid_ndcg@10"], color="black", linestyle="--", label="centralised (best)")
+            axis.axhline(
+                central["best_valid_ndcg@10"], color="black", linestyle="--", label="centralised, best validation"
+            )
         axis.grid(alpha=0.3)
     by_round.set_xlabel("round")
-    by_time.set_xlabel("wall seconds (evaluation included)")
+    by_time.set_xlabel("wall seconds (validation included)")
     by_round.set_ylabel("validation NDCG@10 (full ranking)")
-    by_time.legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
+    title = ", ".join(f"{k}={v}" for k, v in shared.items())
+    figure.suptitle(f"federated runs ({title})" if title else "federated runs", fontsize=9)
+    handles, labels = by_round.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
+    figure.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) // 2), 1, 0.95))
     path = out / "curves.png"
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -2,11 +2,11 @@
 
 Every ``eval_every`` rounds the global model (with each user's private memory and the global
 prototypes) is evaluated by RecBole's evaluator on validation; the best round is kept by
-validation only. After every round the whole simulation state (global model, every client's
-memory, global prototypes, round, early-stopping state, RNG states) is written to
-``<checkpoint_dir>/<model>-<dataset>-federated-seed<seed>.resume.pth``; the same command run
-again after a crash resumes from it (a file written under another configuration is refused),
-and a finished run removes it.
+validation only. Every ``resume_every_s`` seconds the whole simulation state (global model, every
+client's memory, global prototypes, server optimizer moments, round, early-stopping state, RNG
+states) is written to ``<checkpoint_dir>/<model>-<dataset>-federated-seed<seed>-<fingerprint>.resume.pth``;
+the same command run again after a crash resumes from it (a file written under another
+configuration is refused), and a finished run removes it.
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         iterator = tqdm(rounds, desc=set_color("Rounds", "pink"), ncols=100) if show_progress else rounds
         budget = self.config["time_budget_s"]
         started = time.perf_counter() - self.elapsed_before_resume
+        last_resume_save = self.elapsed_before_resume
         for round_idx in iterator:
             report = server.run_round(round_idx)
             self.round_reports.append(report)
@@ -175,7 +176,11 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             if budget and report.elapsed_seconds >= budget and not stop:
                 self.logger.info(f"time budget of {budget} s spent after round {round_idx}: stopping")
                 stop = True
-            self._save_resume_state(round_idx, report.elapsed_seconds)
+            # the resume state holds every user's memory, so its size grows with all users: written at most
+            # every resume_every_s seconds (a crash loses at most that much), not after every cheap round
+            if report.elapsed_seconds - last_resume_save >= (self.config["resume_every_s"] or 0):
+                self._save_resume_state(round_idx, report.elapsed_seconds)
+                last_resume_save = report.elapsed_seconds
             if stop:
                 break
         if valid_data is None and saved:
