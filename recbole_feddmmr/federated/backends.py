@@ -33,7 +33,7 @@ from recbole_feddmmr.vmapping import vmap_mode
 
 class SequentialBackend:
     """A plain loop over the clients with one model whose weights are reloaded per client: the correctness
-    oracle, and on a CPU about as fast as centralised training (DESIGN.md)."""
+    oracle, and on a CPU close to centralised training in cost (see the README's speed figures)."""
 
     name = "sequential"
 
