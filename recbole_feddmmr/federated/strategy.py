@@ -79,7 +79,7 @@ class UpdateAccumulator:
         self.aggregation = aggregation
         self.row_shapes = dict(row_shapes or {})
         self.total: dict[str, Tensor] = {}  # name -> sum_i n_i * update_i (float64); row tables: sum_i update_i for sum
-        self.row_weight: dict[str, Tensor] = {}  # row table -> [R] sum of n_i over the clients that changed the row
+        self.row_weight: dict[str, Tensor] = {}  # rowwise: row table -> [R] sum of n_i of the clients that changed it
         self.weight = 0
 
     def add(self, update: dict[str, Tensor], num_samples: int, changed_rows: dict[str, Tensor] | None = None) -> None:
@@ -92,9 +92,12 @@ class UpdateAccumulator:
                 scale = 1.0 if self.aggregation == "sum" else float(num_samples)
                 if name not in self.total:
                     self.total[name] = delta.new_zeros(self.row_shapes[name], dtype=torch.float64)
-                    self.row_weight[name] = delta.new_zeros(self.row_shapes[name][0], dtype=torch.float64)
                 self.total[name].index_add_(0, rows, delta.detach().double() * scale)
-                self.row_weight[name].index_add_(0, rows, delta.new_full(rows.shape, num_samples, dtype=torch.float64))
+                if self.aggregation == "rowwise":
+                    if name not in self.row_weight:
+                        self.row_weight[name] = delta.new_zeros(self.row_shapes[name][0], dtype=torch.float64)
+                    weights = delta.new_full(rows.shape, num_samples, dtype=torch.float64)  # [k]
+                    self.row_weight[name].index_add_(0, rows, weights)
                 continue
             weighted = delta.detach().double() * num_samples
             self.total[name] = self.total[name] + weighted if name in self.total else weighted
@@ -116,7 +119,7 @@ class UpdateAccumulator:
             raise ValueError("no client update with samples to aggregate")
         aggregated = {}
         for name, total in self.total.items():
-            if name not in self.row_weight or self.aggregation == "mean":
+            if name not in self.row_shapes or self.aggregation == "mean":
                 aggregated[name] = (total / self.weight).float()
             elif self.aggregation == "rowwise":
                 row_weight = self.row_weight[name].clamp(min=1.0).view(-1, *[1] * (total.dim() - 1))  # [R, 1...]
@@ -239,13 +242,6 @@ class FedMemStrategy:
     def aggregate(self, global_params: dict[str, Tensor], accumulator: UpdateAccumulator) -> dict[str, Tensor]:
         """New global parameters: the server optimizer's step on the round's aggregated update."""
         return self.server_optimizer.step(global_params, accumulator.mean())
-
-    @staticmethod
-    def apply(global_params: dict[str, Tensor], mean_update: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Plain FedAvg: the old parameters plus the weighted mean update (names without an update are kept)."""
-        return {
-            name: value + mean_update[name] if name in mean_update else value for name, value in global_params.items()
-        }
 
     def merge_prototypes(self, prototypes: list[Tensor], counts: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Clients' prototypes [k_i, D] with entry counts [k_i] -> K global prototypes [K, D] and their counts.

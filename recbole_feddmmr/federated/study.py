@@ -113,15 +113,17 @@ def write_table(rows: list[dict[str, Any]], out: Path, footer: str) -> str:
     return text
 
 
-def short_labels(labels: list[str]) -> dict[str, str]:
-    """Each run label reduced to the settings that set it apart from the others (the shared ones once, in
-    the title): ``MODEL[a=1,b=2]`` and ``MODEL[a=1,b=3]`` -> ``b=2`` and ``b=3``."""
+def short_labels(labels: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings all runs share, and each run label reduced to the settings that set it apart:
+    ``MODEL[a=1,b=2]`` and ``MODEL[a=1,b=3]`` -> ``{a: 1}`` and ``b=2`` / ``b=3``."""
     parsed = {label: dict(parse_run(label)[1]) for label in labels}
     shared = set.intersection(*(set(o.items()) for o in parsed.values())) if parsed else set()
-    return {
+    names = {
         label: ",".join(f"{k}={v}" for k, v in overrides.items() if (k, v) not in shared) or "(shared settings)"
         for label, overrides in parsed.items()
     }
+    ordered = next(iter(parsed.values()), {})  # the shared settings in the order the labels write them
+    return {k: v for k, v in ordered.items() if (k, v) in shared}, names
 
 
 def plot_curves(runs: list[dict[str, Any]], out: Path) -> Path | None:
@@ -134,9 +136,7 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = short_labels([run["label"] for run in federated])
-    shared = dict(parse_run(federated[0]["label"])[1])
-    shared = {k: v for k, v in shared.items() if all(f"{k}={v}" not in names[run["label"]] for run in federated)}
+    shared, names = short_labels([run["label"] for run in federated])
     figure, (by_round, by_time) = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for run in federated:
         points = [

@@ -60,7 +60,12 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             local_optimizer=config["local_optimizer"] or "adam",
             fedprox_mu=config["fedprox_mu"] or 0.0,
             num_prototypes=config["num_memory_prototypes"] if config["enable_prototype_aggregation"] else 0,
-            prototype_min_entries=config["prototype_min_entries"] or 1,
+            # a missing setting keeps the safe default: a lower floor would let prototypes reveal single items
+            prototype_min_entries=(
+                LocalSettings.prototype_min_entries
+                if config["prototype_min_entries"] is None
+                else config["prototype_min_entries"]
+            ),
             seed=config["seed"],
         )
         # named by the fingerprint: runs of other settings (e.g. side by side in a benchmark) never share one
