@@ -24,6 +24,15 @@ class MemoryReadout(NamedTuple):
     text_mask: Tensor  # [B, K] bool
 
 
+class MemoryWrites(NamedTuple):
+    """Interactions a training step offers to the memory (written if their surprise passes the threshold)."""
+
+    users: Tensor  # [P] memory rows (user ids)
+    items: Tensor  # [P] the interacted items
+    surprise: Tensor  # [P] in (0, 1)
+    times: Tensor | None  # [P] interaction times
+
+
 class ItemFeatures(nn.Module):
     """Per-item feature tables and availability flags (row 0 = padding item, never available).
 
@@ -109,6 +118,12 @@ class LocalDynamicMemory(nn.Module):
     A re-seen item updates its slot (count + 1, last write, surprise) and keeps the later of the two
     interaction times, so a slot is never visible to a sample that precedes any interaction it counts.
     """
+
+    # the tables with one row per user (dim 0 = user id): a user's private state; the clock and the
+    # global prototypes are shared by all users
+    per_user_buffers = (
+        "item_ids", "visual", "text", "visual_valid", "text_valid", "time", "count", "last_write", "surprise",
+    )  # fmt: skip
 
     def __init__(
         self,

@@ -24,21 +24,25 @@ from tqdm import tqdm
 
 from recbole_feddmmr.compat import TrustedCheckpointMixin
 from recbole_feddmmr.data import SequenceWindows
+from recbole_feddmmr.model.ur4rec_v2_moe import TrainingLoss
 
 
 def train_steps(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Iterable[tuple],
-    loss_func: Callable[..., Tensor | tuple[Tensor, ...]],
+    loss_func: Callable[..., Tensor | tuple[Tensor, ...] | TrainingLoss],
     *,
     clip_grad_norm: dict | None = None,
     amp: bool = False,
     extra_loss: Callable[[], Tensor] | None = None,
     memory_clock: int | None = None,
 ) -> float | tuple[float, ...] | None:
-    """One optimizer step per batch, then the model's memory writes: the training loop of both the
-    centralised trainer and a federated client. -> summed loss (per part when the loss is a tuple).
+    """One optimizer step per batch, then the memory writes of that batch: the training loop of both the
+    centralised trainer and a federated client. -> summed loss (per part when the loss has parts).
+
+    ``loss_func(*batch)`` returns a loss, a tuple of loss parts, or a :class:`TrainingLoss` (parts plus
+    the memory writes the step makes through ``model.write_memory`` after its optimizer step).
 
     ``extra_loss`` (e.g. FedProx's proximal term) is added to each step's loss and not reported.
     ``memory_clock``: the memory's reads see step ``memory_clock + i`` at the i-th batch and its writes are
@@ -52,6 +56,9 @@ def train_steps(
         optimizer.zero_grad()
         with torch.autocast(device_type=device_type, enabled=amp):
             losses = loss_func(*batch)
+        writes = None
+        if isinstance(losses, TrainingLoss):
+            losses, writes = losses.losses, losses.memory_writes
         if isinstance(losses, tuple):
             loss = sum(losses)
             parts = tuple(part.item() for part in losses)
@@ -67,9 +74,8 @@ def train_steps(
         if clip_grad_norm:
             clip_grad_norm_(model.parameters(), **clip_grad_norm)
         optimizer.step()
-        if hasattr(model, "commit_memory_writes"):
-            # this step's positives, gated by their surprise
-            model.commit_memory_writes(None if memory_clock is None else memory_clock + step + 1)
+        if writes is not None:  # this step's positives, gated by their surprise
+            model.write_memory(writes, None if memory_clock is None else memory_clock + step + 1)
     return total_loss
 
 

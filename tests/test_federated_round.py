@@ -34,6 +34,7 @@ def test_one_client_with_all_users_and_one_local_epoch_equals_one_centralised_ep
     server = FedMemServer(federated, [everyone], windows, FedMemStrategy(seed=1), settings)
     torch.manual_seed(7)
     report = server.run_round(0)
+    server.assemble_private_state()
 
     assert report.clients == 1 and report.samples == windows.num_targets
     for name, value in central.state_dict().items():
@@ -62,6 +63,7 @@ def _recorded_round(tmp_path, min_entries: int = 5, round_idx: int = 0, **overri
 
     server.backend.run = recording_run
     report = server.run_round(round_idx)
+    server.assemble_private_state()
     return model, report, sent
 
 
@@ -146,6 +148,13 @@ def assert_backends_compute_the_same_rounds(tmp_path, settings, device):
             by_loop.bytes_down,
         )
     assert int(sequential_model.memory.prototype_valid.sum()) == 2
+    # each client's private state, as its store holds it, is the same whichever backend ran it
+    assert sequential.store.states.keys() == vectorized.store.states.keys() == {c.client_id for c in vectorized.clients}
+    for client_id, state in vectorized.store.states.items():
+        for name, value in state.items():
+            torch.testing.assert_close(value, sequential.store.states[client_id][name], rtol=1e-4, atol=1e-7)
+    sequential.assemble_private_state()
+    vectorized.assemble_private_state()
     expected = sequential_model.state_dict()
     for name, value in vectorized_model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-7, msg=name)
@@ -173,10 +182,15 @@ def test_a_sampled_round_touches_only_its_selected_clients_private_state(tmp_pat
     clients = [FedMemClient(i, user[None], windows) for i, user in enumerate(windows.user_ids.unique())]
     strategy = FedMemStrategy(num_prototypes=2, clients_per_round=3, seed=5)
     server = FedMemServer(model, clients, windows, strategy, LocalSettings(num_prototypes=2))
+    server.assemble_private_state()  # the initial private rows, every user's
     before = {name: value.clone() for name, value in model.state_dict().items()}
     selected = strategy.select_clients(0, len(clients))
     report = server.run_round(0)
     assert report.clients == 3
+    # the round loaded, trained and stored the private state of its three clients and of no other
+    assert set(server.store.states) == set(selected.tolist())
+    assert model.memory.item_ids.size(0) == 0  # between rounds the server's model holds no user's rows
+    server.assemble_private_state()
     chosen_users = torch.cat([clients[i].user_ids for i in selected])
     others = torch.tensor([user for user in range(model.memory.item_ids.size(0)) if user not in chosen_users])
     after = model.state_dict()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import crash_rounds_after, tiny_run
 
 from recbole_feddmmr.federated.trainer import FederatedTrainer
@@ -55,7 +56,7 @@ def test_random_and_dirichlet_partitions_group_users_into_clients(tmp_path):
 )
 def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_path, server):
     """The resume state holds everything a round depends on, the server optimizer's moments included."""
-    _, uninterrupted = run(tmp_path / "a", rounds=4, **server)
+    straight, uninterrupted = run(tmp_path / "a", rounds=4, **server)
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
         crash_rounds_after(patch, 1)
@@ -63,6 +64,11 @@ def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_
     trainer, resumed = run(tmp_path / "b", rounds=4, **server)  # the same command again
     assert [report.round_idx for report in trainer.round_reports] == [2, 3]
     assert resumed == uninterrupted
+    # the client state store came back exactly: every client's private rows equal the uninterrupted run's
+    assert trainer.server.store.states.keys() == straight.server.store.states.keys()
+    for client_id, state in straight.server.store.states.items():
+        for name, value in state.items():
+            assert torch.equal(trainer.server.store.states[client_id][name], value), (client_id, name)
 
 
 def test_runs_of_other_settings_never_resume_from_each_others_state(tmp_path):

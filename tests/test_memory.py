@@ -184,6 +184,15 @@ def test_training_writes_memory_that_never_shows_a_sample_its_own_future(tmp_pat
             assert item in earlier and item != int(feat["item_id"][sample])
 
 
+def test_recboles_own_trainer_fills_the_memory_too(tmp_path):
+    from recbole.trainer import Trainer
+
+    config, _, (train_data, _, _), model = tiny_run(tmp_path, memory_surprise_threshold=-1.0)  # write everything
+    Trainer(config, model)._train_epoch(train_data, 0)
+    assert model.memory.written == model.memory.offered == len(train_data._dataset.inter_feat)
+    assert (model.memory.item_ids >= 0).any()
+
+
 def test_memory_table_lists_a_users_items_with_titles_by_utility(tmp_path):
     from recbole_feddmmr.analysis import memory_table
     from recbole_feddmmr.trainer import UR4RecV2MoETrainer

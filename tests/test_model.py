@@ -102,8 +102,8 @@ def test_gradients_reach_every_trainable_parameter(tmp_path, memory_type):
     _, _, splits, model = tiny_run(tmp_path, memory_type=memory_type, memory_surprise_threshold=-1.0)
     model.train()
     if memory_type == "dynamic":  # one step writes every positive (threshold -1), so the experts have memory
-        model.calculate_loss(_batch(splits, 32))
-        assert model.commit_memory_writes() == 32
+        model.calculate_loss(_batch(splits, 32))  # RecBole's interface writes the batch's memory itself
+        assert model.memory.written == 32
     rec_loss, lb = model.calculate_loss(_batch(splits, 32))
     (rec_loss + lb).backward()
     missing = [
@@ -130,8 +130,7 @@ def test_memory_surprise_is_one_minus_sigmoid_of_positive_minus_mean_negative(tm
     model.train()  # writes are prepared in training only; dropout 0 keeps the passes identical
     batch = _batch(splits)
     torch.manual_seed(5)
-    model.calculate_loss(batch)
-    users, items, surprise, times = model.pending_memory_writes
+    users, items, surprise, times = model.training_loss(batch).memory_writes
     assert torch.equal(users, batch["user_id"]) and torch.equal(items, batch["item_id"])
     assert torch.equal(times, batch["timestamp"])
     full = model.full_sort_predict(batch)  # [B, n_items], same memory and weights

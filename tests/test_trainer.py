@@ -78,3 +78,15 @@ def test_epochs_are_reproducible_and_batches_hold_about_train_batch_size_targets
     sizes = [int(batch[3].sum()) for batch in windows.epoch(0)]
     assert sum(sizes) == windows.num_targets
     assert abs(np.mean(sizes) - 16) < 16
+
+
+def test_windows_of_groups_finds_each_groups_windows_as_a_scan_would(tiny):
+    _, _, (train_data, _, _), model = tiny
+    windows = SequenceWindows(train_data, model, batch_size=16, device=torch.device("cpu"), seed=1)
+    users = windows.user_ids.unique()
+    groups = [users[:1], users[1:4], users[4:], torch.tensor([10_000]), users[:0]]  # unknown and empty groups too
+    found = windows.windows_of_groups(groups)
+    for group, index in zip(groups, found, strict=True):
+        assert torch.equal(index, windows.windows_of(group))
+        assert set(windows.user_ids[index].tolist()) == set(group.tolist()) - {10_000}
+    assert sum(len(index) for index in found) == len(windows.user_ids)  # every window in exactly one group

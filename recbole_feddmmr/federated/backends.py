@@ -1,7 +1,9 @@
 """How a round's clients are executed. The strategy never knows which backend ran them.
 
 Both backends yield, client by client, the :class:`ClientResult` each client sends up; the server
-folds them into a streaming sum, so memory never grows with the number of clients. Both draw a
+folds them into a streaming sum, so memory never grows with the number of clients. Before a client
+trains (sequential) or a chunk of clients (vectorized), the client state store makes exactly their
+private rows resident in the model, and takes them back afterwards. Both draw a
 client's negatives from that client's own generator (:func:`client_generator`) and give its memory
 the same clock (:func:`memory_clock`), so with dropout off they compute the same round (tested to
 1e-4); with dropout on, the masks are drawn differently by the two.
@@ -27,7 +29,9 @@ from recbole_feddmmr.federated.client import (
     memory_clock,
     proximal_term,
 )
+from recbole_feddmmr.federated.state import ClientStateStore
 from recbole_feddmmr.federated.strategy import ClientResult, sparse_row_updates
+from recbole_feddmmr.memory import MemoryWrites
 from recbole_feddmmr.vmapping import vmap_mode
 
 
@@ -45,9 +49,13 @@ class SequentialBackend:
         windows: SequenceWindows,
         round_idx: int,
         settings: LocalSettings,
+        store: ClientStateStore,
     ) -> Iterator[ClientResult]:
         for client in clients:
-            yield client.fit(model, global_params, windows, round_idx, settings)
+            residents = store.load(model, [client])  # the model holds this client's private rows only
+            result = client.fit(model, global_params, windows, round_idx, settings, residents)
+            store.save(model, [client])
+            yield result
 
 
 def mapped_dims(points):
@@ -118,6 +126,7 @@ class VectorizedBackend:
         windows: SequenceWindows,
         round_idx: int,
         settings: LocalSettings,
+        store: ClientStateStore,
     ) -> Iterator[ClientResult]:
         if not hasattr(model, "points_loss"):
             raise TypeError(
@@ -127,7 +136,7 @@ class VectorizedBackend:
         load_parameters(model, global_params)
         model.train()
         for chunk in self.chunks(clients, windows, settings):
-            yield from self._run_chunk(model, chunk, global_params, windows, round_idx, settings)
+            yield from self._run_chunk(model, chunk, global_params, windows, round_idx, settings, store)
 
     def _run_chunk(
         self,
@@ -137,9 +146,11 @@ class VectorizedBackend:
         windows: SequenceWindows,
         round_idx: int,
         settings: LocalSettings,
+        store: ClientStateStore,
     ) -> Iterator[ClientResult]:
         count = len(chunk)
-        # each client's copy of the shared parameters and of the per-user ones (the model's current rows)
+        residents = store.load(model, chunk)  # the chunk's users' private rows, and only theirs
+        # each client's copy of the shared parameters and of the per-user ones (the chunk's resident rows)
         model_params = dict(model.named_parameters())
         per_user = {name: model_params[name].detach() for name in getattr(model, "per_user_parameters", ())}
         params = {
@@ -165,7 +176,7 @@ class VectorizedBackend:
         loss_sum, steps = torch.zeros(count, dtype=torch.float64, device=device), 0  # on the device: no sync per step
         for local_epoch in range(settings.local_epochs):
             clock = memory_clock(round_idx, local_epoch, settings, windows)
-            batches = [client.epoch_batches(windows, round_idx, local_epoch, settings) for client in chunk]
+            batches = [client.epoch_batches(windows, round_idx, local_epoch, settings, residents) for client in chunk]
             for step in range(len(batches[0])):  # a chunk's clients take the same number of steps
                 model.set_memory_clock(clock + step)
                 stacked_windows, points, flat_points = self._stack(
@@ -179,21 +190,21 @@ class VectorizedBackend:
                 for name, value in params.items():
                     value.grad = grads[name]
                 optimizer.step()
-                if model.writes_memory:
+                if model.writes_memory:  # the chunk's positives, as the sequential training step writes them
                     real = points.weight > 0  # [n, P_max], row-major = the points' order
-                    model.record_memory_writes(
-                        flat_points.users, flat_points.positives, surprise[real], flat_points.times
-                    )
-                    model.commit_memory_writes(clock + step + 1)
+                    writes = MemoryWrites(flat_points.users, flat_points.positives, surprise[real], flat_points.times)
+                    model.write_memory(writes, clock + step + 1)
                 loss_sum += reported.double()
                 steps += 1
         with torch.no_grad():  # per-user parameters: each client's own users' rows go back into the model
             for name in per_user:
                 for index, client in enumerate(chunk):
-                    model_params[name][client.user_ids] = params[name][index, client.user_ids]
+                    rows = residents.rows(client.user_ids)
+                    model_params[name][rows] = params[name][index, rows]
+        store.save(model, chunk)
         mean_losses = (loss_sum / steps).tolist() if steps else [0.0] * count  # one host sync per chunk
         for index, client in enumerate(chunk):
-            centres, counts = client.prototypes(model, settings)
+            centres, counts = client.prototypes(model, settings, residents)
             update = {name: params[name][index] - value for name, value in global_params.items()}
             update, changed_rows = sparse_row_updates(update, getattr(model, "per_item_parameters", ()))
             yield ClientResult(

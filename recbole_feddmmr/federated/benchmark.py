@@ -97,6 +97,7 @@ def measure_speed(
         server.backend = SequentialBackend() if name == "sequential" else VectorizedBackend(chunk_targets)
         server.strategy.clients_per_round, server.strategy.client_fraction = clients_per_round, 1.0
         report = server.run_round(0)
+        server.assemble_private_state()  # full per-user tables again, so the next run can start from `initial`
         values = {
             "clients": report.clients,
             "seconds": report.seconds,

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from recbole_feddmmr.data import SequenceWindows
+from recbole_feddmmr.federated.state import Residents
 from recbole_feddmmr.federated.strategy import ClientResult, memory_prototypes, sparse_row_updates
 from recbole_feddmmr.trainer import train_steps
 
@@ -49,9 +50,9 @@ def proximal_term(params: dict[str, Tensor], global_params: dict[str, Tensor], m
 
 def shared_parameters(model: nn.Module) -> dict[str, Tensor]:
     """What the server aggregates: the model's trainable parameters (detached copies). Buffers, such as the
-    users' memories, and the model's ``per_user_parameters`` (e.g. the user embedding, one row per user)
-    are private: each client trains its own users' rows, which never leave it."""
-    private = set(getattr(model, "per_user_parameters", ()))
+    users' memories, and the model's per-user state (e.g. the user embedding, one row per user) are
+    private: each client trains its own users' rows, which never leave it (see ``state.py``)."""
+    private = set(getattr(model, "per_user_state", ()))
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad and name not in private}
 
 
@@ -83,15 +84,19 @@ def memory_clock(round_idx: int, local_epoch: int, settings: LocalSettings, wind
 class FedMemClient:
     """One client of the simulation: its users and their training windows.
 
-    Its private state, the memory rows of its users, lives in the simulation's model (rows no other
-    client touches); what it returns (:class:`ClientResult`) holds only a parameter update, a sample
-    count and k-means summaries of its memory.
+    Its private state (its users' memory slots and per-user parameter rows) lives in the client state
+    store and is resident in the simulation's model only while it trains; what it returns
+    (:class:`ClientResult`) holds only a parameter update, a sample count and k-means summaries of its
+    memory.
     """
 
-    def __init__(self, client_id: int, user_ids: Tensor, windows: SequenceWindows) -> None:
+    def __init__(
+        self, client_id: int, user_ids: Tensor, windows: SequenceWindows, window_index: Tensor | None = None
+    ) -> None:
+        """``window_index``: the client's windows if already known (see :meth:`SequenceWindows.windows_of_groups`)."""
         self.client_id = client_id
         self.user_ids = user_ids
-        self.window_index = windows.windows_of(user_ids)  # [w]
+        self.window_index = windows.windows_of(user_ids) if window_index is None else window_index  # [w]
         self.num_samples = int(windows.target_mask[self.window_index].sum())
 
     def steps_per_epoch(self, windows: SequenceWindows, settings: LocalSettings) -> int:
@@ -99,19 +104,26 @@ class FedMemClient:
         return -(-len(self.window_index) // per_batch)
 
     def epoch_batches(
-        self, windows: SequenceWindows, round_idx: int, local_epoch: int, settings: LocalSettings
+        self,
+        windows: SequenceWindows,
+        round_idx: int,
+        local_epoch: int,
+        settings: LocalSettings,
+        residents: Residents,
     ) -> list[tuple[Tensor, ...]]:
-        """This client's batches of one local epoch, in order (shuffled by seed, round and epoch)."""
+        """This client's batches of one local epoch, in order (shuffled by seed, round and epoch), with user
+        ids turned into the resident rows of the model."""
         per_batch = windows.windows_per_batch_for(settings.local_batch_size)
         epoch_idx = round_idx * settings.local_epochs + local_epoch
-        return list(windows.epoch(epoch_idx, subset=self.window_index, windows_per_batch=per_batch))
+        batches = windows.epoch(epoch_idx, subset=self.window_index, windows_per_batch=per_batch)
+        return [(residents.rows(user_ids), *rest) for user_ids, *rest in batches]
 
-    def prototypes(self, model: nn.Module, settings: LocalSettings) -> tuple[Tensor, Tensor]:
+    def prototypes(self, model: nn.Module, settings: LocalSettings, residents: Residents) -> tuple[Tensor, Tensor]:
         """k-means centres [k, D] of this client's memory entries and their sizes [k] (empty without a memory)."""
         memory = getattr(model, "memory", None)
         if not settings.num_prototypes or not hasattr(memory, "entry_features"):
             return torch.zeros(0, 0), torch.zeros(0)
-        entries = memory.entry_features(self.user_ids).cpu()  # [n, Fv + Ft]
+        entries = memory.entry_features(residents.rows(self.user_ids)).cpu()  # [n, Fv + Ft]
         if entries.size(1) == 0:  # the memory stores no feature modality (experts off): nothing to summarise
             return torch.zeros(0, 0), torch.zeros(0)
         return memory_prototypes(entries, settings.num_prototypes, settings.seed, settings.prototype_min_entries)
@@ -123,11 +135,12 @@ class FedMemClient:
         windows: SequenceWindows,
         round_idx: int,
         settings: LocalSettings,
+        residents: Residents,
     ) -> ClientResult:
         """Train ``model`` from ``global_params`` on this client's windows -> its update and prototypes.
 
-        The optimizer also trains the model's per-user parameters: only this client's users' rows get a
-        gradient, and a fresh Adam moves no row without one, so the other clients' rows stay as they are.
+        ``residents``: this client's users, whose private rows the client state store made resident in
+        ``model``; the optimizer trains those per-user rows too (they stay with the client).
         """
         load_parameters(model, global_params)
         model.train()
@@ -140,7 +153,7 @@ class FedMemClient:
         loss_func = partial(model.calculate_window_loss, generator=generator)
         loss_sum, steps = 0.0, 0
         for local_epoch in range(settings.local_epochs):
-            batches = self.epoch_batches(windows, round_idx, local_epoch, settings)
+            batches = self.epoch_batches(windows, round_idx, local_epoch, settings, residents)
             clock = memory_clock(round_idx, local_epoch, settings, windows)  # train_steps adds the step index
             total = train_steps(model, optimizer, batches, loss_func, extra_loss=proximal, memory_clock=clock)
             loss_sum += sum(total) if isinstance(total, tuple) else total or 0.0
@@ -149,7 +162,7 @@ class FedMemClient:
             name: p.detach() - global_params[name] for name, p in model.named_parameters() if name in global_params
         }
         update, changed_rows = sparse_row_updates(update, getattr(model, "per_item_parameters", ()))
-        centres, counts = self.prototypes(model, settings)
+        centres, counts = self.prototypes(model, settings, residents)
         mean_loss = loss_sum / steps if steps else 0.0
         return ClientResult(
             update,

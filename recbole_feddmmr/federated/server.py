@@ -12,6 +12,7 @@ from torch import nn
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.federated.backends import SequentialBackend
 from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, load_parameters, shared_parameters
+from recbole_feddmmr.federated.state import ClientStateStore
 from recbole_feddmmr.federated.strategy import FedMemStrategy
 
 
@@ -41,7 +42,13 @@ def peak_rss_mb() -> float:
 
 
 class FedMemServer:
-    """Holds the global model; every round it aggregates what the selected clients send back."""
+    """Holds the shared parameters, the server optimizer (in the strategy) and the merged prototypes; every
+    round it aggregates what the selected clients send back.
+
+    The clients' private state is in ``self.store`` (:class:`ClientStateStore`), not in the server's
+    model: between rounds ``model``'s per-user tables have no rows, so call :meth:`assemble_private_state`
+    before anything reads users' rows (evaluation, saving, analysis).
+    """
 
     def __init__(
         self,
@@ -61,6 +68,8 @@ class FedMemServer:
         self.backend = backend or SequentialBackend()
         self.enable_prototype_aggregation = enable_prototype_aggregation
         self.global_params = shared_parameters(model)
+        self.store = ClientStateStore(model, clients)
+        self.store.release(model)  # every user's private rows now live in the store, none in the model
         # item-indexed tables among the shared parameters: clients send their changed rows only
         self.row_shapes = {
             name: self.global_params[name].shape
@@ -74,7 +83,7 @@ class FedMemServer:
         accumulator = self.strategy.new_accumulator(self.row_shapes)
         sent_prototypes, losses, bytes_up = {}, [], 0
         for result in self.backend.run(
-            self.model, selected, self.global_params, self.windows, round_idx, self.settings
+            self.model, selected, self.global_params, self.windows, round_idx, self.settings, self.store
         ):
             accumulator.add(result.update, result.num_samples, result.changed_rows)
             if len(result.prototypes):
@@ -84,6 +93,7 @@ class FedMemServer:
         # in client order, whatever order the backend returned them in: the merge's k-means depends on it
         prototypes = [sent_prototypes[client_id][0] for client_id in sorted(sent_prototypes)]
         counts = [sent_prototypes[client_id][1] for client_id in sorted(sent_prototypes)]
+        self.store.release(self.model)  # the last clients' rows went back to the store
         self.global_params = self.strategy.aggregate(self.global_params, accumulator)
         load_parameters(self.model, self.global_params)
         bytes_down = sum(p.numel() * p.element_size() for p in self.global_params.values()) * len(selected)
@@ -102,3 +112,8 @@ class FedMemServer:
             time.perf_counter() - started,
             peak_rss_mb(),
         )
+
+    def assemble_private_state(self) -> None:
+        """Every user's private rows into the model's full per-user tables, as a centralised model holds them
+        (RecBole's evaluator and checkpoints index users by id)."""
+        self.store.assemble(self.model)

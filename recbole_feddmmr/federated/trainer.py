@@ -2,8 +2,10 @@
 
 Every ``eval_every`` rounds the global model (with each user's private memory and the global
 prototypes) is evaluated by RecBole's evaluator on validation; the best round is kept by
-validation only. Every ``resume_every_s`` seconds the whole simulation state (global model, every
-client's memory, global prototypes, server optimizer moments, round, early-stopping state, RNG
+validation only. Before each evaluation the client state store assembles every user's private rows
+into the model (see ``state.py``), so the evaluated model and its checkpoint hold them as a centralised
+model does. Every ``resume_every_s`` seconds the whole simulation state (shared parameters, global
+prototypes, the client state store, server optimizer moments, round, early-stopping state, RNG
 states) is written to ``<checkpoint_dir>/<model>-<dataset>-federated-seed<seed>-<fingerprint>.resume.pth``;
 the same command run again after a crash resumes from it (a file written under another
 configuration is refused), and a finished run removes it.
@@ -99,7 +101,12 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             user_labels=labels,
             dirichlet_alpha=config["dirichlet_alpha"],
         )
-        clients = [FedMemClient(i, torch.as_tensor(part, device=self.device), windows) for i, part in enumerate(parts)]
+        user_groups = [torch.as_tensor(part, device=self.device) for part in parts]
+        client_windows = windows.windows_of_groups(user_groups)
+        clients = [
+            FedMemClient(i, users, windows, window_index)
+            for i, (users, window_index) in enumerate(zip(user_groups, client_windows, strict=True))
+        ]
         strategy = FedMemStrategy(
             num_prototypes=config["num_memory_prototypes"],
             clients_per_round=config["clients_per_round"],
@@ -164,6 +171,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
                 )
             stop = False
             if valid_data is not None and (round_idx + 1) % self.eval_every == 0:
+                server.assemble_private_state()  # RecBole's evaluator reads every user's rows by user id
                 valid_score, valid_result = self._valid_epoch(valid_data, show_progress=False)
                 report.valid_score = float(valid_score)
                 self.best_valid_score, self.cur_step, stop, improved = early_stopping(
@@ -188,6 +196,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
                 last_resume_save = report.elapsed_seconds
             if stop:
                 break
+        server.assemble_private_state()  # the trained model, as evaluation and analysis read it
         if valid_data is None and saved:
             self._save_checkpoint(self.rounds - 1, verbose=verbose)
         self.resume_file.unlink(missing_ok=True)  # finished: the same command starts afresh
@@ -195,6 +204,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
 
     # ------------------------------------------------------------ resumption
     def _save_resume_state(self, round_idx: int, elapsed_seconds: float = 0.0) -> None:
+        private = set(self.server.store.names)
         state = {
             "fingerprint": self.run_fingerprint,
             "round": round_idx,
@@ -204,7 +214,9 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             "best_valid_score": self.best_valid_score,
             "best_valid_result": self.best_valid_result,
             "saved_model_file": self.saved_model_file,
-            "state_dict": self.model.state_dict(),  # global model, every user's memory, global prototypes
+            # shared parameters and global prototypes; the users' private rows are in the client state store
+            "state_dict": {name: value for name, value in self.model.state_dict().items() if name not in private},
+            "client_states": self.server.store.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
         if self.device.type == "cuda":  # dropout on CUDA draws from the CUDA generators
@@ -223,7 +235,10 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             raise RuntimeError(
                 f"{self.resume_file} belongs to a federated run with other settings: delete it to start afresh"
             )
-        self.model.load_state_dict(state["state_dict"])
+        missing, unexpected = self.model.load_state_dict(state["state_dict"], strict=False)
+        if set(missing) != set(server.store.names) or unexpected:
+            raise RuntimeError(f"{self.resume_file} does not fit this model: missing {missing}, extra {unexpected}")
+        server.store.load_state_dict(state["client_states"])
         server.global_params = shared_parameters(self.model)
         server.strategy.server_optimizer.load_state_dict(state["server_optimizer"])
         self.elapsed_before_resume = state["elapsed_seconds"]

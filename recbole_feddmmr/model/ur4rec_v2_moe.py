@@ -25,7 +25,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import Tensor, nn
 
-from recbole_feddmmr.memory import ItemFeatures, LocalDynamicMemory, MemoryReadout, RecentHistoryMemory
+from recbole_feddmmr.memory import ItemFeatures, LocalDynamicMemory, MemoryReadout, MemoryWrites, RecentHistoryMemory
 from recbole_feddmmr.model.layers import (
     ItemCentricRouter,
     SASRecBackbone,
@@ -49,6 +49,18 @@ class PredictionPoints(NamedTuple):
     memory: MemoryReadout  # [P, K, F] what the experts read
     negatives: Tensor | None  # [P, N] (BPR / SSM; None: drawn by the loss)
     weight: Tensor | None  # [P] 1 = a training target, 0 = padding (None: every point is a target)
+
+
+class TrainingLoss(NamedTuple):
+    """A training batch's loss parts and the memory writes its step should make after the optimizer step."""
+
+    rec_loss: Tensor
+    balance_loss: Tensor  # the load-balance loss, weighted
+    memory_writes: MemoryWrites | None  # None: nothing to write (no LocalDynamicMemory, or not training)
+
+    @property
+    def losses(self) -> tuple[Tensor, Tensor]:
+        return self.rec_loss, self.balance_loss
 
 
 def item_feature_table(dataset, id_field: str, value_field: str | None, expected_dim: int) -> Tensor | None:
@@ -220,7 +232,6 @@ class UR4RecV2MoE(SequentialRecommender):
             )
         else:
             raise ValueError(f"memory_type must be 'history' or 'dynamic', got {self.memory_type!r}")
-        self.pending_memory_writes: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.register_buffer(
             "expert_enabled",
             torch.tensor([True, self.item_features.has_visual, self.item_features.has_text]),
@@ -231,6 +242,13 @@ class UR4RecV2MoE(SequentialRecommender):
         self.logger.info(f"UR4RecV2MoE live experts: {', '.join(self.live_experts)}" + self._off_reason(id_field))
 
     # ------------------------------------------------------------------ setup
+    @property
+    def per_user_state(self) -> tuple[str, ...]:
+        """State-dict names of every tensor with one row per user (dim 0 = user id): the users' private state
+        (the per-user parameters and LocalDynamicMemory's slots)."""
+        memory = tuple(f"memory.{name}" for name in getattr(self.memory, "per_user_buffers", ()))
+        return self.per_user_parameters + memory
+
     @property
     def live_experts(self) -> list[str]:
         return [name for name, on in zip(EXPERTS, self.expert_enabled.tolist(), strict=True) if on]
@@ -397,17 +415,16 @@ class UR4RecV2MoE(SequentialRecommender):
         if isinstance(self.memory, LocalDynamicMemory):
             self.memory.step.fill_(step)
 
-    def commit_memory_writes(self, step: int | None = None) -> int:
-        """Write the last training loss's positives into LocalDynamicMemory (gated by their surprise).
+    def write_memory(self, writes: MemoryWrites | None, step: int | None = None) -> int:
+        """Offer a training step's positives to LocalDynamicMemory (written if their surprise passes the
+        threshold), at memory step ``step`` (default: the next step) -> number of interactions written.
 
-        Called by the trainer after each optimizer step, at memory step ``step`` (default: the next
-        step); -> number of interactions written.
+        The training step calls it after its optimizer step (:func:`recbole_feddmmr.trainer.train_steps`,
+        centralised and federated alike), with the ``memory_writes`` of the loss it just took.
         """
-        if self.pending_memory_writes is None or not isinstance(self.memory, LocalDynamicMemory):
-            self.pending_memory_writes = None
+        if writes is None or not isinstance(self.memory, LocalDynamicMemory):
             return 0
-        users, items, surprises, times = self.pending_memory_writes
-        self.pending_memory_writes = None
+        users, items, surprises, times = writes
         features = self.item_features
         return self.memory.add_batch(
             users,
@@ -423,7 +440,7 @@ class UR4RecV2MoE(SequentialRecommender):
 
     @property
     def writes_memory(self) -> bool:
-        """Whether a training loss now records its positives for :meth:`commit_memory_writes`."""
+        """Whether a training loss now returns its positives as memory writes (:meth:`write_memory`)."""
         return self.training and isinstance(self.memory, LocalDynamicMemory)
 
     # ------------------------------------------------------- RecBole interface
@@ -472,20 +489,27 @@ class UR4RecV2MoE(SequentialRecommender):
         lb_loss = load_balance_loss(router_weights, self.expert_enabled, weight)
         return rec_loss, self.load_balance_weight * lb_loss, surprise
 
-    def record_memory_writes(
-        self, users: Tensor, positives: Tensor, surprise: Tensor | None, times: Tensor | None
-    ) -> None:
-        """Keep [P] positives and their surprise for the next :meth:`commit_memory_writes` (``None``: nothing)."""
-        if surprise is not None:
-            self.pending_memory_writes = (users, positives, surprise, times)
+    @staticmethod
+    def _writes(users: Tensor, positives: Tensor, surprise: Tensor | None, times: Tensor | None) -> MemoryWrites | None:
+        return None if surprise is None else MemoryWrites(users, positives, surprise, times)
 
-    def calculate_loss(self, interaction) -> tuple[Tensor, Tensor]:
-        """RecBole's per-sample batch -> (recommendation loss, weighted load-balance loss); the trainer logs both."""
+    def training_loss(self, interaction) -> TrainingLoss:
+        """RecBole's per-sample batch -> its :class:`TrainingLoss` (losses and the memory writes it implies)."""
         user_ids, _, _, seq_repr, memory = self._read_batch(interaction)
         positives, times = interaction[self.ITEM_ID], self._target_times(interaction)
         rec_loss, lb_loss, surprise = self._loss(seq_repr, memory, positives)
-        self.record_memory_writes(user_ids, positives, surprise, times)
-        return rec_loss, lb_loss
+        return TrainingLoss(rec_loss, lb_loss, self._writes(user_ids, positives, surprise, times))
+
+    def calculate_loss(self, interaction) -> tuple[Tensor, Tensor]:
+        """RecBole's interface: (recommendation loss, weighted load-balance loss) of a per-sample batch.
+
+        It also makes the batch's memory writes right away, so a model trained by RecBole's own Trainer
+        fills its memory too. (Writing before the backward pass is safe: memory reads are copies.) The
+        plugin's trainer uses the window loss instead and writes after each optimizer step.
+        """
+        loss = self.training_loss(interaction)
+        self.write_memory(loss.memory_writes)
+        return loss.losses
 
     def prediction_points(
         self,
@@ -518,8 +542,8 @@ class UR4RecV2MoE(SequentialRecommender):
         self, windows: Tensor, points: PredictionPoints, *, all_items: bool = False
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The window loss at ``points`` (see :meth:`prediction_points`) of ``windows`` [B, L], in one backbone
-        pass -> (rec loss, weighted lb loss, surprise [P] or ``None``). Records no memory write, so that with
-        ``all_items`` and padded points it is a pure function of the parameters (``torch.func`` can vmap it).
+        pass -> (rec loss, weighted lb loss, surprise [P] or ``None``). With ``all_items`` and padded points
+        it is a pure function of the parameters (``torch.func`` can vmap it).
         """
         hidden = self.backbone.all_positions(self.sequence_item_repr(windows))  # [B, L, H]
         seq_repr = hidden[points.rows, points.positions]  # [P, H]
@@ -536,7 +560,7 @@ class UR4RecV2MoE(SequentialRecommender):
         target_times: Tensor | None = None,
         *,
         generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> TrainingLoss:
         """The same loss over every marked position of whole sequence windows, in one backbone pass.
 
         ``windows`` [B, L] items (right-padded), ``targets`` [B, L] the item that follows each
@@ -544,12 +568,12 @@ class UR4RecV2MoE(SequentialRecommender):
         the time of each target (needed by LocalDynamicMemory). Position t is the
         prediction point of a sample whose input is ``windows[:, :t + 1]``: exactly RecBole's
         sample for that target whenever the window starts at the user's first item.
-        Negatives come from ``generator`` (default: torch's global generator).
+        Negatives come from ``generator`` (default: torch's global generator). The memory writes are
+        returned, not made: the training step makes them after its optimizer step.
         """
         points = self.prediction_points(user_ids, windows, targets, target_mask, target_times, generator=generator)
         rec_loss, lb_loss, surprise = self.points_loss(windows, points)
-        self.record_memory_writes(points.users, points.positives, surprise, points.times)
-        return rec_loss, lb_loss
+        return TrainingLoss(rec_loss, lb_loss, self._writes(points.users, points.positives, surprise, points.times))
 
     def predict(self, interaction) -> Tensor:
         """Score of each row's ``item_id`` -> [B]."""
