@@ -42,6 +42,7 @@ TINY_CONFIG = {
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "ray: starts a local Ray (2 CPUs); runs on CI's 2 cores, skip with -m 'not ray'")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,6 +10,7 @@ from recbole_feddmmr.federated.partition import dominant_labels, partition_users
 from recbole_feddmmr.federated.strategy import (
     ClientResult,
     FedMemStrategy,
+    LocalSettings,
     ServerOptimizer,
     UpdateAccumulator,
     memory_prototypes,
@@ -190,3 +191,32 @@ def test_server_optimizer_state_round_trips_and_refuses_another_optimizer():
         ServerOptimizer("fedyogi").load_state_dict(first.state_dict())
     with pytest.raises(ValueError, match="server_optimizer must be one of"):
         ServerOptimizer("fedsgd")
+
+
+def test_configure_fit_selects_and_sets_the_memory_clock_of_each_local_epoch():
+    strategy = FedMemStrategy(clients_per_round=4, seed=3)
+    params = {"w": torch.zeros(2)}
+    selected, instructions = strategy.configure_fit(3, 10, params, LocalSettings(local_epochs=2), epoch_steps=7)
+    assert np.array_equal(selected, strategy.select_clients(3, 10))
+    assert instructions.parameters is params and instructions.round_idx == 3
+    # round 3 of 2 local epochs of 7 steps: epochs 0..5 came before; the second local epoch starts one later
+    assert (instructions.clock_at(0), instructions.clock_at(1)) == (42, 49)
+
+
+def test_aggregate_fit_streams_results_and_merges_prototypes_in_client_order():
+    strategy = FedMemStrategy(num_prototypes=1, seed=0)
+    params = {"w": torch.zeros(2)}
+    first = ClientResult(
+        {"w": torch.tensor([1.0, 0.0])}, 1, torch.tensor([[0.0, 0.0]]), torch.tensor([5.0]), mean_loss=1.0, client_id=3
+    )
+    second = ClientResult(
+        {"w": torch.tensor([0.0, 3.0])}, 3, torch.tensor([[4.0, 0.0]]), torch.tensor([15.0]), mean_loss=3.0, client_id=1
+    )
+    outcome = strategy.aggregate_fit(params, iter([first, second]))
+    torch.testing.assert_close(outcome.parameters["w"], torch.tensor([0.25, 2.25]))  # (1 [1, 0] + 3 [0, 3]) / 4
+    assert (outcome.clients, outcome.samples, outcome.mean_loss) == (2, 4, 2.0)
+    assert outcome.bytes_up == first.num_bytes() + second.num_bytes()
+    # two prototypes for one global slot: the weighted mean (5 [0, 0] + 15 [4, 0]) / 20
+    torch.testing.assert_close(outcome.prototypes, torch.tensor([[3.0, 0.0]]))
+    arrived_reversed = strategy.aggregate_fit(params, iter([second, first]))
+    torch.testing.assert_close(arrived_reversed.prototypes, outcome.prototypes)

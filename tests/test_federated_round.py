@@ -11,9 +11,9 @@ from conftest import tiny_run
 
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
-from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, client_generator, shared_parameters
+from recbole_feddmmr.federated.client import FedMemClient, client_generator, shared_parameters
 from recbole_feddmmr.federated.server import FedMemServer
-from recbole_feddmmr.federated.strategy import ClientResult, FedMemStrategy
+from recbole_feddmmr.federated.strategy import ClientResult, FedMemStrategy, LocalSettings
 from recbole_feddmmr.trainer import UR4RecV2MoETrainer
 
 

@@ -5,7 +5,7 @@ folds them into a streaming sum, so memory never grows with the number of client
 trains (sequential) or a chunk of clients (vectorized), the client state store makes exactly their
 private rows resident in the model, and takes them back afterwards. Both draw a
 client's negatives from that client's own generator (:func:`client_generator`) and give its memory
-the same clock (:func:`memory_clock`), so with dropout off they compute the same round (tested to
+the same clock (:meth:`FitInstructions.clock_at`), so with dropout off they compute the same round (tested to
 1e-4); with dropout on, the masks are drawn differently by the two.
 """
 
@@ -22,15 +22,13 @@ from torch.nn.utils.rnn import pad_sequence
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.federated.client import (
     FedMemClient,
-    LocalSettings,
     client_generator,
     load_parameters,
     local_optimizer,
-    memory_clock,
     proximal_term,
 )
 from recbole_feddmmr.federated.state import ClientStateStore
-from recbole_feddmmr.federated.strategy import ClientResult, sparse_row_updates
+from recbole_feddmmr.federated.strategy import ClientResult, FitInstructions, LocalSettings, sparse_row_updates
 from recbole_feddmmr.memory import MemoryWrites
 from recbole_feddmmr.vmapping import vmap_mode
 
@@ -45,15 +43,13 @@ class SequentialBackend:
         self,
         model: nn.Module,
         clients: list[FedMemClient],
-        global_params: dict[str, Tensor],
+        instructions: FitInstructions,
         windows: SequenceWindows,
-        round_idx: int,
-        settings: LocalSettings,
         store: ClientStateStore,
     ) -> Iterator[ClientResult]:
         for client in clients:
             residents = store.load(model, [client])  # the model holds this client's private rows only
-            result = client.fit(model, global_params, windows, round_idx, settings, residents)
+            result = client.fit(model, instructions, windows, residents)
             store.save(model, [client])
             yield result
 
@@ -122,10 +118,8 @@ class VectorizedBackend:
         self,
         model: nn.Module,
         clients: list[FedMemClient],
-        global_params: dict[str, Tensor],
+        instructions: FitInstructions,
         windows: SequenceWindows,
-        round_idx: int,
-        settings: LocalSettings,
         store: ClientStateStore,
     ) -> Iterator[ClientResult]:
         if not hasattr(model, "points_loss"):
@@ -133,21 +127,20 @@ class VectorizedBackend:
                 f"the vectorized backend needs a model with prediction_points / points_loss (UR4RecV2MoE), "
                 f"not {type(model).__name__}: use federated_backend=sequential"
             )
-        load_parameters(model, global_params)
+        load_parameters(model, instructions.parameters)
         model.train()
-        for chunk in self.chunks(clients, windows, settings):
-            yield from self._run_chunk(model, chunk, global_params, windows, round_idx, settings, store)
+        for chunk in self.chunks(clients, windows, instructions.settings):
+            yield from self._run_chunk(model, chunk, instructions, windows, store)
 
     def _run_chunk(
         self,
         model: nn.Module,
         chunk: list[FedMemClient],
-        global_params: dict[str, Tensor],
+        instructions: FitInstructions,
         windows: SequenceWindows,
-        round_idx: int,
-        settings: LocalSettings,
         store: ClientStateStore,
     ) -> Iterator[ClientResult]:
+        global_params, settings, round_idx = instructions.parameters, instructions.settings, instructions.round_idx
         count = len(chunk)
         residents = store.load(model, chunk)  # the chunk's users' private rows, and only theirs
         # each client's copy of the shared parameters and of the per-user ones (the chunk's resident rows)
@@ -175,7 +168,7 @@ class VectorizedBackend:
         client_gradients = grad_and_value(client_loss, has_aux=True)
         loss_sum, steps = torch.zeros(count, dtype=torch.float64, device=device), 0  # on the device: no sync per step
         for local_epoch in range(settings.local_epochs):
-            clock = memory_clock(round_idx, local_epoch, settings, windows)
+            clock = instructions.clock_at(local_epoch)
             batches = [client.epoch_batches(windows, round_idx, local_epoch, settings, residents) for client in chunk]
             for step in range(len(batches[0])):  # a chunk's clients take the same number of steps
                 model.set_memory_clock(clock + step)

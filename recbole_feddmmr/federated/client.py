@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -11,28 +10,14 @@ from torch import Tensor, nn
 
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.federated.state import Residents
-from recbole_feddmmr.federated.strategy import ClientResult, memory_prototypes, sparse_row_updates
+from recbole_feddmmr.federated.strategy import (
+    ClientResult,
+    FitInstructions,
+    LocalSettings,
+    memory_prototypes,
+    sparse_row_updates,
+)
 from recbole_feddmmr.trainer import train_steps
-
-LOCAL_OPTIMIZERS = ("adam", "sgd")
-
-
-@dataclass(frozen=True)
-class LocalSettings:
-    local_epochs: int = 1
-    local_batch_size: int = 256  # training targets per local step
-    local_lr: float = 1e-3
-    # created fresh every round (no optimizer state is kept between rounds): adam, or plain sgd as in the
-    # FedOpt papers (a fresh Adam moves every coordinate it touches by about lr, whatever the gradient)
-    local_optimizer: str = "adam"
-    fedprox_mu: float = 0.0  # FedProx proximal term mu/2 ||w - w_global||^2 (0 = FedAvg)
-    num_prototypes: int = 5  # k-means centres of the client's memory sent up (0 = none)
-    prototype_min_entries: int = 5  # a prototype averages at least this many memory entries
-    seed: int = 2020
-
-    def __post_init__(self) -> None:
-        if self.local_optimizer not in LOCAL_OPTIMIZERS:
-            raise ValueError(f"local_optimizer must be one of {LOCAL_OPTIMIZERS}, got {self.local_optimizer!r}")
 
 
 def local_optimizer(params: list[Tensor], settings: LocalSettings) -> torch.optim.Optimizer:
@@ -68,17 +53,6 @@ def client_generator(seed: int, round_idx: int, client_id: int, device: torch.de
     (seed, round, client), so every execution backend, in any order, draws the same numbers."""
     state = int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1, dtype=np.uint64)[0])
     return torch.Generator(device=device).manual_seed(state)
-
-
-def memory_clock(round_idx: int, local_epoch: int, settings: LocalSettings, windows: SequenceWindows) -> int:
-    """The memory clock at the first local step of a local epoch.
-
-    Every client's local epoch e of round r starts at the same clock, as if the clients ran in
-    parallel (which real clients do), and a local epoch advances it by a centralised epoch's
-    number of steps, so the memory's recency decay means in federated training what it means
-    in centralised training. Clients never share users, so their clocks never interfere.
-    """
-    return (round_idx * settings.local_epochs + local_epoch) * len(windows)
 
 
 class FedMemClient:
@@ -129,19 +103,15 @@ class FedMemClient:
         return memory_prototypes(entries, settings.num_prototypes, settings.seed, settings.prototype_min_entries)
 
     def fit(
-        self,
-        model: nn.Module,
-        global_params: dict[str, Tensor],
-        windows: SequenceWindows,
-        round_idx: int,
-        settings: LocalSettings,
-        residents: Residents,
+        self, model: nn.Module, instructions: FitInstructions, windows: SequenceWindows, residents: Residents
     ) -> ClientResult:
-        """Train ``model`` from ``global_params`` on this client's windows -> its update and prototypes.
+        """Train ``model`` from the round's global parameters on this client's windows -> its update and
+        prototypes.
 
         ``residents``: this client's users, whose private rows the client state store made resident in
         ``model``; the optimizer trains those per-user rows too (they stay with the client).
         """
+        global_params, settings, round_idx = instructions.parameters, instructions.settings, instructions.round_idx
         load_parameters(model, global_params)
         model.train()
         optimizer = local_optimizer([p for p in model.parameters() if p.requires_grad], settings)
@@ -154,7 +124,7 @@ class FedMemClient:
         loss_sum, steps = 0.0, 0
         for local_epoch in range(settings.local_epochs):
             batches = self.epoch_batches(windows, round_idx, local_epoch, settings, residents)
-            clock = memory_clock(round_idx, local_epoch, settings, windows)  # train_steps adds the step index
+            clock = instructions.clock_at(local_epoch)  # train_steps adds the step index
             total = train_steps(model, optimizer, batches, loss_func, extra_loss=proximal, memory_clock=clock)
             loss_sum += sum(total) if isinstance(total, tuple) else total or 0.0
             steps += len(batches)

@@ -1,8 +1,11 @@
-"""The server of the simulation: one round = select, run clients on a backend, aggregate, merge prototypes."""
+"""The server of the simulation: one round = select and configure, run the clients on a backend, aggregate.
+
+Prototypes travel only when clients send them: ``LocalSettings.num_prototypes`` 0
+(``enable_prototype_aggregation: false``) means none are sent, merged or broadcast.
+"""
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -11,9 +14,9 @@ from torch import nn
 
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.federated.backends import SequentialBackend
-from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, load_parameters, shared_parameters
+from recbole_feddmmr.federated.client import FedMemClient, load_parameters, shared_parameters
 from recbole_feddmmr.federated.state import ClientStateStore
-from recbole_feddmmr.federated.strategy import FedMemStrategy
+from recbole_feddmmr.federated.strategy import FedMemStrategy, LocalSettings
 
 
 @dataclass
@@ -58,7 +61,6 @@ class FedMemServer:
         strategy: FedMemStrategy,
         settings: LocalSettings,
         backend=None,
-        enable_prototype_aggregation: bool = True,
     ) -> None:
         self.model = model
         self.clients = clients
@@ -66,7 +68,6 @@ class FedMemServer:
         self.strategy = strategy
         self.settings = settings
         self.backend = backend or SequentialBackend()
-        self.enable_prototype_aggregation = enable_prototype_aggregation
         self.global_params = shared_parameters(model)
         self.store = ClientStateStore(model, clients)
         self.store.release(model)  # every user's private rows now live in the store, none in the model
@@ -78,36 +79,28 @@ class FedMemServer:
         }
 
     def run_round(self, round_idx: int) -> RoundReport:
+        """Select and configure (strategy), run (backend, client state from the store), aggregate (strategy)."""
         started = time.perf_counter()
-        selected = [self.clients[i] for i in self.strategy.select_clients(round_idx, len(self.clients))]
-        accumulator = self.strategy.new_accumulator(self.row_shapes)
-        sent_prototypes, losses, bytes_up = {}, [], 0
-        for result in self.backend.run(
-            self.model, selected, self.global_params, self.windows, round_idx, self.settings, self.store
-        ):
-            accumulator.add(result.update, result.num_samples, result.changed_rows)
-            if len(result.prototypes):
-                sent_prototypes[result.client_id] = (result.prototypes, result.prototype_counts)
-            losses.append(result.mean_loss)
-            bytes_up += result.num_bytes()
-        # in client order, whatever order the backend returned them in: the merge's k-means depends on it
-        prototypes = [sent_prototypes[client_id][0] for client_id in sorted(sent_prototypes)]
-        counts = [sent_prototypes[client_id][1] for client_id in sorted(sent_prototypes)]
+        selected_idx, instructions = self.strategy.configure_fit(
+            round_idx, len(self.clients), self.global_params, self.settings, len(self.windows)
+        )
+        selected = [self.clients[i] for i in selected_idx]
+        results = self.backend.run(self.model, selected, instructions, self.windows, self.store)
+        outcome = self.strategy.aggregate_fit(self.global_params, results, self.row_shapes)
         self.store.release(self.model)  # the last clients' rows went back to the store
-        self.global_params = self.strategy.aggregate(self.global_params, accumulator)
+        self.global_params = outcome.parameters
         load_parameters(self.model, self.global_params)
         bytes_down = sum(p.numel() * p.element_size() for p in self.global_params.values()) * len(selected)
         memory = getattr(self.model, "memory", None)
-        if self.enable_prototype_aggregation and prototypes and hasattr(memory, "set_global_prototypes"):
-            merged, _ = self.strategy.merge_prototypes(prototypes, counts)
-            memory.set_global_prototypes(merged)
-            bytes_down += merged.numel() * merged.element_size() * len(selected)
+        if outcome.prototypes is not None and hasattr(memory, "set_global_prototypes"):
+            memory.set_global_prototypes(outcome.prototypes)
+            bytes_down += outcome.prototypes.numel() * outcome.prototypes.element_size() * len(selected)
         return RoundReport(
             round_idx,
-            len(selected),
-            accumulator.weight,
-            math.fsum(losses) / len(losses) if losses else 0.0,
-            bytes_up,
+            outcome.clients,
+            outcome.samples,
+            outcome.mean_loss,
+            outcome.bytes_up,
             bytes_down,
             time.perf_counter() - started,
             peak_rss_mb(),

@@ -1,16 +1,18 @@
-"""The server's algorithm as one small object that knows no transport: select, configure, aggregate.
+"""The server's algorithm as one small object that knows no transport, in the shape of Flower's strategies.
 
-A round: :meth:`FedMemStrategy.select_clients` picks the participants (seeded), the execution
-backend runs them and feeds each :class:`ClientResult` to an :class:`UpdateAccumulator` (a
-streaming weighted sum, so memory does not grow with the number of clients),
-:meth:`FedMemStrategy.aggregate` turns the aggregated update (the pseudo-gradient) into new global
-parameters with a :class:`ServerOptimizer`, and :meth:`FedMemStrategy.merge_prototypes` turns the
-clients' memory prototypes into the global prototypes every client reads next round.
+A round: :meth:`FedMemStrategy.configure_fit` picks the participants (seeded) and says what each
+receives (:class:`FitInstructions`: the global parameters, the local settings, the memory clock);
+the execution backend runs them; :meth:`FedMemStrategy.aggregate_fit` folds the
+:class:`ClientResult` each sends into an :class:`UpdateAccumulator` (a streaming weighted sum, so
+memory does not grow with the number of clients), turns the aggregated update (the pseudo-gradient)
+into new global parameters with a :class:`ServerOptimizer`, and merges the clients' memory prototypes
+into the global prototypes every client reads next round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import math
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +22,60 @@ from torch import Tensor
 
 AGGREGATIONS = ("mean", "rowwise", "sum")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+LOCAL_OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """How a client trains in a round (the same for every client)."""
+
+    local_epochs: int = 1
+    local_batch_size: int = 256  # training targets per local step
+    local_lr: float = 1e-3
+    # created fresh every round (no optimizer state is kept between rounds): adam, or plain sgd as in the
+    # FedOpt papers (a fresh Adam moves every coordinate it touches by about lr, whatever the gradient)
+    local_optimizer: str = "adam"
+    fedprox_mu: float = 0.0  # FedProx proximal term mu/2 ||w - w_global||^2 (0 = FedAvg)
+    num_prototypes: int = 5  # k-means centres of the client's memory sent up (0 = none)
+    prototype_min_entries: int = 5  # a prototype averages at least this many memory entries
+    seed: int = 2020
+
+    def __post_init__(self) -> None:
+        if self.local_optimizer not in LOCAL_OPTIMIZERS:
+            raise ValueError(f"local_optimizer must be one of {LOCAL_OPTIMIZERS}, got {self.local_optimizer!r}")
+
+
+@dataclass(frozen=True)
+class FitInstructions:
+    """What every client selected for a round receives (Flower's ``FitIns``); the same for all of them.
+
+    The memory clock: every client's local epoch e of round r starts at the same clock, as if the
+    clients ran in parallel (which real clients do), and a local epoch advances it by a centralised
+    epoch's number of steps, so the memory's recency decay means in federated training what it means
+    in centralised training. Clients never share users, so their clocks never interfere.
+    """
+
+    round_idx: int
+    parameters: dict[str, Tensor]  # the global shared parameters
+    settings: LocalSettings
+    memory_clock: int  # the clock at the round's first local step
+    memory_clock_per_epoch: int  # how far a local epoch advances it
+
+    def clock_at(self, local_epoch: int) -> int:
+        """The memory clock at the first step of ``local_epoch`` (the training step adds its step index)."""
+        return self.memory_clock + local_epoch * self.memory_clock_per_epoch
+
+
+@dataclass
+class RoundAggregate:
+    """What :meth:`FedMemStrategy.aggregate_fit` made of a round's client results."""
+
+    parameters: dict[str, Tensor]  # the new global parameters
+    prototypes: Tensor | None  # [K, D] merged global prototypes (None: no client sent any)
+    clients: int
+    samples: int
+    mean_loss: float  # mean over clients of their mean local loss
+    bytes_up: int
 
 
 @dataclass
@@ -234,6 +290,50 @@ class FedMemStrategy:
             return np.arange(num_clients)
         rng = np.random.default_rng([self.seed, round_idx])
         return np.sort(rng.choice(num_clients, size=count, replace=False))
+
+    def configure_fit(
+        self, round_idx: int, num_clients: int, parameters: dict[str, Tensor], settings: LocalSettings, epoch_steps: int
+    ) -> tuple[np.ndarray, FitInstructions]:
+        """The clients of round ``round_idx`` (sorted indices) and what each receives. ``epoch_steps``: a
+        centralised epoch's number of steps, by which a local epoch advances the memory clock."""
+        clock = round_idx * settings.local_epochs * epoch_steps
+        return self.select_clients(round_idx, num_clients), FitInstructions(
+            round_idx, parameters, settings, clock, epoch_steps
+        )
+
+    def aggregate_fit(
+        self,
+        parameters: dict[str, Tensor],
+        results: Iterable[ClientResult],
+        row_shapes: dict[str, torch.Size] | None = None,
+    ) -> RoundAggregate:
+        """Fold the round's results as they arrive (streaming), step the server optimizer, merge prototypes.
+
+        ``row_shapes``: the item-indexed tables among the parameters and their full shapes. Prototypes are
+        merged in client order, whatever order the results arrived in (the merge's k-means depends on it).
+        """
+        accumulator = self.new_accumulator(row_shapes)
+        sent: dict[int, tuple[Tensor, Tensor]] = {}
+        losses, bytes_up, clients = [], 0, 0
+        for result in results:
+            accumulator.add(result.update, result.num_samples, result.changed_rows)
+            if len(result.prototypes):
+                sent[result.client_id] = (result.prototypes, result.prototype_counts)
+            losses.append(result.mean_loss)
+            bytes_up += result.num_bytes()
+            clients += 1
+        merged = None
+        if sent:
+            order = sorted(sent)
+            merged, _ = self.merge_prototypes([sent[i][0] for i in order], [sent[i][1] for i in order])
+        return RoundAggregate(
+            parameters=self.aggregate(parameters, accumulator),
+            prototypes=merged,
+            clients=clients,
+            samples=accumulator.weight,
+            mean_loss=math.fsum(losses) / len(losses) if losses else 0.0,
+            bytes_up=bytes_up,
+        )
 
     def new_accumulator(self, row_shapes: dict[str, torch.Size] | None = None) -> UpdateAccumulator:
         """An empty aggregate for one round; ``row_shapes``: the item-indexed tables and their full shapes."""

@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from recbole_feddmmr.compat import load_trusted
 from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
-from recbole_feddmmr.federated.client import FedMemClient, LocalSettings, shared_parameters
+from recbole_feddmmr.federated.client import FedMemClient, shared_parameters
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
 from recbole_feddmmr.federated.server import FedMemServer, RoundReport
-from recbole_feddmmr.federated.strategy import FedMemStrategy, ServerOptimizer
+from recbole_feddmmr.federated.strategy import FedMemStrategy, LocalSettings, ServerOptimizer
 from recbole_feddmmr.trainer import UR4RecV2MoETrainer
 
 # settings that do not change what a federated run computes; every other config entry is part of the
@@ -129,7 +129,6 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             strategy,
             self.settings,
             backend=self.build_backend(),
-            enable_prototype_aggregation=config["enable_prototype_aggregation"],
         )
 
     def build_backend(self) -> SequentialBackend | VectorizedBackend:
@@ -185,6 +184,8 @@ class FederatedTrainer(UR4RecV2MoETrainer):
                     self.best_valid_result = valid_result
                     if saved:
                         self._save_checkpoint(round_idx, verbose=verbose)
+                if callback_fn:  # as RecBole's fit: e.g. a Ray Tune trial reporting each validation
+                    callback_fn(round_idx, valid_score)
             report.elapsed_seconds = time.perf_counter() - started
             if budget and report.elapsed_seconds >= budget and not stop:
                 self.logger.info(f"time budget of {budget} s spent after round {round_idx}: stopping")
