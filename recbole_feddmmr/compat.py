@@ -19,6 +19,8 @@ pandas 3 also breaks RecBole's float_seq loading; that is handled by pinning
 from __future__ import annotations
 
 import functools
+import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -53,12 +55,37 @@ def trusted_checkpoint_loading() -> Iterator[None]:
 
 
 class TrustedCheckpointMixin:
-    """Mix into a RecBole trainer so best-model loading and resuming work on torch >= 2.6."""
+    """Mix into a RecBole trainer so best-model loading and resuming work on torch >= 2.6, and so that a run
+    never evaluates another run's checkpoint.
+
+    RecBole names a checkpoint ``<model>-<date>_<time to the second>.pth``: two runs of a model started in
+    the same second write, and then evaluate, the same file (one run's test metrics would come from the
+    other's model). Here each run's file also carries its dataset and a random suffix, and loading the
+    best model refuses a checkpoint whose configuration is not this run's.
+    """
+
+    def __init__(self, config, model) -> None:
+        from recbole.utils import get_local_time
+
+        super().__init__(config, model)
+        stem = f"{config['model']}-{config['dataset']}-{get_local_time()}-{uuid.uuid4().hex[:8]}"
+        self.saved_model_file = os.path.join(self.checkpoint_dir, f"{stem}.pth")
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model and model_file is None:
+            self._check_own_checkpoint(self.saved_model_file)
         with trusted_checkpoint_loading():
             return super().evaluate(
                 eval_data, load_best_model=load_best_model, model_file=model_file, show_progress=show_progress
+            )
+
+    def _check_own_checkpoint(self, path: str) -> None:
+        from recbole_feddmmr.config import config_fingerprint
+
+        saved = load_trusted(path, map_location="cpu").get("config")
+        if saved is None or config_fingerprint(saved) != config_fingerprint(self.config):
+            raise RuntimeError(
+                f"{path} was not written by this run (its configuration differs): refusing to evaluate it"
             )
 
     def resume_checkpoint(self, resume_file):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 from recbole.config import Config as RecBoleConfig
@@ -47,3 +49,21 @@ class Config(RecBoleConfig):
         # RecBole points ml-100k at the copy inside its wheel; the plugin reads
         # dataset_atomic/<dataset>/ for every dataset (that is where the .itememb lives).
         self.final_config_dict["data_path"] = os.path.join(data_root, self.dataset)
+
+
+# settings that do not change what a run computes (where it writes, how it shows progress, which device and
+# how fast it evaluates); every other config entry is part of a run's fingerprint. The federated backend is
+# part of it: its dropout masks differ.
+NOT_IN_FINGERPRINT = frozenset(
+    {
+        "show_progress", "state", "checkpoint_dir", "eval_batch_size",
+        "vectorized_chunk_targets", "device", "gpu_id", "use_gpu", "local_rank", "nproc", "world_size", "offset",
+        "ip", "port", "worker", "log_wandb", "wandb_project", "eval_user_chunk",
+    }
+)  # fmt: skip
+
+
+def config_fingerprint(config) -> str:
+    """A hash of every config entry that defines the run (the same command gives the same fingerprint)."""
+    settings = {key: value for key, value in config.final_config_dict.items() if key not in NOT_IN_FINGERPRINT}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]

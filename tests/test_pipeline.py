@@ -138,3 +138,29 @@ def test_sasrec_runs_through_the_plugin_entry_point(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     log = completed.stdout + completed.stderr
     assert "SASRec(" in log and "test result" in log and "ndcg@10" in log
+
+
+@pytest.mark.parametrize("model_name", ["UR4RecV2MoE", "SASRec"])
+def test_runs_started_in_the_same_second_never_share_a_checkpoint(tmp_path, monkeypatch, model_name):
+    import recbole.utils
+
+    monkeypatch.setattr(recbole.utils, "get_local_time", lambda: "Nov-28-2026_12-00-00")  # the same second
+    files = []
+    for _ in range(2):
+        config, _, _, model = tiny_run(tmp_path, model=model_name)
+        files.append(get_trainer(config["MODEL_TYPE"], config["model"])(config, model).saved_model_file)
+    assert files[0] != files[1]
+    assert all(Path(name).name.startswith(f"{model_name}-tiny-Nov-28-2026_12-00-00-") for name in files)
+
+
+def test_a_run_refuses_to_evaluate_a_checkpoint_another_run_wrote(tmp_path):
+    config, _, (train_data, valid_data, test_data), model = tiny_run(tmp_path)
+    first = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    first.fit(train_data, valid_data, saved=True)
+    assert first.evaluate(test_data, load_best_model=True)  # its own checkpoint: fine
+
+    config, _, (_, _, test_data), model = tiny_run(tmp_path, learning_rate=0.01)  # another run's settings
+    other = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    other.saved_model_file = first.saved_model_file  # as if both had been given one name
+    with pytest.raises(RuntimeError, match="not written by this run"):
+        other.evaluate(test_data, load_best_model=True)

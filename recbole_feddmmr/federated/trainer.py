@@ -13,8 +13,6 @@ configuration is refused), and a finished run removes it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import time
@@ -26,28 +24,13 @@ from recbole.utils import early_stopping, set_color
 from tqdm import tqdm
 
 from recbole_feddmmr.compat import load_trusted
+from recbole_feddmmr.config import config_fingerprint
 from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
 from recbole_feddmmr.federated.client import FedMemClient, shared_parameters
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
 from recbole_feddmmr.federated.server import FedMemServer, RoundReport
 from recbole_feddmmr.federated.strategy import FedMemStrategy, LocalSettings, ServerOptimizer
 from recbole_feddmmr.trainer import UR4RecV2MoETrainer
-
-# settings that do not change what a federated run computes; every other config entry is part of the
-# run's fingerprint, which names its resume file (the backend is: its dropout masks differ)
-NOT_IN_FINGERPRINT = frozenset(
-    {
-        "show_progress", "state", "checkpoint_dir", "eval_batch_size",
-        "vectorized_chunk_targets", "device", "gpu_id", "use_gpu", "local_rank", "nproc", "world_size", "offset",
-        "ip", "port", "worker", "log_wandb", "wandb_project", "eval_user_chunk",
-    }
-)  # fmt: skip
-
-
-def run_fingerprint(config) -> str:
-    """A hash of every config entry that defines the run (the same command gives the same fingerprint)."""
-    settings = {key: value for key, value in config.final_config_dict.items() if key not in NOT_IN_FINGERPRINT}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class FederatedTrainer(UR4RecV2MoETrainer):
@@ -71,7 +54,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             seed=config["seed"],
         )
         # named by the fingerprint: runs of other settings (e.g. side by side in a benchmark) never share one
-        self.run_fingerprint = run_fingerprint(config)
+        self.run_fingerprint = config_fingerprint(config)
         name = f"{config['model']}-{config['dataset']}-federated-seed{config['seed']}-{self.run_fingerprint}.resume.pth"
         self.resume_file = Path(config["checkpoint_dir"]) / name
         self.round_reports: list[RoundReport] = []
