@@ -58,7 +58,7 @@ NOT_IN_FINGERPRINT = frozenset(
     {
         "show_progress", "state", "checkpoint_dir", "eval_batch_size",
         "vectorized_chunk_targets", "device", "gpu_id", "use_gpu", "local_rank", "nproc", "world_size", "offset",
-        "ip", "port", "worker", "log_wandb", "wandb_project", "eval_user_chunk",
+        "ip", "port", "worker", "log_wandb", "wandb_project", "eval_user_chunk", "ray_address",
     }
 )  # fmt: skip
 

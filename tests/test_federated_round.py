@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,3 +198,38 @@ def test_a_sampled_round_touches_only_its_selected_clients_private_state(tmp_pat
     for name in ("memory.item_ids", "memory.count", "memory.text", "user_embedding.weight"):
         assert torch.equal(after[name][others], before[name][others]), name  # no other user's row moved
         assert not torch.equal(after[name][chosen_users], before[name][chosen_users]), name  # the selected trained
+
+
+@pytest.mark.ray
+def test_the_ray_backend_computes_the_sequential_backends_rounds(tmp_path):
+    """Two local actors, each a shard of the clients: same aggregate, prototypes and private states."""
+    import ray
+
+    from recbole_feddmmr.federated.ray_backend import RayBackend
+
+    root = str(Path(__file__).resolve().parents[1])  # the workers import this checkout, as the driver does
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": root}})
+    try:
+        settings = {"local_epochs": 2, "local_batch_size": 2}
+        sequential_model, sequential = _one_user_clients(tmp_path / "s", SequentialBackend(), **settings)
+        ray_model, over_ray = _one_user_clients(tmp_path / "r", RayBackend(num_actors=2), **settings)
+        for round_idx in range(2):
+            by_loop, by_actors = sequential.run_round(round_idx), over_ray.run_round(round_idx)
+            assert by_actors.mean_loss == pytest.approx(by_loop.mean_loss, rel=1e-6)
+            assert (by_actors.clients, by_actors.samples, by_actors.bytes_up, by_actors.bytes_down) == (
+                by_loop.clients,
+                by_loop.samples,
+                by_loop.bytes_up,
+                by_loop.bytes_down,
+            )
+        assert over_ray.store.states.keys() == sequential.store.states.keys() == {c.client_id for c in over_ray.clients}
+        for client_id, state in over_ray.store.states.items():  # the state that travelled with each client
+            for name, value in state.items():
+                torch.testing.assert_close(value, sequential.store.states[client_id][name], rtol=1e-4, atol=1e-7)
+        sequential.assemble_private_state()
+        over_ray.assemble_private_state()
+        expected = sequential_model.state_dict()
+        for name, value in ray_model.state_dict().items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-7, msg=name)
+    finally:
+        ray.shutdown()

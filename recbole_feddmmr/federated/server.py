@@ -82,12 +82,14 @@ class FedMemServer:
         """Select and configure (strategy), run (backend, client state from the store), aggregate (strategy)."""
         started = time.perf_counter()
         selected_idx, instructions = self.strategy.configure_fit(
-            round_idx, len(self.clients), self.global_params, self.settings, len(self.windows)
+            round_idx, len(self.clients), self.global_params, self.settings, len(self.windows), self.row_shapes
         )
         selected = [self.clients[i] for i in selected_idx]
         results = self.backend.run(self.model, selected, instructions, self.windows, self.store)
         outcome = self.strategy.aggregate_fit(self.global_params, results, self.row_shapes)
         self.store.release(self.model)  # the last clients' rows went back to the store
+        if hasattr(self.model, "set_memory_clock"):  # the round's end, whichever client ran last (or elsewhere)
+            self.model.set_memory_clock(instructions.clock_at(self.settings.local_epochs))
         self.global_params = outcome.parameters
         load_parameters(self.model, self.global_params)
         bytes_down = sum(p.numel() * p.element_size() for p in self.global_params.values()) * len(selected)

@@ -60,6 +60,9 @@ class FitInstructions:
     settings: LocalSettings
     memory_clock: int  # the clock at the round's first local step
     memory_clock_per_epoch: int  # how far a local epoch advances it
+    # how the server will aggregate, for workers that pre-aggregate many clients (:class:`ShardResult`)
+    aggregation: str = "mean"
+    row_shapes: dict[str, torch.Size] = field(default_factory=dict)  # item-indexed tables and their full shapes
 
     def clock_at(self, local_epoch: int) -> int:
         """The memory clock at the first step of ``local_epoch`` (the training step adds its step index)."""
@@ -98,6 +101,21 @@ class ClientResult:
     def num_bytes(self) -> int:
         tensors = [*self.update.values(), *self.changed_rows.values(), self.prototypes, self.prototype_counts]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class ShardResult:
+    """What a worker running many clients sends up for them: their updates already summed (a partial
+    :class:`UpdateAccumulator`, the item-table rows they changed included), each client's prototypes, losses
+    and bytes. ``states``: the clients' new private state, which the backend returns to the client state
+    store before the strategy sees the result (it never reaches the strategy)."""
+
+    accumulator: UpdateAccumulator
+    prototypes: dict[int, tuple[Tensor, Tensor]]  # client id -> (centres [k, D], counts [k])
+    losses: list[float]  # each client's mean local loss
+    bytes_up: int  # what the shard's clients sent, counted as if each sent its own message
+    clients: int
+    states: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
 
 def sparse_row_updates(
@@ -292,19 +310,26 @@ class FedMemStrategy:
         return np.sort(rng.choice(num_clients, size=count, replace=False))
 
     def configure_fit(
-        self, round_idx: int, num_clients: int, parameters: dict[str, Tensor], settings: LocalSettings, epoch_steps: int
+        self,
+        round_idx: int,
+        num_clients: int,
+        parameters: dict[str, Tensor],
+        settings: LocalSettings,
+        epoch_steps: int,
+        row_shapes: dict[str, torch.Size] | None = None,
     ) -> tuple[np.ndarray, FitInstructions]:
         """The clients of round ``round_idx`` (sorted indices) and what each receives. ``epoch_steps``: a
-        centralised epoch's number of steps, by which a local epoch advances the memory clock."""
+        centralised epoch's number of steps, by which a local epoch advances the memory clock;
+        ``row_shapes``: the item-indexed tables among the parameters and their full shapes."""
         clock = round_idx * settings.local_epochs * epoch_steps
         return self.select_clients(round_idx, num_clients), FitInstructions(
-            round_idx, parameters, settings, clock, epoch_steps
+            round_idx, parameters, settings, clock, epoch_steps, self.aggregation, dict(row_shapes or {})
         )
 
     def aggregate_fit(
         self,
         parameters: dict[str, Tensor],
-        results: Iterable[ClientResult],
+        results: Iterable[ClientResult | ShardResult],
         row_shapes: dict[str, torch.Size] | None = None,
     ) -> RoundAggregate:
         """Fold the round's results as they arrive (streaming), step the server optimizer, merge prototypes.
@@ -316,6 +341,13 @@ class FedMemStrategy:
         sent: dict[int, tuple[Tensor, Tensor]] = {}
         losses, bytes_up, clients = [], 0, 0
         for result in results:
+            if isinstance(result, ShardResult):  # many clients at once, already summed by their worker
+                accumulator.add_partial(result.accumulator)
+                sent.update(result.prototypes)
+                losses.extend(result.losses)
+                bytes_up += result.bytes_up
+                clients += result.clients
+                continue
             accumulator.add(result.update, result.num_samples, result.changed_rows)
             if len(result.prototypes):
                 sent[result.client_id] = (result.prototypes, result.prototype_counts)

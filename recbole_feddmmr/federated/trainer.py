@@ -114,7 +114,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             backend=self.build_backend(),
         )
 
-    def build_backend(self) -> SequentialBackend | VectorizedBackend:
+    def build_backend(self):
         """``federated_backend`` (auto: sequential; see properties/federated.yaml)."""
         name = self.config["federated_backend"] or "auto"
         on_cuda = self.device.type == "cuda"
@@ -126,7 +126,11 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             return SequentialBackend()
         if name == "vectorized":
             return VectorizedBackend(self.config["vectorized_chunk_targets"] or (8192 if on_cuda else 256))
-        raise ValueError(f"federated_backend must be auto, sequential or vectorized, got {name!r}")
+        if name == "ray":
+            from recbole_feddmmr.federated.ray_backend import RayBackend
+
+            return RayBackend(self.config["ray_num_actors"] or 2, address=self.config["ray_address"])
+        raise ValueError(f"federated_backend must be auto, sequential, vectorized or ray, got {name!r}")
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         server = self.server = self.build_server(train_data)
