@@ -202,7 +202,8 @@ def test_a_sampled_round_touches_only_its_selected_clients_private_state(tmp_pat
 
 @pytest.mark.ray
 def test_the_ray_backend_computes_the_sequential_backends_rounds(tmp_path):
-    """Two local actors, each a shard of the clients: same aggregate, prototypes and private states."""
+    """Two local actors, each a shard of the clients: same aggregate, prototypes and private states, also
+    when an actor is killed before the second round (it is replaced and its shard rerun)."""
     import ray
 
     from recbole_feddmmr.federated.ray_backend import RayBackend
@@ -214,6 +215,9 @@ def test_the_ray_backend_computes_the_sequential_backends_rounds(tmp_path):
         sequential_model, sequential = _one_user_clients(tmp_path / "s", SequentialBackend(), **settings)
         ray_model, over_ray = _one_user_clients(tmp_path / "r", RayBackend(num_actors=2), **settings)
         for round_idx in range(2):
+            if round_idx == 1:  # an actor dies between rounds: the next round replaces it and reruns its shard
+                ray.kill(over_ray.backend.actors[0])
+                killed = over_ray.backend.actors[0]
             by_loop, by_actors = sequential.run_round(round_idx), over_ray.run_round(round_idx)
             assert by_actors.mean_loss == pytest.approx(by_loop.mean_loss, rel=1e-6)
             assert (by_actors.clients, by_actors.samples, by_actors.bytes_up, by_actors.bytes_down) == (
@@ -222,6 +226,7 @@ def test_the_ray_backend_computes_the_sequential_backends_rounds(tmp_path):
                 by_loop.bytes_up,
                 by_loop.bytes_down,
             )
+        assert over_ray.backend.actors[0] is not killed  # replaced, and nothing was lost or counted twice
         assert over_ray.store.states.keys() == sequential.store.states.keys() == {c.client_id for c in over_ray.clients}
         for client_id, state in over_ray.store.states.items():  # the state that travelled with each client
             for name, value in state.items():

@@ -9,8 +9,10 @@ after another exactly as the sequential backend does (same generators, same memo
 returns a :class:`ShardResult`: the shard's pre-aggregated weighted sum (an
 :class:`UpdateAccumulator`, with the item-table rows it changed), each client's prototypes, and each
 client's new private state, which the backend puts back into the store before the strategy sees the
-result. So the aggregate equals the sequential backend's up to the order of float64 sums (tested to
-1e-4 with dropout off, as for the vectorized backend; dropout draws from each process's own stream).
+result. An actor that dies mid-round is replaced and its whole shard rerun: a shard's result arrives
+whole or not at all, so no client's update or state is lost or counted twice. The aggregate equals
+the sequential backend's up to the order of float64 sums (tested to 1e-4 with dropout off, as for the
+vectorized backend; dropout draws from each process's own stream).
 
 ``ray.init()`` starts a local Ray unless one is running; ``address="auto"`` joins an existing cluster
 (see the README for a two-node example).
@@ -76,10 +78,13 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, num_actors: int = 2, cpus_per_actor: float = 1.0, address: str | None = None) -> None:
+    def __init__(
+        self, num_actors: int = 2, cpus_per_actor: float = 1.0, address: str | None = None, max_retries: int = 3
+    ) -> None:
         if num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
         self.num_actors, self.cpus_per_actor, self.address = num_actors, cpus_per_actor, address
+        self.max_retries = max_retries  # reruns of one shard whose actor died, per round
         self.actors: list[Any] = []
 
     def _start(self, model: nn.Module, windows: SequenceWindows) -> None:
@@ -91,9 +96,12 @@ class RayBackend:
             package_root = str(Path(__file__).resolve().parents[2])
             runtime_env = None if self.address else {"env_vars": {"PYTHONPATH": package_root}}
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
-        runner = ray.remote(num_cpus=self.cpus_per_actor)(ShardRunner)
-        model_ref, windows_ref = ray.put(model), ray.put(windows)  # shipped once, shared by the actors
-        self.actors = [runner.remote(model_ref, windows_ref) for _ in range(self.num_actors)]
+        self._runner = ray.remote(num_cpus=self.cpus_per_actor)(ShardRunner)
+        self._replica = (ray.put(model), ray.put(windows))  # shipped once, shared by the actors (and replacements)
+        self.actors = [self._new_actor() for _ in range(self.num_actors)]
+
+    def _new_actor(self):
+        return self._runner.remote(*self._replica)
 
     def run(
         self,
@@ -107,19 +115,28 @@ class RayBackend:
 
         if not self.actors:
             self._start(model, windows)
-        shared = shared_state(model, set(store.names))
+        shared = ray.put(shared_state(model, set(store.names)))
         size = -(-len(clients) // len(self.actors))
         shards = [clients[start : start + size] for start in range(0, len(clients), size)]
-        pending = {
-            actor.run.remote(
-                instructions, shared, shard, {client.client_id: store.client_state(client) for client in shard}
-            ): shard
-            for actor, shard in zip(self.actors, shards, strict=False)
-        }
+
+        def submit(index: int, shard: list[FedMemClient]):
+            states = {client.client_id: store.client_state(client) for client in shard}
+            return self.actors[index].run.remote(instructions, shared, shard, states)
+
+        pending = {submit(index, shard): (index, shard, 0) for index, shard in enumerate(shards)}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            shard_result: ShardResult = ray.get(done[0])
-            del pending[done[0]]
+            index, shard, retries = pending.pop(done[0])
+            try:
+                shard_result: ShardResult = ray.get(done[0])
+            except ray.exceptions.RayActorError:
+                # the actor died mid-round: nothing of its shard reached the store or the aggregate (a shard's
+                # result comes back whole or not at all), so a fresh actor reruns the whole shard, once each
+                if retries >= self.max_retries:
+                    raise
+                self.actors[index] = self._new_actor()
+                pending[submit(index, shard)] = (index, shard, retries + 1)
+                continue
             store.states.update(shard_result.states)  # the clients' private state comes home with them
             shard_result.states = {}
             yield shard_result
