@@ -55,3 +55,21 @@ def test_study_writes_table_curves_and_the_federated_over_centralised_ratio(tmp_
     again = main(arguments)
     assert again["runs"] == report["runs"]
     assert {label: run_file(out, label).stat().st_mtime_ns for label in runs} == before
+
+
+def test_the_table_compares_runs_at_equal_wall_time():
+    from recbole_feddmmr.federated.study import summary_row
+
+    rounds = [
+        {"valid_score": 0.02, "elapsed_seconds": 50.0, "bytes_up": 1, "bytes_down": 1},
+        {"valid_score": None, "elapsed_seconds": 80.0, "bytes_up": 1, "bytes_down": 1},
+        {"valid_score": 0.05, "elapsed_seconds": 120.0, "bytes_up": 1, "bytes_down": 1},
+    ]
+    run = {
+        "label": "UR4RecV2MoE[federated=True]", "best_valid_ndcg@10": 0.05, "best_epoch": 2, "epochs_trained": 3,
+        "test_full": {"hit@10": 0.1, "ndcg@10": 0.04}, "train_seconds": 1.0, "bytes_up_total": 3,
+        "bytes_down_total": 3, "rounds": rounds,
+    }  # fmt: skip
+    assert summary_row(run, compare_at=100)["best_valid_within_s"] == 0.02  # 0.05 came after 120 s
+    assert summary_row(run, compare_at=120)["best_valid_within_s"] == 0.05
+    assert summary_row(run)["best_valid_within_s"] is None

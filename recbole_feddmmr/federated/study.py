@@ -75,8 +75,10 @@ def _run(label: str, dataset: str, overrides: dict[str, Any], checkpoint_dir: st
     return {"label": label, **result, "run_overrides": run_overrides}
 
 
-def summary_row(run: dict[str, Any]) -> dict[str, Any]:
-    """One table row of a finished run (federated or centralised)."""
+def summary_row(run: dict[str, Any], compare_at: float | None = None) -> dict[str, Any]:
+    """One table row of a finished run (federated or centralised). ``compare_at``: also the best validation
+    NDCG@10 reached within that many wall seconds (federated runs), so runs of other budgets, or slowed by
+    a shared machine, compare at equal time."""
     rounds = run.get("rounds") or []
     wall = run.get("fit_seconds") or (rounds[-1]["elapsed_seconds"] if rounds else run["train_seconds"])
     traffic = (run["bytes_up_total"] + run["bytes_down_total"]) / len(rounds) / 1e6 if rounds else None
@@ -89,24 +91,38 @@ def summary_row(run: dict[str, Any]) -> dict[str, Any]:
         "test_ndcg@10": run["test_full"]["ndcg@10"],
         "wall_seconds": wall,
         "mb_up_down_per_round": traffic,
+        "best_valid_within_s": max(
+            (
+                entry["valid_score"]
+                for entry in rounds
+                if entry.get("valid_score") is not None and entry["elapsed_seconds"] <= compare_at
+            ),
+            default=None,
+        )
+        if compare_at and rounds
+        else None,
     }
 
 
-def write_table(rows: list[dict[str, Any]], out: Path, footer: str) -> str:
+def write_table(rows: list[dict[str, Any]], out: Path, footer: str, compare_at: float | None = None) -> str:
     with (out / "table.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    within = f" | best valid within {compare_at:.0f} s" if compare_at else ""
     lines = [
         "| run | best valid NDCG@10 | best round/epoch | test HR@10 | test NDCG@10 | wall s (training + validation) "
-        "| MB up+down per round |",
-        "|---|---|---|---|---|---|---|",
+        f"| MB up+down per round{within} |",
+        "|---|---|---|---|---|---|---|" + ("---|" if compare_at else ""),
     ]
     for row in rows:
         traffic = "-" if row["mb_up_down_per_round"] is None else f"{row['mb_up_down_per_round']:.0f}"
+        early = row.get("best_valid_within_s")
+        early_text = (" | -" if early is None else f" | {early:.4f}") if compare_at else ""
         lines.append(
             f"| {row['run']} | {row['best_valid_ndcg@10']:.4f} | {row['best_round']} of {row['rounds_run']} "
-            f"| {row['test_hit@10']:.4f} | {row['test_ndcg@10']:.4f} | {row['wall_seconds']:.0f} | {traffic} |"
+            f"| {row['test_hit@10']:.4f} | {row['test_ndcg@10']:.4f} | {row['wall_seconds']:.0f} | {traffic}"
+            f"{early_text} |"
         )
     text = "\n".join(lines) + "\n\n" + footer + "\n"
     (out / "table.md").write_text(text)
@@ -185,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side in this many processes")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides (yaml)")
     parser.add_argument("--out", default="results/federated_study")
+    parser.add_argument(
+        "--compare_at", type=float, default=None, help="a column: best validation within this many seconds"
+    )
     args = parser.parse_args(argv)
 
     overrides = command_overrides(
@@ -229,12 +248,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
     runs = [done[label] for label in args.runs if label in done]
-    report: dict[str, Any] = {"command": command, "runs": [summary_row(run) for run in runs], "failed": failed}
+    rows = [summary_row(run, args.compare_at) for run in runs]
+    report: dict[str, Any] = {"command": command, "runs": rows, "failed": failed}
     if not runs:
         return report
     commits = sorted({run["commit"] for run in runs})
     footer = f"command: `{command}`; seed {args.seed}; commit(s) {', '.join(commits)}; machine: {runs[-1]['machine']}"
-    print(write_table(report["runs"], out, footer))
+    print(write_table(report["runs"], out, footer, args.compare_at))
     plot_curves(runs, out)
     if args.defaults in done and args.centralised in done:
         federated, central = done[args.defaults], done[args.centralised]
