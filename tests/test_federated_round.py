@@ -133,9 +133,7 @@ def assert_backends_compute_the_same_rounds(tmp_path, settings, device):
     of softmax attention) into lr-sized steps of either sign.
     """
     sequential_model, sequential = _one_user_clients(tmp_path / "s", SequentialBackend(), device, **settings)
-    vectorized_model, vectorized = _one_user_clients(
-        tmp_path / "v", VectorizedBackend(chunk_targets=20), device, **settings
-    )
+    _, vectorized = _one_user_clients(tmp_path / "v", VectorizedBackend(chunk_targets=20), device, **settings)
     chunks = vectorized.backend.chunks(vectorized.clients, vectorized.windows, vectorized.settings)
     assert len(chunks) > 1 and max(len(chunk) for chunk in chunks) > 1  # batched, and in several chunks
     steps = {client.steps_per_epoch(vectorized.windows, vectorized.settings) for client in vectorized.clients}
@@ -149,16 +147,20 @@ def assert_backends_compute_the_same_rounds(tmp_path, settings, device):
             by_loop.bytes_down,
         )
     assert int(sequential_model.memory.prototype_valid.sum()) == 2
-    # each client's private state, as its store holds it, is the same whichever backend ran it
-    assert sequential.store.states.keys() == vectorized.store.states.keys() == {c.client_id for c in vectorized.clients}
-    for client_id, state in vectorized.store.states.items():
+    assert_same_private_states_and_models(sequential, vectorized)
+
+
+def assert_same_private_states_and_models(expected: FedMemServer, other: FedMemServer) -> None:
+    """Every client's private state, as its store holds it, and the assembled models agree to 1e-4."""
+    assert other.store.states.keys() == expected.store.states.keys() == {c.client_id for c in other.clients}
+    for client_id, state in other.store.states.items():
         for name, value in state.items():
-            torch.testing.assert_close(value, sequential.store.states[client_id][name], rtol=1e-4, atol=1e-7)
-    sequential.assemble_private_state()
-    vectorized.assemble_private_state()
-    expected = sequential_model.state_dict()
-    for name, value in vectorized_model.state_dict().items():
-        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-7, msg=name)
+            torch.testing.assert_close(value, expected.store.states[client_id][name], rtol=1e-4, atol=1e-7)
+    expected.assemble_private_state()
+    other.assemble_private_state()
+    reference = expected.model.state_dict()
+    for name, value in other.model.state_dict().items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_no_sent_prototype_is_a_single_items_feature_row(tmp_path):
@@ -212,8 +214,8 @@ def test_the_ray_backend_computes_the_sequential_backends_rounds(tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": root}})
     try:
         settings = {"local_epochs": 2, "local_batch_size": 2}
-        sequential_model, sequential = _one_user_clients(tmp_path / "s", SequentialBackend(), **settings)
-        ray_model, over_ray = _one_user_clients(tmp_path / "r", RayBackend(num_actors=2), **settings)
+        _, sequential = _one_user_clients(tmp_path / "s", SequentialBackend(), **settings)
+        _, over_ray = _one_user_clients(tmp_path / "r", RayBackend(num_actors=2), **settings)
         for round_idx in range(2):
             if round_idx == 1:  # an actor dies between rounds: the next round replaces it and reruns its shard
                 ray.kill(over_ray.backend.actors[0])
@@ -227,14 +229,6 @@ def test_the_ray_backend_computes_the_sequential_backends_rounds(tmp_path):
                 by_loop.bytes_down,
             )
         assert over_ray.backend.actors[0] is not killed  # replaced, and nothing was lost or counted twice
-        assert over_ray.store.states.keys() == sequential.store.states.keys() == {c.client_id for c in over_ray.clients}
-        for client_id, state in over_ray.store.states.items():  # the state that travelled with each client
-            for name, value in state.items():
-                torch.testing.assert_close(value, sequential.store.states[client_id][name], rtol=1e-4, atol=1e-7)
-        sequential.assemble_private_state()
-        over_ray.assemble_private_state()
-        expected = sequential_model.state_dict()
-        for name, value in ray_model.state_dict().items():
-            torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-7, msg=name)
+        assert_same_private_states_and_models(sequential, over_ray)  # the state travelled with each client
     finally:
         ray.shutdown()
