@@ -32,11 +32,6 @@ from recbole_feddmmr.federated.state import ClientStateStore
 from recbole_feddmmr.federated.strategy import FitInstructions, ShardResult, UpdateAccumulator
 
 
-def shared_state(model: nn.Module, private: set[str]) -> dict[str, Tensor]:
-    """Everything of the model's state that is not private: parameters and shared buffers (global prototypes)."""
-    return {name: value for name, value in model.state_dict().items() if name not in private}
-
-
 class ShardRunner:
     """The work of one actor (a plain class, so that it also runs without Ray, e.g. in a test)."""
 
@@ -56,18 +51,9 @@ class ShardRunner:
         store = ClientStateStore(self.model, clients)
         store.states = dict(states)  # every client of the shard arrives with its state (initial if new)
         self.model.load_state_dict(shared, strict=False)  # the server's state; per-user tables come with clients
-        accumulator = UpdateAccumulator(instructions.aggregation, instructions.row_shapes)
-        result = ShardResult(accumulator, {}, [], 0, 0)
+        result = ShardResult(UpdateAccumulator(instructions.aggregation, instructions.row_shapes))
         for client_result in SequentialBackend().run(self.model, clients, instructions, self.windows, store):
-            accumulator.add(client_result.update, client_result.num_samples, client_result.changed_rows)
-            if len(client_result.prototypes):
-                result.prototypes[client_result.client_id] = (
-                    client_result.prototypes,
-                    client_result.prototype_counts,
-                )
-            result.losses.append(client_result.mean_loss)
-            result.bytes_up += client_result.num_bytes()
-            result.clients += 1
+            result.add(client_result)
         store.release(self.model)
         result.states = store.states
         return result
@@ -115,7 +101,7 @@ class RayBackend:
 
         if not self.actors:
             self._start(model, windows)
-        shared = ray.put(shared_state(model, set(store.names)))
+        shared = ray.put(store.shared_state(model))
         size = -(-len(clients) // len(self.actors))
         shards = [clients[start : start + size] for start in range(0, len(clients), size)]
 

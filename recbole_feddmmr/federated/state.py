@@ -103,6 +103,12 @@ class ClientStateStore:
             replace_tensor(model, name, torch.cat([state[name] for state in states]).to(device))  # [n, ...]
         return Residents(torch.cat([client.user_ids for client in clients]))
 
+    def shared_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """``model``'s state without the private per-user tables: the shared parameters and buffers (e.g. the
+        global prototypes), what the server holds."""
+        private = set(self.names)
+        return {name: value for name, value in model.state_dict().items() if name not in private}
+
     def release(self, model: nn.Module) -> None:
         """Leave no user's rows in ``model`` (zero-row per-user tables): between rounds the server's model
         holds shared state only."""

@@ -105,17 +105,34 @@ class ClientResult:
 
 @dataclass
 class ShardResult:
-    """What a worker running many clients sends up for them: their updates already summed (a partial
+    """Many clients' results folded into one: their updates already summed (a partial
     :class:`UpdateAccumulator`, the item-table rows they changed included), each client's prototypes, losses
-    and bytes. ``states``: the clients' new private state, which the backend returns to the client state
-    store before the strategy sees the result (it never reaches the strategy)."""
+    and bytes. A worker running a shard of clients sends one up; :meth:`FedMemStrategy.aggregate_fit` folds
+    a round into one. ``states``: a shard's clients' new private state, which the backend returns to the
+    client state store before the strategy sees the result (it never reaches the strategy)."""
 
     accumulator: UpdateAccumulator
-    prototypes: dict[int, tuple[Tensor, Tensor]]  # client id -> (centres [k, D], counts [k])
-    losses: list[float]  # each client's mean local loss
-    bytes_up: int  # what the shard's clients sent, counted as if each sent its own message
-    clients: int
+    prototypes: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # client id -> (centres, counts)
+    losses: list[float] = field(default_factory=list)  # each client's mean local loss
+    bytes_up: int = 0  # what the clients sent, counted as if each sent its own message
+    clients: int = 0
     states: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+
+    def add(self, result: ClientResult | ShardResult) -> None:
+        """Fold in one client's result, or a whole shard's (the strategy's round aggregate is one of these)."""
+        if isinstance(result, ShardResult):
+            self.accumulator.add_partial(result.accumulator)
+            self.prototypes.update(result.prototypes)
+            self.losses.extend(result.losses)
+            self.bytes_up += result.bytes_up
+            self.clients += result.clients
+            return
+        self.accumulator.add(result.update, result.num_samples, result.changed_rows)
+        if len(result.prototypes):
+            self.prototypes[result.client_id] = (result.prototypes, result.prototype_counts)
+        self.losses.append(result.mean_loss)
+        self.bytes_up += result.num_bytes()
+        self.clients += 1
 
 
 def sparse_row_updates(
@@ -337,34 +354,21 @@ class FedMemStrategy:
         ``row_shapes``: the item-indexed tables among the parameters and their full shapes. Prototypes are
         merged in client order, whatever order the results arrived in (the merge's k-means depends on it).
         """
-        accumulator = self.new_accumulator(row_shapes)
-        sent: dict[int, tuple[Tensor, Tensor]] = {}
-        losses, bytes_up, clients = [], 0, 0
+        folded = ShardResult(self.new_accumulator(row_shapes))
         for result in results:
-            if isinstance(result, ShardResult):  # many clients at once, already summed by their worker
-                accumulator.add_partial(result.accumulator)
-                sent.update(result.prototypes)
-                losses.extend(result.losses)
-                bytes_up += result.bytes_up
-                clients += result.clients
-                continue
-            accumulator.add(result.update, result.num_samples, result.changed_rows)
-            if len(result.prototypes):
-                sent[result.client_id] = (result.prototypes, result.prototype_counts)
-            losses.append(result.mean_loss)
-            bytes_up += result.num_bytes()
-            clients += 1
+            folded.add(result)
         merged = None
-        if sent:
-            order = sorted(sent)
-            merged, _ = self.merge_prototypes([sent[i][0] for i in order], [sent[i][1] for i in order])
+        if folded.prototypes:
+            order = sorted(folded.prototypes)
+            prototypes, counts = zip(*(folded.prototypes[client_id] for client_id in order), strict=True)
+            merged, _ = self.merge_prototypes(list(prototypes), list(counts))
         return RoundAggregate(
-            parameters=self.aggregate(parameters, accumulator),
+            parameters=self.aggregate(parameters, folded.accumulator),
             prototypes=merged,
-            clients=clients,
-            samples=accumulator.weight,
-            mean_loss=math.fsum(losses) / len(losses) if losses else 0.0,
-            bytes_up=bytes_up,
+            clients=folded.clients,
+            samples=folded.accumulator.weight,
+            mean_loss=math.fsum(folded.losses) / len(folded.losses) if folded.losses else 0.0,
+            bytes_up=folded.bytes_up,
         )
 
     def new_accumulator(self, row_shapes: dict[str, torch.Size] | None = None) -> UpdateAccumulator:

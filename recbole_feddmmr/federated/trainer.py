@@ -192,7 +192,6 @@ class FederatedTrainer(UR4RecV2MoETrainer):
 
     # ------------------------------------------------------------ resumption
     def _save_resume_state(self, round_idx: int, elapsed_seconds: float = 0.0) -> None:
-        private = set(self.server.store.names)
         state = {
             "fingerprint": self.run_fingerprint,
             "round": round_idx,
@@ -203,7 +202,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             "best_valid_result": self.best_valid_result,
             "saved_model_file": self.saved_model_file,
             # shared parameters and global prototypes; the users' private rows are in the client state store
-            "state_dict": {name: value for name, value in self.model.state_dict().items() if name not in private},
+            "state_dict": self.server.store.shared_state(self.model),
             "client_states": self.server.store.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
