@@ -108,20 +108,12 @@ class SearchSetup:
     model: str
     dataset: str
     config_files: list[str] | None
-    fixed: dict[str, Any] = field(default_factory=dict)  # overrides of every trial (absolute paths included)
-    max_epochs: int = 20
+    # settings of every trial: the command's overrides, absolute paths and the run length (epochs, rounds)
+    fixed: dict[str, Any] = field(default_factory=dict)
     threads: int = 1  # torch threads of a trial (and of the final rerun, so that it computes the same)
 
     def config_dict(self, values: dict[str, Any], checkpoint_dir: str) -> dict[str, Any]:
-        epochs = {"rounds": self.max_epochs * self.fixed.get("eval_every", 1)} if self.fixed.get("federated") else {}
-        return {
-            **self.fixed,
-            "epochs": self.max_epochs,
-            **epochs,
-            **values,
-            "checkpoint_dir": checkpoint_dir,
-            "show_progress": False,
-        }
+        return {**self.fixed, **values, "checkpoint_dir": checkpoint_dir, "show_progress": False}
 
 
 def train_trial(values: dict[str, Any], setup: SearchSetup) -> None:
@@ -151,29 +143,26 @@ def train_trial(values: dict[str, Any], setup: SearchSetup) -> None:
     trainer.fit(train_data, valid_data, saved=False, show_progress=False, callback_fn=report)
 
 
-class TrialProgress:
-    """Prints one line per finished trial (a Tune callback, built lazily so importing this module needs no Ray)."""
+def trial_progress(total: int):
+    """A Tune callback printing one line per finished trial (built here, so importing this module needs no Ray)."""
+    from ray.tune import Callback
 
-    @staticmethod
-    def create(total: int):
-        from ray.tune import Callback
+    class TrialProgress(Callback):
+        def __init__(self) -> None:
+            self.done = 0
 
-        class _Progress(Callback):
-            def __init__(self) -> None:
-                self.done = 0
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.done += 1
+            result = trial.last_result or {}
+            best = trial.metric_analysis.get(VALID_METRIC, {}).get("max", float("nan"))
+            values = ", ".join(f"{key}={_short(value)}" for key, value in trial.config.items())
+            print(
+                f"trial {self.done}/{total} finished ({trial.trial_id}): {values} -> best valid NDCG@10 "
+                f"{best:.4f}, {result.get('epoch', 0)} epochs, {result.get('time_total_s', 0):.0f} s",
+                flush=True,
+            )
 
-            def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-                self.done += 1
-                result = trial.last_result or {}
-                best = trial.metric_analysis.get(VALID_METRIC, {}).get("max", float("nan"))
-                values = ", ".join(f"{key}={_short(value)}" for key, value in trial.config.items())
-                print(
-                    f"trial {self.done}/{total} finished ({trial.trial_id}): {values} -> best valid NDCG@10 "
-                    f"{best:.4f}, {result.get('epoch', 0)} epochs, {result.get('time_total_s', 0):.0f} s",
-                    flush=True,
-                )
-
-        return _Progress()
+    return TrialProgress()
 
 
 def _short(value: Any) -> str:
@@ -270,11 +259,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except SpaceError as error:
         parser.exit(2, f"error: {error}\n")
     ensure_dataset(config["dataset"], config["data_path"])
-    fixed = {**overrides, "data_path": str(Path(config["data_path"]).resolve().parent)}  # Config appends the dataset
+    # Config appends the dataset to data_path; a trial runs --max_epochs epochs, or as many evaluations of rounds
+    fixed = {**overrides, "data_path": str(Path(config["data_path"]).resolve().parent), "epochs": args.max_epochs}
     if config["federated"]:
         fixed.setdefault("eval_every", config["eval_every"] or 1)
+        fixed["rounds"] = args.max_epochs * fixed["eval_every"]
     files = [str(Path(name).resolve()) for name in config_files or []] or None
-    setup = SearchSetup(args.model, args.dataset, files, fixed, args.max_epochs, max(1, int(args.cpus_per_trial)))
+    setup = SearchSetup(args.model, args.dataset, files, fixed, max(1, int(args.cpus_per_trial)))
 
     ray.init(
         address=args.address,
@@ -306,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 name=storage.name,
                 storage_path=str(storage.parent),
                 verbose=0,
-                callbacks=[TrialProgress.create(args.num_samples)],
+                callbacks=[trial_progress(args.num_samples)],
             ),
         )
     result_grid = tuner.fit()
@@ -323,9 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from_files = {}
     for name in setup.config_files or []:
         from_files.update(yaml.safe_load(Path(name).read_text()) or {})
-    best_yaml = {**from_files, **fixed, "epochs": args.max_epochs, **best_values}
-    if config["federated"]:
-        best_yaml["rounds"] = args.max_epochs * fixed["eval_every"]
+    best_yaml = {**from_files, **fixed, **best_values}
     header = (
         f"# best trial of `python -m recbole_feddmmr.tune {' '.join(argv if argv is not None else sys.argv[1:])}`:\n"
         f"# validation NDCG@10 {best_valid:.4f}. Reproduce it with\n"
