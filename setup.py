@@ -34,5 +34,5 @@ setup(
     install_requires=read_requirements(),
     extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
     py_modules=["run_recbole_feddmmr"],
-    entry_points={"console_scripts": ["recbole-feddmmr=run_recbole_feddmmr:main"]},
+    entry_points={"console_scripts": ["recbole-feddmmr=run_recbole_feddmmr:cli"]},
 )

@@ -21,9 +21,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,38 +33,12 @@ from recbole.utils import init_seed
 
 from recbole_feddmmr.compat import load_trusted
 from recbole_feddmmr.config import Config
+from recbole_feddmmr.errors import ConfigError, run_cli
 from recbole_feddmmr.quick_start import prepare_run
-from recbole_feddmmr.utils import get_trainer
+from recbole_feddmmr.report import TEST_COLUMNS, format_evaluated, format_results, provenance, read_results, test_cells
+from recbole_feddmmr.utils import get_trainer, git_commit, machine_description
 
 REPORTED = ("hit@10", "ndcg@10", "mrr@10")
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} torch threads, {device}; torch {torch.__version__}"
-
-
-def git_commit() -> str:
-    """The checkout's short commit, with ``-dirty`` when tracked files differ from it (a figure then came
-    from uncommitted code); ``unknown`` outside a git checkout."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        changes = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{commit}-dirty" if changes else commit
 
 
 def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
@@ -75,12 +47,12 @@ def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
 
     match = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", spec.strip())
     if not match:
-        raise ValueError(f"run '{spec}' is not MODEL or MODEL[key=value,...]")
+        raise ConfigError(f"run '{spec}' is not MODEL or MODEL[key=value,...]")
     model, body = match.groups()
     overrides = {}
     for item in filter(None, (body or "").split(",")):
         if "=" not in item:
-            raise ValueError(f"run '{spec}': '{item}' is not key=value")
+            raise ConfigError(f"run '{spec}': '{item}' is not key=value")
         key, value = item.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(value)
     return model, overrides
@@ -94,7 +66,7 @@ def command_overrides(settings: list[str], **base: Any) -> dict[str, Any]:
     overrides = {**base, "show_progress": False, "state": "INFO"}
     for item in settings:
         if "=" not in item:
-            raise ValueError(f"--set takes KEY=VALUE items, got '{item}'")
+            raise ConfigError(f"--set takes KEY=VALUE items, got '{item}'")
         key, value = item.split("=", 1)
         overrides[key] = yaml.safe_load(value)
     return overrides
@@ -267,13 +239,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
-        print(json.dumps(report, indent=2))
+        print(format_evaluated(report))
+        print(f"\nwrote {args.out}")
         return report
     if args.report:
-        report = json.loads(Path(args.report).read_text())
+        report = read_results(args.report)
         for label in args.baseline or []:  # ratios against other runs of the file, printed, not saved
-            report["ratios_vs_" + label] = ratios_against(report["runs"], label)
-        print(format_report(report))
+            report["ratios_vs_" + label] = ratios_against(report.get("runs", []), label)
+        print(format_results(report))
         return report
     baselines = args.baseline or ["SASRec"]
 
@@ -300,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["ratios_vs_" + label] = ratios_against(report["runs"], label)
     out.write_text(json.dumps(report, indent=2))
     print(format_report(report))
+    print(f"\nwrote {out}")
     return report
 
 
@@ -307,7 +281,7 @@ def ratios_against(runs: list[dict[str, Any]], label: str) -> dict[str, dict[str
     """Every other run's test NDCG@10 (full, uni100) and throughput divided by those of run ``label``."""
     matches = [run for run in runs if run.get("label", run["model"]) == label]
     if not matches:
-        raise ValueError(f"no run labelled {label!r}")
+        raise ConfigError(f"no run labelled {label!r}")
     baseline = matches[0]
     return {
         run.get("label", run["model"]): {
@@ -323,18 +297,14 @@ def ratios_against(runs: list[dict[str, Any]], label: str) -> dict[str, dict[str
 def format_report(report: dict[str, Any]) -> str:
     """A markdown table of the report (what the README shows)."""
     lines = [
-        "| model | live experts | best epoch | test HR@10 | test NDCG@10 | test MRR@10 | uni100 HR@10 "
-        "| uni100 NDCG@10 | train samples/s |",
+        f"| model | live experts | best epoch | {TEST_COLUMNS} | train samples/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in report["runs"]:
-        full, uni = run["test_full"], run["test_uni100"]
         experts = ", ".join(run["live_experts"]) if "live_experts" in run else "-"
         lines.append(
             f"| {run.get('label', run['model'])} | {experts} | {run['best_epoch']} of {run['epochs_trained']} | "
-            f"{full['hit@10']:.4f} | "
-            f"{full['ndcg@10']:.4f} | {full['mrr@10']:.4f} | {uni['hit@10']:.4f} | {uni['ndcg@10']:.4f} | "
-            f"{run['train_samples_per_second']:.0f} |"
+            f"{test_cells(run)} | {run['train_samples_per_second']:.0f} |"
         )
     for run in report["runs"]:
         if run.get("memory_per_epoch"):
@@ -355,10 +325,10 @@ def format_report(report: dict[str, Any]) -> str:
                     f"x{values['test_uni100_ndcg@10']:.3f} (uni100); "
                     f"training throughput x{values['train_samples_per_second']:.2f}"
                 )
-    lines.append(f"\ncommand: `{report['command']}`; commit {report['commit']}; machine: {report['machine']}")
+    lines.append(provenance(report))
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    main()
+    run_cli(main)

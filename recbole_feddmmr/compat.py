@@ -13,7 +13,10 @@ RecBole 1.2.1 was written for numpy 1.x and torch < 2.6. Two things break:
   for RecBole's own trainers and for ours.
 
 pandas 3 also breaks RecBole's float_seq loading; that is handled by pinning
-``pandas<3`` in requirements.txt rather than by patching.
+``pandas<3`` in requirements.txt rather than by patching. On pandas 2.2 RecBole's dataset loading
+(``df[field].fillna(..., inplace=True)``, ``Series.agg(len)``) emits five multi-line ``FutureWarning``s per
+run about what pandas 3 will change; under the pinned pandas the results are right, so
+:func:`silence_recbole_pandas_warnings` filters exactly those messages, from RecBole's dataset module only.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from __future__ import annotations
 import functools
 import os
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
+
+from recbole_feddmmr.errors import CheckpointError
 
 _NUMPY_ALIASES = {"float_": np.float64, "complex_": np.complex128, "unicode_": np.str_}
 
@@ -37,10 +43,35 @@ def apply_numpy_aliases() -> None:
             setattr(np, name, target)
 
 
+RECBOLE_PANDAS_DEPRECATIONS = (
+    r"A value is trying to be set on a copy of a DataFrame or Series through chained assignment",
+    r"using <built-in function len> in Series\.agg cannot aggregate",
+)
+
+
+def silence_recbole_pandas_warnings() -> None:
+    """Ignore the pandas-3 deprecation warnings RecBole 1.2.1's dataset module raises (idempotent)."""
+    for message in RECBOLE_PANDAS_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning, module=r"recbole\.data\.dataset")
+
+
 def load_trusted(path, map_location=None):
     """``torch.load`` of a file this project wrote (a checkpoint, a federated resume state): they pickle
     configs and numpy RNG states, which ``weights_only=True`` refuses. Never call it on a file from elsewhere."""
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """A checkpoint or resume file this project wrote, or :class:`CheckpointError` naming what is wrong."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint {path}")
+    try:
+        state = load_trusted(path, map_location=map_location)
+    except Exception as error:  # a truncated or foreign file fails in pickle, zipfile or torch, variously
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint of this project")
+    return state
 
 
 @contextmanager
@@ -68,8 +99,31 @@ class TrustedCheckpointMixin:
         from recbole.utils import get_local_time
 
         super().__init__(config, model)
-        stem = f"{config['model']}-{config['dataset']}-{get_local_time()}-{uuid.uuid4().hex[:8]}"
+        kind = "-federated" if config["federated"] else ""
+        stem = f"{config['model']}-{config['dataset']}{kind}-{get_local_time()}-{uuid.uuid4().hex[:8]}"
         self.saved_model_file = os.path.join(self.checkpoint_dir, f"{stem}.pth")
+        self.best_epoch: int | None = None  # the epoch (round) of the checkpoint last saved
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        """RecBole's checkpoint, written to a temporary name and renamed: a crash or kill during the write
+        leaves the previous checkpoint whole."""
+        target = kwargs.pop("saved_model_file", self.saved_model_file)
+        partial = f"{target}.partial"
+        super()._save_checkpoint(epoch, verbose=False, saved_model_file=partial, **kwargs)
+        if not os.path.exists(partial):  # a non-zero rank of a distributed run writes nothing
+            return
+        os.replace(partial, target)
+        self.best_epoch = epoch
+        if verbose:
+            self.logger.info(f"Saving current: {target}")
+
+    def _generate_train_loss_output(self, epoch_idx, s_time, e_time, losses):
+        """RecBole's epoch line, with the model's names for the parts of its loss (``loss_names``) instead
+        of ``train_loss1``, ``train_loss2``."""
+        line = super()._generate_train_loss_output(epoch_idx, s_time, e_time, losses)
+        for index, name in enumerate(getattr(self.model, "loss_names", ()), start=1):
+            line = line.replace(f"train_loss{index}", name)
+        return line
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model and model_file is None:
@@ -82,9 +136,9 @@ class TrustedCheckpointMixin:
     def _check_own_checkpoint(self, path: str) -> None:
         from recbole_feddmmr.config import config_fingerprint
 
-        saved = load_trusted(path, map_location="cpu").get("config")
+        saved = read_checkpoint(path).get("config")
         if saved is None or config_fingerprint(saved) != config_fingerprint(self.config):
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{path} was not written by this run (its configuration differs): refusing to evaluate it"
             )
 
@@ -102,3 +156,4 @@ def with_trusted_checkpoints(trainer_class: type) -> type:
 
 
 apply_numpy_aliases()
+silence_recbole_pandas_warnings()

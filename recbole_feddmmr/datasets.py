@@ -16,14 +16,21 @@ import shutil
 import time
 from pathlib import Path
 
+from recbole_feddmmr.errors import MissingFileError
 from recbole_feddmmr.features.atomic import item_token_order, ml100k_item_texts, read_atomic, write_itememb
 from recbole_feddmmr.features.text import encode_texts, load_sentence_encoder
-from recbole_feddmmr.features.validate import FeatureFileError, FeatureFileReport, validate_itememb
+from recbole_feddmmr.features.validate import (
+    FeatureFileError,
+    FeatureFileReport,
+    validate_atomic_file,
+    validate_itememb,
+)
 from recbole_feddmmr.synthetic import PLANTED, write_planted
 
 # read_atomic and ml100k_item_texts live with the feature tools (below this module) and are re-exported here
 __all__ = [
     "ML100K",
+    "check_atomic_files",
     "check_item_features",
     "ensure_dataset",
     "ml100k_item_texts",
@@ -75,10 +82,43 @@ def ensure_dataset(dataset: str, data_path: str | Path, show_progress: bool = Tr
     elif dataset == PLANTED:
         write_planted(data_path)
     elif not (data_path / f"{dataset}.inter").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no {data_path / (dataset + '.inter')}: put the atomic files of '{dataset}' in {data_path} "
             "(see README, 'Your own dataset')"
         )
+
+
+def unload_itememb(config) -> None:
+    """Take the absent ``.itememb`` out of what RecBole loads (its suffix, columns and id alias), which
+    RecBole would otherwise fail on ("additional feature file not found", or a KeyError on the alias)."""
+    id_field = config["feature_id_field"]
+    config["additional_feat_suffix"] = [s for s in config["additional_feat_suffix"] or [] if s != "itememb"] or None
+    if config["load_col"] is not None:
+        config["load_col"] = {suffix: columns for suffix, columns in config["load_col"].items() if suffix != "itememb"}
+    if config["alias_of_item_id"]:
+        config["alias_of_item_id"] = [field for field in config["alias_of_item_id"] if field != id_field] or None
+
+
+def check_atomic_files(config) -> None:
+    """Validate the atomic files RecBole will load for this run (header types, cell counts, numbers)."""
+    folder = Path(config["data_path"])
+    load_col = config["load_col"]
+    loaded = {}
+    for suffix in ("inter", "item", "user"):
+        path = folder / f"{config['dataset']}.{suffix}"
+        if path.is_file() and (load_col is None or suffix in load_col):
+            validate_atomic_file(path)
+            loaded[suffix] = path
+    item_field = config["ITEM_ID_FIELD"]
+    if "item" in loaded and "inter" in loaded:
+        listed = set(read_atomic(loaded["item"]).get(item_field, []))
+        never = listed - set(read_atomic(loaded["inter"]).get(item_field, []))
+        if never:
+            logger.warning(
+                f"{len(never)} items of {loaded['item'].name} never occur in {loaded['inter'].name} (e.g. "
+                f"{sorted(never, key=item_token_order)[:3]}): RecBole still ranks them as candidates, though no "
+                "target can be one; remove their rows from the .item file to rank only interacted items"
+            )
 
 
 def check_item_features(config) -> FeatureFileReport | None:
@@ -90,7 +130,14 @@ def check_item_features(config) -> FeatureFileReport | None:
     """
     id_field = config["feature_id_field"]
     path = Path(config["data_path"]) / f"{config['dataset']}.itememb"
-    if not id_field or not path.exists():
+    if not id_field:
+        return None
+    if not path.exists():
+        logger.warning(
+            f"no {path}: {config['model']} trains with the sequential expert only; write item features with "
+            f"`python -m recbole_feddmmr.features --dataset {config['dataset']} ...` (or set feature_id_field=None)"
+        )
+        unload_itememb(config)
         return None
     suffixes = config["additional_feat_suffix"] or []
     load_col = config["load_col"]
@@ -102,6 +149,15 @@ def check_item_features(config) -> FeatureFileReport | None:
     inter_items = set(read_atomic(Path(config["data_path"]) / f"{config['dataset']}.inter")[config["ITEM_ID_FIELD"]])
     expected = {config["text_feature_field"]: config["text_dim"], config["visual_feature_field"]: config["visual_dim"]}
     report = validate_itememb(path, inter_items, {k: v for k, v in expected.items() if k}, id_field=id_field)
+    read = {name: option for name, option in (
+        (config["text_feature_field"], "text_feature_field"), (config["visual_feature_field"], "visual_feature_field")
+    ) if name}  # fmt: skip
+    if report.dims and not set(read) & set(report.dims):
+        wanted = ", ".join(f"{option}={name}" for name, option in read.items()) or "no feature column"
+        raise FeatureFileError(
+            f"{path} has the feature columns {sorted(report.dims)}, but the model reads {wanted}: set "
+            f"text_feature_field / visual_feature_field to the file's columns (and list them in load_col)"
+        )
     described = ", ".join(
         f"{name} {dim}-d ({report.items - report.missing.get(name, 0)} of {report.items} items)"
         for name, dim in report.dims.items()

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from recbole_feddmmr.errors import ConfigError
+
 
 class MemoryReadout(NamedTuple):
     """What the experts read. A modality the dataset lacks is ``None`` with an all-False mask."""
@@ -75,7 +77,7 @@ class RecentHistoryMemory(nn.Module):
     def __init__(self, features: ItemFeatures, top_k: int = 20) -> None:
         super().__init__()
         if top_k < 1:
-            raise ValueError(f"memory top_k must be >= 1, got {top_k}")
+            raise ConfigError(f"memory top_k must be >= 1, got {top_k}")
         self.features = features
         self.top_k = top_k
 
@@ -143,9 +145,9 @@ class LocalDynamicMemory(nn.Module):
     ) -> None:
         super().__init__()
         if capacity < 1:
-            raise ValueError(f"memory capacity must be >= 1, got {capacity}")
+            raise ConfigError(f"memory capacity must be >= 1, got {capacity}")
         if not 0.0 < recency_decay <= 1.0:
-            raise ValueError(f"recency_decay must be in (0, 1], got {recency_decay}")
+            raise ConfigError(f"recency_decay must be in (0, 1], got {recency_decay}")
         self.capacity = capacity
         self.surprise_threshold = surprise_threshold
         self.utility_alpha = utility_alpha

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recbole_feddmmr.errors import ConfigError, run_cli
 from recbole_feddmmr.features.atomic import write_itememb
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def noisy_views(factor: np.ndarray, num_factors: int, dim: int, noise: float, rn
 def generate(spec: PlantedSpec) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
     """-> (interactions [user_id, item_id, timestamp], items [item_id, factor], user factors)."""
     if spec.interactions_per_user * 2 > spec.num_items // spec.num_factors:
-        raise ValueError("interactions_per_user must be at most half the items of one factor")
+        raise ConfigError("interactions_per_user must be at most half the items of one factor")
     rng = np.random.default_rng(spec.seed)
     item_factor = rng.integers(0, spec.num_factors, spec.num_items)  # [I]
     user_factor = rng.integers(0, spec.num_factors, spec.num_users)  # [U]
@@ -92,8 +93,8 @@ def write_planted(target_dir: str | Path, spec: PlantedSpec = PlantedSpec(), ove
     if not overwrite and inter_path.exists() and itememb_path.exists():
         logger.info(f"{target} already holds the planted dataset (pass --overwrite to regenerate)")
         return target
+    interactions, items, _ = generate(spec)  # before any folder exists: a refused spec leaves nothing behind
     target.mkdir(parents=True, exist_ok=True)
-    interactions, items, _ = generate(spec)
     rng = np.random.default_rng(spec.seed + 1)
     factor = items["factor"].to_numpy()
     text = noisy_views(factor, spec.num_factors, spec.text_dim, spec.noise, rng)  # [I, Ft]
@@ -109,7 +110,9 @@ def write_planted(target_dir: str | Path, spec: PlantedSpec = PlantedSpec(), ove
         "clip_shuffled": visual[permutation],
     }
     header = ["user_id:token", "item_id:token", "timestamp:float"]
-    interactions.to_csv(inter_path, sep="\t", index=False, header=header)
+    partial = inter_path.with_name(inter_path.name + ".tmp")  # renamed when whole, as write_itememb does
+    interactions.to_csv(partial, sep="\t", index=False, header=header)
+    partial.replace(inter_path)
     write_itememb(itememb_path, items["item_id"][used].astype(str).tolist(), columns)
     logger.info(
         f"wrote {target}: {len(interactions)} interactions, {spec.num_users} users, {int(used.sum())} items, "
@@ -132,4 +135,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main()
+    run_cli(main)

@@ -43,6 +43,8 @@ from typing import Any
 
 import yaml
 
+from recbole_feddmmr.errors import ConfigError, run_cli
+
 VALID_METRIC = "valid_ndcg@10"
 DEFAULT_SPACE: dict[str, dict[str, list]] = {
     "router_hidden_dim": {"choice": [64, 128, 256]},
@@ -58,7 +60,7 @@ FEDERATED_SPACE: dict[str, dict[str, list]] = {
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
-class SpaceError(ValueError):
+class SpaceError(ConfigError):
     """A search space that names an unknown option or distribution."""
 
 
@@ -354,4 +356,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(130 if main().get("interrupted") else 0)
+    sys.exit(130 if run_cli(main).get("interrupted") else 0)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import platform
+import subprocess
 from pathlib import Path
 
+import torch
 from recbole.utils import ModelType
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_feddmmr.compat import with_trusted_checkpoints
+from recbole_feddmmr.errors import ConfigError, MissingFileError
 
+PACKAGE_DIR = Path(__file__).resolve().parent
 PLUGIN_MODEL_MODULE = "recbole_feddmmr.model"
 PLUGIN_TRAINER_MODULE = "recbole_feddmmr.trainer"
 
@@ -21,7 +26,7 @@ def properties_dir() -> Path:
     for candidate in (package_dir / "properties", package_dir.parent / "properties"):
         if (candidate / "overall.yaml").is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"recbole_feddmmr properties not found next to {package_dir}; reinstall with `bash scripts/install.sh`"
     )
 
@@ -33,11 +38,15 @@ def get_model(model_name: str) -> type:
         return getattr(plugin_models, model_name)
     try:
         return recbole_get_model(model_name)
-    except (ValueError, ImportError) as error:  # RecBole may fail importing an optional backend on the way
-        raise ValueError(
-            f"unknown model '{model_name}': not a recbole_feddmmr model ({', '.join(plugin_models.__all__)}) "
-            f"and RecBole could not provide it ({error})"
-        ) from error
+    except (ValueError, ImportError) as error:
+        # RecBole's lookup ends by importing its optional tree-model backends (lightgbm, xgboost), so an
+        # unknown name surfaces as their ImportError: name the real cause unless a backend was asked for
+        if isinstance(error, ImportError) and model_name.lower() in ("lightgbm", "xgboost"):
+            raise ConfigError(f"RecBole's {model_name} needs the {model_name.lower()} package ({error})") from None
+        raise ConfigError(
+            f"unknown model '{model_name}': recbole_feddmmr has {', '.join(plugin_models.__all__)} and RecBole "
+            "has no model of that name (see RecBole's model list; names are case-sensitive)"
+        ) from None
 
 
 def get_trainer(model_type: ModelType, model_name: str, federated: bool = False) -> type:
@@ -49,7 +58,7 @@ def get_trainer(model_type: ModelType, model_name: str, federated: bool = False)
     """
     if federated:
         if not hasattr(get_model(model_name), "calculate_window_loss"):
-            raise ValueError(
+            raise ConfigError(
                 f"federated training needs a model with a window loss (calculate_window_loss), which {model_name} "
                 "has not: use UR4RecV2MoE (a plain SASRec = UR4RecV2MoE with --feature_id_field=None)"
             )
@@ -61,3 +70,35 @@ def get_trainer(model_type: ModelType, model_name: str, federated: bool = False)
     if trainer_class is None:
         trainer_class = recbole_get_trainer(model_type, model_name)
     return with_trusted_checkpoints(trainer_class)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {torch.get_num_threads()} torch threads, {device}; torch {torch.__version__}"
+
+
+def git_commit() -> str:
+    """The short commit of the checkout this package runs from, with ``-dirty`` when tracked files differ from
+    it (a figure then came from uncommitted code); ``unknown`` for an installed copy outside a checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=PACKAGE_DIR
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=PACKAGE_DIR,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if changes else commit

@@ -16,9 +16,10 @@ import pstats
 import time
 from pathlib import Path
 
-from recbole_feddmmr.benchmark import command_overrides, git_commit, machine_description
+from recbole_feddmmr.benchmark import command_overrides
 from recbole_feddmmr.federated.trainer import FederatedTrainer
 from recbole_feddmmr.quick_start import prepare_run
+from recbole_feddmmr.utils import git_commit, machine_description
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ TINY_CONFIG = {
     "sasrec_inner_dim": 32,
     "router_hidden_dim": 8,
     "MAX_ITEM_LIST_LENGTH": 10,
-    "max_seq_len": 10,
     "memory_top_k": 4,
     "train_neg_num": 5,
     "train_batch_size": 16,

@@ -10,6 +10,7 @@ import torch
 from conftest import TEST_DATA, tiny_config, tiny_run
 
 from recbole_feddmmr.datasets import check_item_features, read_atomic
+from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.features.__main__ import item_texts, main
 from recbole_feddmmr.features.image import ImageFolderError, find_item_images
 
@@ -125,5 +126,5 @@ def test_an_images_folder_that_matches_no_item_is_an_error(tmp_path):
 
 def test_existing_file_is_kept_unless_overwrite(tmp_path, tiny_dataset):
     (tiny_dataset / "tiny" / "tiny.itememb").write_text("iid:token\tsbert_emb:float_seq\n")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(ConfigError, match="--overwrite"):
         main(["--dataset", "tiny", "--data-path", str(tiny_dataset), "--text-columns", "movie_title"])

@@ -64,3 +64,32 @@ def test_federated_benchmark_reports_accuracy_speed_experts_and_bytes(tmp_path):
     assert speed["sampled_clients_over_all"] == pytest.approx(3 / 12)
     # the broadcast goes to the selected clients only (the merged prototypes may be fewer from fewer clients)
     assert 0.95 * sequential["bytes_down"] * 3 / 12 <= sampled["bytes_down"] <= sequential["bytes_down"] * 3 / 12
+
+
+def test_payoff_is_the_smallest_client_count_where_a_ray_pool_matches_vectorized():
+    from recbole_feddmmr.federated.benchmark import payoff
+
+    rows = [("vectorized", 16, 1.0), ("ray:2", 16, 3.0), ("vectorized", 64, 2.0), ("ray:2", 64, 2.0)]
+    rows += [("vectorized", 256, 8.0), ("ray:2", 256, 4.0), ("ray:4", 256, 10.0)]
+    result = payoff({"rounds": rows_of(*rows)})
+    assert result["over_vectorized"] == {16: {"ray:2": 3.0}, 64: {"ray:2": 1.0}, 256: {"ray:2": 0.5, "ray:4": 1.25}}
+    assert result["ray_pays_off_from_clients"] == 64
+    assert payoff({"rounds": rows_of(("vectorized", 16, 1.0), ("ray:2", 16, 2.0))})["ray_pays_off_from_clients"] is None
+
+
+def rows_of(*rows):
+    return [{"backend": b, "clients": c, "seconds": s} for b, c, s in rows]
+
+
+@pytest.mark.ray
+def test_round_sweep_times_every_backend_at_every_client_count(tmp_path):
+    out = tmp_path / "sweep.json"
+    settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"), num_memory_prototypes=2)
+    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    arguments = ["--dataset", "tiny", "--sweep_backends", "vectorized", "ray:2", "--sweep_clients", "4", "0"]
+    report = main([*arguments, "--chunk_targets", "16", "--out", str(out), "--set", *overrides])
+    rows = {(row["backend"], row["clients"]): row["seconds"] for row in report["sweep"]["rounds"]}
+    assert set(rows) == {("vectorized", 4), ("vectorized", 12), ("ray:2", 4), ("ray:2", 12)}  # 0 = all 12 users
+    assert all(seconds > 0 for seconds in rows.values())
+    assert report["sweep"]["payoff"]["over_vectorized"][12] == {"ray:2": rows[("ray:2", 12)] / rows[("vectorized", 12)]}
+    assert json.loads(out.read_text())["sweep"]["rounds"] == report["sweep"]["rounds"]

@@ -105,7 +105,6 @@ def _one_user_clients(tmp_path, backend, device="cpu", **settings):
         memory_surprise_threshold=0.3,
         num_memory_prototypes=2,
         MAX_ITEM_LIST_LENGTH=4,  # short windows: users have several, so some clients take several local steps
-        max_seq_len=4,
     )
     model.double()
     windows = SequenceWindows(train_data, model, 16, torch.device(device), config["seed"])

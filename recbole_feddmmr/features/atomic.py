@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recbole_feddmmr.errors import DataFileError
+
 
 def item_token_order(token: str) -> tuple[int, int | str]:
     """Sort key for item tokens: numeric ids by value first, then the others alphabetically."""
@@ -64,7 +66,7 @@ def ml100k_item_texts(item_file: str | Path, item_ids: list[str]) -> list[str]:
     items = read_atomic(item_file).set_index("item_id")
     missing = [item for item in item_ids if item not in items.index]
     if missing:
-        raise ValueError(f"{item_file}: no row for item ids {missing[:5]} that appear in the .inter file")
+        raise DataFileError(f"{item_file}: no row for item ids {missing[:5]} that appear in the .inter file")
     texts = []
     for item in item_ids:
         row = items.loc[item]

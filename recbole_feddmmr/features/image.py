@@ -8,10 +8,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from recbole_feddmmr.errors import DataFileError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(DataFileError):
     """An images folder that cannot give features for the dataset's items."""
 
 

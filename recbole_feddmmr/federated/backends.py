@@ -20,6 +20,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.utils.rnn import pad_sequence
 
 from recbole_feddmmr.data import SequenceWindows
+from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.federated.client import (
     FedMemClient,
     client_generator,
@@ -90,7 +91,7 @@ class VectorizedBackend:
 
     def __init__(self, chunk_targets: int = 2048) -> None:
         if chunk_targets < 1:
-            raise ValueError(f"chunk_targets must be >= 1, got {chunk_targets}")
+            raise ConfigError(f"chunk_targets must be >= 1, got {chunk_targets}")
         self.chunk_targets = chunk_targets
 
     def chunks(

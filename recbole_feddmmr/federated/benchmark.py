@@ -35,7 +35,9 @@ from typing import Any
 
 from recbole.utils import init_seed
 
-from recbole_feddmmr.benchmark import command_overrides, git_commit, machine_description, parse_run, run_model
+from recbole_feddmmr.benchmark import command_overrides, parse_run, run_model
+from recbole_feddmmr.errors import ConfigError, run_cli
+from recbole_feddmmr.utils import git_commit, machine_description
 
 BACKENDS = ("sequential", "vectorized")
 DEFAULT_RUNS = (
@@ -122,6 +124,85 @@ def measure_speed(
     return result
 
 
+def sweep_backend(spec: str, chunk_targets: int, cpus: int):
+    """``sequential``, ``vectorized`` or ``ray:N`` (N actors sharing the ``cpus`` CPUs) -> a backend."""
+    from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
+    from recbole_feddmmr.federated.ray_backend import RayBackend
+
+    if spec == "sequential":
+        return SequentialBackend()
+    if spec == "vectorized":
+        return VectorizedBackend(chunk_targets)
+    if spec.startswith("ray:") and spec[4:].isdigit() and int(spec[4:]) >= 1:
+        actors = int(spec[4:])
+        return RayBackend(actors, cpus_per_actor=min(1.0, cpus / actors))
+    raise ConfigError(f"sweep backend {spec!r}: use sequential, vectorized or ray:N (N actors)")
+
+
+def measure_round_sweep(
+    dataset: str, overrides: dict[str, Any], backends: list[str], client_counts: list[int], chunk_targets: int | None
+) -> dict[str, Any]:
+    """Seconds of one round per backend and clients per round (0 = all), in one process from the same initial
+    model and client sample. Each backend first runs one untimed round of the smallest count, so a Ray
+    pool's start (actors, model replicas) is not billed to the first timed round."""
+    import os
+
+    from recbole_feddmmr.federated.trainer import FederatedTrainer
+    from recbole_feddmmr.quick_start import prepare_run
+
+    config, (train_data, _, _), model = prepare_run("UR4RecV2MoE", dataset, config_dict=overrides)
+    initial = copy.deepcopy(model.state_dict())
+    chunk_targets = chunk_targets or (8192 if config["device"].type == "cuda" else 256)
+    rows = []
+    for spec in backends:
+        backend = sweep_backend(spec, chunk_targets, os.cpu_count() or 1)
+        for index, count in enumerate([min([c for c in client_counts if c] or [0]), *client_counts]):
+            model.load_state_dict(initial)
+            init_seed(config["seed"], config["reproducibility"])
+            server = FederatedTrainer(config, model).build_server(train_data)
+            server.backend = backend
+            server.strategy.clients_per_round, server.strategy.client_fraction = count or None, 1.0
+            report = server.run_round(0)
+            server.assemble_private_state()
+            if index:  # index 0 is the warm-up
+                rows.append({"backend": spec, "clients": report.clients, "seconds": report.seconds})
+                logging.getLogger(__name__).info(f"sweep: {spec}, {report.clients} clients: {report.seconds:.2f} s")
+        if hasattr(backend, "shutdown"):
+            backend.shutdown()
+    return {"device": str(config["device"]), "cpus": os.cpu_count(), "rounds": rows}
+
+
+def payoff(sweep: dict[str, Any], baseline: str = "vectorized") -> dict[str, Any]:
+    """Per client count, each backend's seconds over the baseline's; and the smallest count from which a Ray
+    pool is at least as fast as the baseline (None: at no measured count)."""
+    seconds = {(row["backend"], row["clients"]): row["seconds"] for row in sweep["rounds"]}
+    counts = sorted({row["clients"] for row in sweep["rounds"]})
+    ratios = {
+        count: {b: s / seconds[(baseline, count)] for (b, c), s in seconds.items() if c == count and b != baseline}
+        for count in counts
+        if (baseline, count) in seconds
+    }
+    ray_wins = [count for count, by in ratios.items() if any(b.startswith("ray") and r <= 1.0 for b, r in by.items())]
+    return {"over_" + baseline: ratios, "ray_pays_off_from_clients": min(ray_wins) if ray_wins else None}
+
+
+def format_sweep(sweep: dict[str, Any]) -> str:
+    backends = list(dict.fromkeys(row["backend"] for row in sweep["rounds"]))
+    counts = sorted({row["clients"] for row in sweep["rounds"]})
+    seconds = {(row["backend"], row["clients"]): row["seconds"] for row in sweep["rounds"]}
+    lines = [
+        f"seconds per round on {sweep['device']} ({sweep['cpus']} CPUs):",
+        "| clients per round | " + " | ".join(backends) + " |",
+        "|---|" + "---|" * len(backends),
+    ]
+    for count in counts:
+        cells = [f"{seconds[(b, count)]:.2f}" if (b, count) in seconds else "-" for b in backends]
+        lines.append(f"| {count} | " + " | ".join(cells) + " |")
+    found = sweep.get("payoff", {}).get("ray_pays_off_from_clients", "?")
+    lines.append(f"\nRay at least as fast as vectorized from: {found if found is not None else 'no measured'} clients")
+    return "\n".join(lines)
+
+
 def _task(
     kind: str,
     label: str,
@@ -166,7 +247,8 @@ def format_report(report: dict[str, Any]) -> str:
         if run.get("rounds"):
             traffic = f"{(run['bytes_up_total'] + run['bytes_down_total']) / len(run['rounds']) / 1e6:.0f}"
         lines.append(
-            f"| {run['label']} | {run['best_epoch']} of {run['epochs_trained']} | {run['best_valid_ndcg@10']:.4f} "
+            f"| {run.get('label', run['model'])} | {run['best_epoch']} of {run['epochs_trained']} "
+            f"| {run['best_valid_ndcg@10']:.4f} "
             f"| {full['hit@10']:.4f} | {full['ndcg@10']:.4f} | {uni['hit@10']:.4f} | {uni['ndcg@10']:.4f} "
             f"| {share_text} | {traffic} |"
         )
@@ -232,13 +314,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--sampled_clients", type=int, default=64, help="the speed part also times a round of this many (0: no)"
     )
+    parser.add_argument(
+        "--sweep_backends",
+        nargs="+",
+        default=None,
+        metavar="BACKEND",
+        help="only time one round per backend (sequential, vectorized, ray:N) and --sweep_clients count",
+    )
+    parser.add_argument(
+        "--sweep_clients", nargs="+", type=int, default=[16, 64, 256, 0], help="clients per round (0: all)"
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides (yaml)")
     parser.add_argument("--out", default="results/federated_benchmark.json")
     parser.add_argument("--report", metavar="JSON", help="only print the table of an existing results file")
     args = parser.parse_args(argv)
     if args.report:
-        report = json.loads(Path(args.report).read_text())
-        print(format_report(report))
+        from recbole_feddmmr.report import format_results, read_results
+
+        report = read_results(args.report)
+        print(format_results(report))
         return report
 
     overrides = command_overrides(
@@ -255,6 +349,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.sweep_backends:
+        logging.basicConfig(level=logging.INFO)
+        sweep = measure_round_sweep(
+            args.dataset, {**overrides, "federated": True}, args.sweep_backends, args.sweep_clients, args.chunk_targets
+        )
+        sweep["payoff"] = payoff(sweep)
+        report = {key: value for key, value in report.items() if key != "runs"}
+        report["sweep"] = sweep
+        out.write_text(json.dumps(report, indent=2))
+        print(format_sweep(sweep) + f"\n\nwrote {out}")
+        return report
     # longest first, so that side-by-side processes finish together
     if args.speed_only and args.no_speed:
         parser.error("--speed_only and --no_speed exclude each other")
@@ -296,4 +401,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(1 if main().get("failed") else 0)
+    sys.exit(1 if run_cli(main).get("failed") else 0)

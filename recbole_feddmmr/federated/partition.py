@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from recbole_feddmmr.errors import ConfigError
+
 SCHEMES = ("user", "random", "dirichlet")
 
 
@@ -27,18 +29,18 @@ def partition_users(
     """``user_ids`` [U] -> one array of user ids per client (sorted ids inside each client)."""
     user_ids = np.asarray(user_ids)
     if scheme not in SCHEMES:
-        raise ValueError(f"partition must be one of {SCHEMES}, got {scheme!r}")
+        raise ConfigError(f"partition must be one of {SCHEMES}, got {scheme!r}")
     if scheme == "user":
         return [np.array([user]) for user in np.sort(user_ids)]
     if not num_clients or not 1 <= num_clients <= len(user_ids):
-        raise ValueError(f"partition={scheme!r} needs 1 <= num_clients <= {len(user_ids)} users, got {num_clients}")
+        raise ConfigError(f"partition={scheme!r} needs 1 <= num_clients <= {len(user_ids)} users, got {num_clients}")
     rng = np.random.default_rng(seed)
     if scheme == "random":
         return [np.sort(part) for part in np.array_split(rng.permutation(user_ids), num_clients)]
     if user_labels is None or len(user_labels) != len(user_ids):
         raise ValueError("partition='dirichlet' needs one label per user (user_labels)")
     if dirichlet_alpha <= 0:
-        raise ValueError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha}")
+        raise ConfigError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha}")
     members: list[list[int]] = [[] for _ in range(num_clients)]
     for label in np.unique(user_labels):
         users = rng.permutation(user_ids[user_labels == label])

@@ -27,6 +27,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from recbole_feddmmr.data import SequenceWindows
+from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.federated.client import FedMemClient
 from recbole_feddmmr.federated.state import ClientStateStore
 from recbole_feddmmr.federated.strategy import FitInstructions, ShardResult, UpdateAccumulator
@@ -68,7 +69,7 @@ class RayBackend:
         self, num_actors: int = 2, cpus_per_actor: float = 1.0, address: str | None = None, max_retries: int = 3
     ) -> None:
         if num_actors < 1:
-            raise ValueError(f"num_actors must be >= 1, got {num_actors}")
+            raise ConfigError(f"num_actors must be >= 1, got {num_actors}")
         self.num_actors, self.cpus_per_actor, self.address = num_actors, cpus_per_actor, address
         self.max_retries = max_retries  # reruns of one shard whose actor died, per round
         self.actors: list[Any] = []

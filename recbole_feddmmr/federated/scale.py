@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recbole_feddmmr.benchmark import command_overrides, git_commit, machine_description
+from recbole_feddmmr.benchmark import command_overrides
+from recbole_feddmmr.errors import run_cli
+from recbole_feddmmr.utils import git_commit, machine_description
 
 INTERACTIONS_PER_USER = 16
 
@@ -150,4 +152,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -28,6 +28,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from recbole_feddmmr.errors import CheckpointError
+
 
 class Client(Protocol):
     client_id: int
@@ -142,5 +144,5 @@ class ClientStateStore:
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["names"]) != self.names:
-            raise ValueError(f"client states of {state['names']} cannot restore a store of {self.names}")
+            raise CheckpointError(f"client states of {state['names']} cannot restore a store of {self.names}")
         self.states = dict(state["states"])

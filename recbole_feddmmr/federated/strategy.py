@@ -20,6 +20,8 @@ import torch
 from sklearn.cluster import KMeans
 from torch import Tensor
 
+from recbole_feddmmr.errors import CheckpointError, ConfigError
+
 AGGREGATIONS = ("mean", "rowwise", "sum")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 LOCAL_OPTIMIZERS = ("adam", "sgd")
@@ -42,7 +44,7 @@ class LocalSettings:
 
     def __post_init__(self) -> None:
         if self.local_optimizer not in LOCAL_OPTIMIZERS:
-            raise ValueError(f"local_optimizer must be one of {LOCAL_OPTIMIZERS}, got {self.local_optimizer!r}")
+            raise ConfigError(f"local_optimizer must be one of {LOCAL_OPTIMIZERS}, got {self.local_optimizer!r}")
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ class UpdateAccumulator:
 
     def __init__(self, aggregation: str = "mean", row_shapes: dict[str, torch.Size] | None = None) -> None:
         if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+            raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.aggregation = aggregation
         self.row_shapes = dict(row_shapes or {})
         self.total: dict[str, Tensor] = {}  # name -> sum_i n_i * update_i (float64); row tables: sum_i update_i for sum
@@ -245,9 +247,9 @@ class ServerOptimizer:
         tau: float = 1e-3,
     ) -> None:
         if name not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server_optimizer must be one of {SERVER_OPTIMIZERS}, got {name!r}")
+            raise ConfigError(f"server_optimizer must be one of {SERVER_OPTIMIZERS}, got {name!r}")
         if lr <= 0:
-            raise ValueError(f"server_lr must be > 0, got {lr}")
+            raise ConfigError(f"server_lr must be > 0, got {lr}")
         self.name, self.lr, self.momentum, self.beta1, self.beta2, self.tau = name, lr, momentum, beta1, beta2, tau
         self.first_moment: dict[str, Tensor] = {}
         self.second_moment: dict[str, Tensor] = {}
@@ -284,7 +286,7 @@ class ServerOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         if state["name"] != self.name:
-            raise ValueError(f"server optimizer state of {state['name']!r} cannot resume {self.name!r}")
+            raise CheckpointError(f"server optimizer state of {state['name']!r} cannot resume {self.name!r}")
         self.first_moment, self.second_moment = dict(state["first_moment"]), dict(state["second_moment"])
 
 
@@ -303,9 +305,9 @@ class FedMemStrategy:
         server_optimizer: ServerOptimizer | None = None,
     ) -> None:
         if not 0.0 < client_fraction <= 1.0:
-            raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction}")
+            raise ConfigError(f"client_fraction must be in (0, 1], got {client_fraction}")
         if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+            raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.num_prototypes = num_prototypes
         self.clients_per_round = clients_per_round
         self.client_fraction = client_fraction

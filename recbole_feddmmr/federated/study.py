@@ -32,7 +32,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from recbole_feddmmr.benchmark import command_overrides, git_commit, machine_description, parse_run, run_model
+from recbole_feddmmr.benchmark import command_overrides, parse_run, run_model
+from recbole_feddmmr.errors import run_cli
+from recbole_feddmmr.utils import git_commit, machine_description
 
 CENTRALISED = "UR4RecV2MoE"
 # the defaults of properties/federated.yaml, whatever they are
@@ -277,4 +279,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(1 if main().get("failed") else 0)
+    sys.exit(1 if run_cli(main).get("failed") else 0)

@@ -23,8 +23,9 @@ import torch
 from recbole.utils import early_stopping, set_color
 from tqdm import tqdm
 
-from recbole_feddmmr.compat import load_trusted
+from recbole_feddmmr.compat import read_checkpoint
 from recbole_feddmmr.config import config_fingerprint
+from recbole_feddmmr.errors import CheckpointError, ConfigError
 from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
 from recbole_feddmmr.federated.client import FedMemClient, shared_parameters
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
@@ -70,7 +71,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             dataset = train_data._dataset
             field = config["partition_label_field"]
             if dataset.item_feat is None or field not in dataset.item_feat:
-                raise ValueError(f"partition=dirichlet needs the item field '{field}' (partition_label_field) loaded")
+                raise ConfigError(f"partition=dirichlet needs the item field '{field}' (partition_label_field) loaded")
             feat = dataset.inter_feat
             all_labels = dominant_labels(
                 feat[dataset.uid_field].numpy(), feat[dataset.iid_field].numpy(), dataset.item_feat[field].numpy()
@@ -129,8 +130,12 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         if name == "ray":
             from recbole_feddmmr.federated.ray_backend import RayBackend
 
-            return RayBackend(self.config["ray_num_actors"] or 2, address=self.config["ray_address"])
-        raise ValueError(f"federated_backend must be auto, sequential, vectorized or ray, got {name!r}")
+            return RayBackend(
+                self.config["ray_num_actors"] or 2,
+                cpus_per_actor=self.config["ray_cpus_per_actor"] or 1.0,
+                address=self.config["ray_address"],
+            )
+        raise ConfigError(f"federated_backend must be auto, sequential, vectorized or ray, got {name!r}")
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         server = self.server = self.build_server(train_data)
@@ -217,14 +222,14 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         if not self.resume_file.exists():
             return
         # written by this trainer; tensors onto this run's device (the file may come from a run on another)
-        state = load_trusted(self.resume_file, map_location=self.device)
-        if state["fingerprint"] != self.run_fingerprint:
-            raise RuntimeError(
+        state = read_checkpoint(self.resume_file, map_location=self.device)
+        if state.get("fingerprint") != self.run_fingerprint:
+            raise CheckpointError(
                 f"{self.resume_file} belongs to a federated run with other settings: delete it to start afresh"
             )
         missing, unexpected = self.model.load_state_dict(state["state_dict"], strict=False)
         if set(missing) != set(server.store.names) or unexpected:
-            raise RuntimeError(f"{self.resume_file} does not fit this model: missing {missing}, extra {unexpected}")
+            raise CheckpointError(f"{self.resume_file} does not fit this model: missing {missing}, extra {unexpected}")
         server.store.load_state_dict(state["client_states"])
         server.global_params = shared_parameters(self.model)
         server.strategy.server_optimizer.load_state_dict(state["server_optimizer"])

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.vmapping import in_vmap_mode
 
 
@@ -113,7 +114,7 @@ class CausalSelfAttentionBlock(nn.Module):
     def __init__(self, hidden_dim: int, num_heads: int, inner_dim: int, dropout: float) -> None:
         super().__init__()
         if hidden_dim % num_heads:
-            raise ValueError(f"sasrec_hidden_dim={hidden_dim} must be divisible by sasrec_num_heads={num_heads}")
+            raise ConfigError(f"sasrec_hidden_dim={hidden_dim} must be divisible by sasrec_num_heads={num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
         self.out = nn.Linear(hidden_dim, hidden_dim)
@@ -253,7 +254,7 @@ class SemanticExpert(nn.Module):
     ) -> None:
         super().__init__()
         if hidden_dim % num_heads:
-            raise ValueError(f"sasrec_hidden_dim={hidden_dim} must be divisible by semantic_num_heads={num_heads}")
+            raise ConfigError(f"sasrec_hidden_dim={hidden_dim} must be divisible by semantic_num_heads={num_heads}")
         self.num_heads = num_heads
         self.query_proj = nn.Linear(id_dim, hidden_dim)
         self.text_query_proj = nn.Linear(text_dim, hidden_dim, bias=False) if candidate_text else None

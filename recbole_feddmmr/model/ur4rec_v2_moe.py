@@ -25,6 +25,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import Tensor, nn
 
+from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.memory import ItemFeatures, LocalDynamicMemory, MemoryReadout, MemoryWrites, RecentHistoryMemory
 from recbole_feddmmr.model.layers import (
     ItemCentricRouter,
@@ -76,7 +77,7 @@ def item_feature_table(dataset, id_field: str, value_field: str | None, expected
     feat = dataset.field2feats(id_field)[0]
     values = torch.as_tensor(feat[value_field], dtype=torch.float32)  # [rows, D]
     if values.dim() != 2 or values.size(1) != expected_dim:
-        raise ValueError(
+        raise ConfigError(
             f"feature field '{value_field}' has dimension {tuple(values.shape[1:])}, "
             f"the model expects {expected_dim}: fix the .itememb file or set the matching *_dim option"
         )
@@ -141,6 +142,7 @@ class UR4RecV2MoE(SequentialRecommender):
     """FedDMMR's recommender (centralised view; federation only ever sees its parameters and loss)."""
 
     input_type = InputType.POINTWISE
+    loss_names = ("rec_loss", "balance_loss")  # the parts of calculate_loss, as the epoch log names them
 
     def __init__(self, config, dataset) -> None:
         super().__init__(config, dataset)
@@ -152,11 +154,7 @@ class UR4RecV2MoE(SequentialRecommender):
         self.load_balance_weight = config["load_balance_weight"]
         self.eval_user_chunk = config["eval_user_chunk"] or 256
         if self.loss_type not in ("BPR", "SSM", "CE"):
-            raise ValueError(f"loss_type must be 'BPR', 'SSM' or 'CE', got {self.loss_type!r}")
-        if self.max_seq_length > config["max_seq_len"]:
-            raise ValueError(
-                f"MAX_ITEM_LIST_LENGTH={self.max_seq_length} exceeds the model's max_seq_len={config['max_seq_len']}"
-            )
+            raise ConfigError(f"loss_type must be 'BPR', 'SSM' or 'CE', got {self.loss_type!r}")
         dropout = config["dropout"]
 
         self.item_embedding = nn.Embedding(self.n_items, self.item_emb_dim, padding_idx=0)
@@ -166,7 +164,7 @@ class UR4RecV2MoE(SequentialRecommender):
             config["sasrec_num_blocks"],
             config["sasrec_num_heads"],
             config["sasrec_inner_dim"],
-            config["max_seq_len"],
+            self.max_seq_length,  # MAX_ITEM_LIST_LENGTH positions
             dropout,
         )
         if self.user_emb_dim:
@@ -212,7 +210,7 @@ class UR4RecV2MoE(SequentialRecommender):
             self.memory = RecentHistoryMemory(self.item_features, top_k=self.memory_top_k)
         elif self.memory_type == "dynamic":
             if self.time_field not in dataset.field2source:
-                raise ValueError(
+                raise ConfigError(
                     f"memory_type=dynamic needs interaction times: the dataset has no TIME_FIELD '{self.time_field}' "
                     "(load it in load_col, or use memory_type=history)"
                 )
@@ -231,7 +229,7 @@ class UR4RecV2MoE(SequentialRecommender):
                 num_global_prototypes=config["num_memory_prototypes"] if config["enable_prototype_aggregation"] else 0,
             )
         else:
-            raise ValueError(f"memory_type must be 'history' or 'dynamic', got {self.memory_type!r}")
+            raise ConfigError(f"memory_type must be 'history' or 'dynamic', got {self.memory_type!r}")
         self.register_buffer(
             "expert_enabled",
             torch.tensor([True, self.item_features.has_visual, self.item_features.has_text]),

@@ -1,0 +1,39 @@
+"""Size of a UR4RecV2MoE model's saved weights on a dataset, with the memory in float32 and in float16.
+
+    python scripts/checkpoint_size.py --dataset ml-100k
+
+The memory (every user's slots of item features) is most of a checkpoint; ``memory_half_precision``
+stores it in float16. A RecBole checkpoint adds the optimizer state and the config to these bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line
+    from recbole_feddmmr.quick_start import prepare_run
+
+    for half in (False, True):
+        settings = {"state": "ERROR", "show_progress": False, "memory_half_precision": half}
+        _, _, model = prepare_run("UR4RecV2MoE", args.dataset, config_dict=settings)
+        state = model.state_dict()
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        memory = sum(t.numel() * t.element_size() for name, t in state.items() if name.startswith("memory."))
+        print(
+            f"{args.dataset} memory_half_precision={half}: weights {buffer.tell() / 1e6:.1f} MB, "
+            f"of which memory {memory / 1e6:.1f} MB"
+        )
+
+
+if __name__ == "__main__":
+    main()
