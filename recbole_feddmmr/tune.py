@@ -316,7 +316,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from_files = {}
     for name in setup.config_files or []:
         from_files.update(yaml.safe_load(Path(name).read_text()) or {})
-    best_yaml = {**from_files, **fixed, **best_values}
+    # the trials' absolute data path only if the command chose one: best.yaml must work from another checkout
+    portable = {key: value for key, value in fixed.items() if key != "data_path" or "data_path" in overrides}
+    best_yaml = {**from_files, **portable, **best_values}
     header = (
         f"# best trial of `python -m recbole_feddmmr.tune {' '.join(argv if argv is not None else sys.argv[1:])}`:\n"
         f"# validation NDCG@10 {best_valid:.4f}. Reproduce it with\n"

@@ -33,4 +33,4 @@ def test_installed_package_finds_its_properties_outside_the_source_tree(tmp_path
     package_file, properties, values = completed.stdout.strip().splitlines()[-3:]
     assert not package_file.startswith(str(REPO))  # the installed copy, not this checkout
     assert Path(properties, "model", "UR4RecV2MoE.yaml").is_file()
-    assert values.split() == ["128", "NDCG@10", str(Path("dataset_atomic", "ml-100k"))]
+    assert values.split() == ["128", "NDCG@10", str(tmp_path / "dataset_atomic" / "ml-100k")]  # absolute

@@ -73,6 +73,7 @@ class RayBackend:
         self.num_actors, self.cpus_per_actor, self.address = num_actors, cpus_per_actor, address
         self.max_retries = max_retries  # reruns of one shard whose actor died, per round
         self.actors: list[Any] = []
+        self.started_ray = False  # whether this backend called ray.init (and so shuts Ray down again)
 
     def _start(self, model: nn.Module, windows: SequenceWindows) -> None:
         import ray
@@ -83,6 +84,7 @@ class RayBackend:
             package_root = str(Path(__file__).resolve().parents[2])
             runtime_env = None if self.address else {"env_vars": {"PYTHONPATH": package_root}}
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+            self.started_ray = True
         self._runner = ray.remote(num_cpus=self.cpus_per_actor)(ShardRunner)
         self._replica = (ray.put(model), ray.put(windows))  # shipped once, shared by the actors (and replacements)
         self.actors = [self._new_actor() for _ in range(self.num_actors)]
@@ -129,8 +131,13 @@ class RayBackend:
             yield shard_result
 
     def shutdown(self) -> None:
+        """Kill the actors, and stop Ray if this backend started it."""
         import ray
 
         for actor in self.actors:
             ray.kill(actor)
+        self.actors = []
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
         self.actors = []
