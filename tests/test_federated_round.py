@@ -96,17 +96,21 @@ def test_clients_send_parameter_updates_and_prototypes_never_their_memory(tmp_pa
     assert report.bytes_up == sum(result.num_bytes() for result in sent)
 
 
-def _one_user_clients(tmp_path, backend, device="cpu", **settings):
-    """A model and a server of one-user clients on the tiny dataset, in float64 and without dropout."""
-    config, _, (train_data, _, _), model = tiny_run(
+def _one_user_clients(tmp_path, backend, device="cpu", *, float64=True, dropout=0.0, test_data=None, **settings):
+    """A model and a server of one-user clients on the tiny dataset, in float64 and without dropout unless
+    asked; the test split is appended to ``test_data`` (a list) when one is given."""
+    config, _, (train_data, _, test_split), model = tiny_run(
         tmp_path,
         device,
-        dropout=0.0,
+        dropout=dropout,
         memory_surprise_threshold=0.3,
         num_memory_prototypes=2,
         MAX_ITEM_LIST_LENGTH=4,  # short windows: users have several, so some clients take several local steps
     )
-    model.double()
+    if test_data is not None:
+        test_data.append(test_split)
+    if float64:
+        model.double()
     windows = SequenceWindows(train_data, model, 16, torch.device(device), config["seed"])
     clients = [FedMemClient(i, user[None], windows) for i, user in enumerate(windows.user_ids.unique())]
     local = LocalSettings(num_prototypes=2, seed=config["seed"], **settings)
@@ -127,9 +131,9 @@ def test_sequential_and_vectorized_backends_compute_the_same_rounds(tmp_path, se
 def assert_backends_compute_the_same_rounds(tmp_path, settings, device):
     """Same seed and settings: the same aggregated model, memories, prototypes and losses after two rounds.
 
-    Float64 and dropout 0: dropout masks are drawn differently by the two backends, and in float32
-    Adam turns the round-off noise on parameters whose true gradient is exactly zero (the key biases
-    of softmax attention) into lr-sized steps of either sign.
+    Float64 and dropout 0, so that local Adam and FedProx can be checked: in float32 Adam turns the
+    round-off noise on parameters whose true gradient is exactly zero (the key biases of softmax
+    attention) into lr-sized steps of either sign. Float32 with dropout: the test below.
     """
     sequential_model, sequential = _one_user_clients(tmp_path / "s", SequentialBackend(), device, **settings)
     _, vectorized = _one_user_clients(tmp_path / "v", VectorizedBackend(chunk_targets=20), device, **settings)
@@ -147,6 +151,35 @@ def assert_backends_compute_the_same_rounds(tmp_path, settings, device):
         )
     assert int(sequential_model.memory.prototype_valid.sum()) == 2
     assert_same_private_states_and_models(sequential, vectorized)
+
+
+def test_backends_agree_in_float32_with_the_default_dropout(tmp_path):
+    """Each client's dropout masks come from its own generator (keyed dropout), so the two backends train the
+    same round in float32 with dropout on, up to the order of float sums."""
+    settings = {"local_optimizer": "sgd", "local_lr": 0.1, "local_batch_size": 2}  # the federated defaults' SGD
+    test_data = []
+    servers = [
+        _one_user_clients(tmp_path / name, backend, float64=False, dropout=0.1, test_data=test_data, **settings)[1]
+        for name, backend in (("s", SequentialBackend()), ("v", VectorizedBackend(chunk_targets=20)))
+    ]
+    losses = []
+    for round_idx in range(2):
+        reports = [server.run_round(round_idx) for server in servers]
+        assert reports[1].mean_loss == pytest.approx(reports[0].mean_loss, rel=1e-5)
+        losses.append(reports[0].mean_loss)
+    scores = []
+    for server in servers:
+        server.assemble_private_state()
+        server.model.eval()
+        with torch.no_grad():
+            scores.append(torch.cat([server.model.full_sort_predict(batch[0]) for batch in test_data[0]]))
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-3, atol=1e-5)  # full-ranking scores [users, items]
+    reference = servers[0].model.state_dict()
+    for name, value in servers[1].model.state_dict().items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6, msg=name)
+    # dropout was on: without it the same round trains to another loss
+    _, no_dropout = _one_user_clients(tmp_path / "n", SequentialBackend(), float64=False, **settings)
+    assert no_dropout.run_round(0).mean_loss != pytest.approx(losses[0], rel=1e-3)
 
 
 def assert_same_private_states_and_models(expected: FedMemServer, other: FedMemServer) -> None:

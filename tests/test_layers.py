@@ -193,3 +193,38 @@ def test_written_out_causal_attention_of_vmap_mode_equals_the_fused_kernel():
     changed_future[:, :, 3:] += 1.0  # positions after 2 must not change what positions <= 2 attend to
     with vmap_mode():
         torch.testing.assert_close(causal_attention(query, key, changed_future)[:, :, :3], written_out[:, :, :3])
+
+
+def test_keyed_dropout_masks_are_a_function_of_key_call_and_element():
+    from recbole_feddmmr.model.layers import fast_dropout, keyed_dropout
+
+    x = torch.ones(64, 50)
+    with keyed_dropout(torch.tensor(7)):
+        first, second = fast_dropout(x, 0.1, True), fast_dropout(x, 0.1, True)  # two calls: two masks
+    with keyed_dropout(torch.tensor(7)):
+        again = fast_dropout(x, 0.1, True)
+    with keyed_dropout(torch.tensor(8)):
+        other_key = fast_dropout(x, 0.1, True)
+    assert torch.equal(first, again) and not torch.equal(first, second) and not torch.equal(first, other_key)
+    torch.testing.assert_close(first.unique(), torch.tensor([0.0, 256 / 230]))  # p rounded to 26/256, kept scaled
+    assert abs((first == 0).float().mean().item() - 0.1) < 0.02  # 3200 draws at rate 0.1
+    # a padded (longer) first dimension keeps every real element's mask
+    with keyed_dropout(torch.tensor(7)):
+        padded = fast_dropout(torch.ones(80, 50), 0.1, True)
+    assert torch.equal(padded[:64], first)
+    # masks keyed by row ids follow the row's id, not its position
+    rows = torch.tensor([5, 9, 2])
+    with keyed_dropout(torch.tensor(7)):
+        by_id = fast_dropout(torch.ones(3, 40), 0.5, True, rows)
+    with keyed_dropout(torch.tensor(7)):
+        permuted = fast_dropout(torch.ones(3, 40), 0.5, True, rows[[2, 0, 1]])
+    assert torch.equal(permuted, by_id[[2, 0, 1]])
+    # vmap over a batch of keys gives each key's own masks
+    keys = torch.tensor([7, 8])
+
+    def masked(key):
+        with keyed_dropout(key):
+            return fast_dropout(x, 0.1, True)
+
+    stacked = torch.func.vmap(masked, randomness="different")(keys)
+    assert torch.equal(stacked[0], first) and torch.equal(stacked[1], other_key)

@@ -4,9 +4,10 @@ Both backends yield, client by client, the :class:`ClientResult` each client sen
 folds them into a streaming sum, so memory never grows with the number of clients. Before a client
 trains (sequential) or a chunk of clients (vectorized), the client state store makes exactly their
 private rows resident in the model, and takes them back afterwards. Both draw a
-client's negatives from that client's own generator (:func:`client_generator`) and give its memory
-the same clock (:meth:`FitInstructions.clock_at`), so with dropout off they compute the same round (tested to
-1e-4); with dropout on, the masks are drawn differently by the two.
+client's negatives and its dropout masks (:func:`recbole_feddmmr.model.layers.keyed_dropout`) from that
+client's own generator (:func:`client_generator`) and give its memory the same clock
+(:meth:`FitInstructions.clock_at`), so they compute the same round up to float summation order (tested in
+float64 without dropout to 1e-4, and in float32 with the default dropout).
 """
 
 from __future__ import annotations
@@ -225,10 +226,14 @@ class VectorizedBackend:
         stacked_windows = pad_sequence([batch[1] for batch in batches], batch_first=True)  # [n, b_max, L]
 
         def pad(tensors: list[Tensor | None]) -> Tensor | None:
-            return None if tensors[0] is None else pad_sequence(tensors, batch_first=True)
+            if tensors[0] is None:
+                return None
+            return torch.stack(tensors) if tensors[0].dim() == 0 else pad_sequence(tensors, batch_first=True)
 
         def flat(tensors: list[Tensor | None]) -> Tensor | None:
-            return None if tensors[0] is None else torch.cat(tensors)
+            if tensors[0] is None:
+                return None
+            return torch.stack(tensors) if tensors[0].dim() == 0 else torch.cat(tensors)
 
         fields = list(zip(*per_client, strict=True))  # per field: n tensors
         memory_fields = list(zip(*(points.memory for points in per_client), strict=True))

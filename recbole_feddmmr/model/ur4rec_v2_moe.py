@@ -33,6 +33,7 @@ from recbole_feddmmr.model.layers import (
     SemanticExpert,
     VisualExpert,
     candidate_dot,
+    keyed_dropout,
     select_candidates,
 )
 
@@ -50,6 +51,7 @@ class PredictionPoints(NamedTuple):
     memory: MemoryReadout  # [P, K, F] what the experts read
     negatives: Tensor | None  # [P, N] (BPR / SSM; None: drawn by the loss)
     weight: Tensor | None  # [P] 1 = a training target, 0 = padding (None: every point is a target)
+    dropout_key: Tensor | None = None  # [] the step's dropout masks (see keyed_dropout); None: random masks
 
 
 class TrainingLoss(NamedTuple):
@@ -346,7 +348,7 @@ class UR4RecV2MoE(SequentialRecommender):
                     seq_repr, item_id_emb, memory_feats.to(seq_repr.dtype), memory_mask, index, features.text[items]
                 )
 
-        router_weights = self.router(item_id_emb, torch.stack(live, dim=-1), index)  # [B, C, X]
+        router_weights = self.router(item_id_emb, torch.stack(live, dim=-1), index, items)  # [B, C, X]
         final = (router_weights * torch.stack(expert_scores, dim=-1)).sum(dim=-1)  # [B, C]
         return final, router_weights
 
@@ -530,11 +532,13 @@ class UR4RecV2MoE(SequentialRecommender):
         times = None if target_times is None else target_times[row, position]  # [P]
         # without a generator the loss draws the negatives from the global generator after the backbone's
         # dropout, as before this split, so centralised runs keep their random stream
-        negatives = None
+        negatives = dropout_key = None
         if generator is not None and self.loss_type in ("BPR", "SSM"):
             negatives = sample_negatives(positives, self.n_items, self.train_neg_num, generator)  # [P, N]
+        if generator is not None:  # the step's dropout masks come from the same stream: any backend draws them alike
+            dropout_key = torch.randint(2**31, (), generator=generator, device=generator.device)
         memory = self.read_memory(users, windows[row], position + 1, times)
-        return PredictionPoints(row, position, users, positives, times, memory, negatives, None)
+        return PredictionPoints(row, position, users, positives, times, memory, negatives, None, dropout_key)
 
     def points_loss(
         self, windows: Tensor, points: PredictionPoints, *, all_items: bool = False
@@ -543,11 +547,12 @@ class UR4RecV2MoE(SequentialRecommender):
         pass -> (rec loss, weighted lb loss, surprise [P] or ``None``). With ``all_items`` and padded points
         it is a pure function of the parameters (``torch.func`` can vmap it).
         """
-        hidden = self.backbone.all_positions(self.sequence_item_repr(windows))  # [B, L, H]
-        seq_repr = hidden[points.rows, points.positions]  # [P, H]
-        if self.user_emb_dim:
-            seq_repr = seq_repr + self.user_proj(self.user_embedding(points.users))
-        return self._loss(seq_repr, points.memory, points.positives, points.negatives, points.weight, all_items)
+        with keyed_dropout(points.dropout_key):
+            hidden = self.backbone.all_positions(self.sequence_item_repr(windows))  # [B, L, H]
+            seq_repr = hidden[points.rows, points.positions]  # [P, H]
+            if self.user_emb_dim:
+                seq_repr = seq_repr + self.user_proj(self.user_embedding(points.users))
+            return self._loss(seq_repr, points.memory, points.positives, points.negatives, points.weight, all_items)
 
     def calculate_window_loss(
         self,
