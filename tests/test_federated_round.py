@@ -153,13 +153,16 @@ def assert_backends_compute_the_same_rounds(tmp_path, settings, device):
     assert_same_private_states_and_models(sequential, vectorized)
 
 
-def test_backends_agree_in_float32_with_the_default_dropout(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_backends_agree_in_float32_with_the_default_dropout(tmp_path, device):
     """Each client's dropout masks come from its own generator (keyed dropout), so the two backends train the
     same round in float32 with dropout on, up to the order of float sums."""
     settings = {"local_optimizer": "sgd", "local_lr": 0.1, "local_batch_size": 2}  # the federated defaults' SGD
     test_data = []
     servers = [
-        _one_user_clients(tmp_path / name, backend, float64=False, dropout=0.1, test_data=test_data, **settings)[1]
+        _one_user_clients(
+            tmp_path / name, backend, device, float64=False, dropout=0.1, test_data=test_data, **settings
+        )[1]
         for name, backend in (("s", SequentialBackend()), ("v", VectorizedBackend(chunk_targets=20)))
     ]
     losses = []
@@ -172,13 +175,13 @@ def test_backends_agree_in_float32_with_the_default_dropout(tmp_path):
         server.assemble_private_state()
         server.model.eval()
         with torch.no_grad():
-            scores.append(torch.cat([server.model.full_sort_predict(batch[0]) for batch in test_data[0]]))
+            scores.append(torch.cat([server.model.full_sort_predict(batch[0].to(device)) for batch in test_data[0]]))
     torch.testing.assert_close(scores[1], scores[0], rtol=1e-3, atol=1e-5)  # full-ranking scores [users, items]
     reference = servers[0].model.state_dict()
     for name, value in servers[1].model.state_dict().items():
         torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6, msg=name)
     # dropout was on: without it the same round trains to another loss
-    _, no_dropout = _one_user_clients(tmp_path / "n", SequentialBackend(), float64=False, **settings)
+    _, no_dropout = _one_user_clients(tmp_path / "n", SequentialBackend(), device, float64=False, **settings)
     assert no_dropout.run_round(0).mean_loss != pytest.approx(losses[0], rel=1e-3)
 
 
