@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,16 @@ from recbole_feddmmr.compat import load_trusted
 from recbole_feddmmr.config import Config
 from recbole_feddmmr.errors import ConfigError, run_cli
 from recbole_feddmmr.quick_start import prepare_run
-from recbole_feddmmr.report import TEST_COLUMNS, format_evaluated, format_results, provenance, read_results, test_cells
-from recbole_feddmmr.utils import get_trainer, git_commit, machine_description
+from recbole_feddmmr.report import (
+    TEST_COLUMNS,
+    format_evaluated,
+    format_results,
+    new_report,
+    provenance,
+    read_results,
+    test_cells,
+)
+from recbole_feddmmr.utils import get_trainer
 
 REPORTED = ("hit@10", "ndcg@10", "mrr@10")
 
@@ -231,12 +238,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     if args.evaluate:
-        report = {
-            "command": "python -m recbole_feddmmr.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "commit": git_commit(),
-            "machine": machine_description(),
-            "evaluated": [evaluate_checkpoint(path) for path in args.evaluate],
-        }
+        report = new_report(
+            "recbole_feddmmr.benchmark", argv, evaluated=[evaluate_checkpoint(path) for path in args.evaluate]
+        )
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
         print(format_evaluated(report))
@@ -251,14 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     baselines = args.baseline or ["SASRec"]
 
     overrides = command_overrides(args.set, epochs=args.epochs, stopping_step=args.stopping_step, seed=args.seed)
-    report: dict[str, Any] = {
-        "command": "python -m recbole_feddmmr.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": git_commit(),
-        "machine": machine_description(),
-        "dataset": args.dataset,
-        "overrides": overrides,
-        "runs": [],
-    }
+    report = new_report("recbole_feddmmr.benchmark", argv, dataset=args.dataset, overrides=overrides, runs=[])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     missing = [label for label in baselines if label not in args.models]

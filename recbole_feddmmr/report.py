@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,18 @@ def format_accuracy(report: dict[str, Any]) -> str:
         f"(federated run: {report['federated_wall_seconds']:.0f} s; seed {report.get('seed', '?')})"
         + provenance(report)
     )
+
+
+def new_report(module: str, argv: list[str] | None, **fields: Any) -> dict[str, Any]:
+    """A results file's opening: the exact command (``python -m MODULE ARGS``), the commit and the machine."""
+    from recbole_feddmmr.utils import git_commit, machine_description
+
+    arguments = " ".join(sys.argv[1:] if argv is None else argv)
+    return {
+        "command": f"python -m {module} {arguments}",
+        "commit": git_commit(),
+        "machine": machine_description(),
+    } | fields
 
 
 def provenance(report: dict[str, Any]) -> str:

@@ -37,7 +37,7 @@ from recbole.utils import init_seed
 
 from recbole_feddmmr.benchmark import command_overrides, parse_run, run_model
 from recbole_feddmmr.errors import ConfigError, run_cli
-from recbole_feddmmr.utils import git_commit, machine_description
+from recbole_feddmmr.report import new_report
 
 BACKENDS = ("sequential", "vectorized")
 DEFAULT_RUNS = (
@@ -338,15 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides = command_overrides(
         args.set, rounds=args.rounds, epochs=args.sasrec_epochs, stopping_step=args.stopping_step, seed=args.seed
     )
-    report: dict[str, Any] = {
-        "command": "python -m recbole_feddmmr.federated.benchmark "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": git_commit(),
-        "machine": machine_description(),
-        "dataset": args.dataset,
-        "overrides": overrides,
-        "runs": [],
-    }
+    report = new_report("recbole_feddmmr.federated.benchmark", argv, dataset=args.dataset, overrides=overrides, runs=[])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.sweep_backends:

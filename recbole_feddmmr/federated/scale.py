@@ -21,7 +21,6 @@ import json
 import logging
 import multiprocessing
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 from recbole_feddmmr.benchmark import command_overrides
 from recbole_feddmmr.errors import run_cli
-from recbole_feddmmr.utils import git_commit, machine_description
+from recbole_feddmmr.report import new_report
 
 INTERACTIONS_PER_USER = 16
 
@@ -131,12 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     overrides = command_overrides(args.set, clients_per_round=args.clients_per_round, seed=args.seed)
-    report: dict[str, Any] = {
-        "command": "python -m recbole_feddmmr.federated.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": git_commit(),
-        "machine": machine_description(),
-        "populations": [],
-    }
+    report = new_report("recbole_feddmmr.federated.scale", argv, populations=[])
     context = multiprocessing.get_context("spawn")  # a fresh process per population: its memory is its own
     for num_users in args.users:
         print(f"population of {num_users:,} users ...", flush=True)
