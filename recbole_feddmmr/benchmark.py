@@ -1,14 +1,20 @@
-"""Side by side: RecBole models and UR4RecV2MoE under one protocol, in one command.
+"""Side by side: RecBole models and UR4RecV2MoE under one protocol, over seeds, in one command.
 
-    python -m recbole_feddmmr.benchmark --dataset ml-100k --models UR4RecV2MoE SASRec --baseline SASRec \\
-        --epochs 15 --stopping_step 5 --out results/ml-100k_ur4rec_vs_sasrec.json
+    python -m recbole_feddmmr.benchmark --dataset ml-100k                 # the default models, 3 seeds
+    python -m recbole_feddmmr.benchmark --dataset ml-100k --quick         # 2 epochs, one seed
+    python -m recbole_feddmmr.benchmark --models UR4RecV2MoE SASRec --seeds 5 --device cuda --jobs 2
 
-Each model trains with the same epoch budget and early stopping on validation
-NDCG@10 (full ranking); the best-validation checkpoint is then evaluated on
-test with full ranking and with uni100 (1 positive + 100 sampled negatives).
-Training throughput is training targets per second of training-epoch time,
-measured for every model in this same process, one model after the other.
-Results are written (JSON) after each model, so a cut-off run still reports.
+Every (model, seed) trains under the protocol of ``properties/overall.yaml`` with the same budget
+(``--epochs`` 200 at most) and early stopping on validation NDCG@10 (``--stopping_step`` 10); its
+best-validation checkpoint is evaluated on test with full ranking, with uni100 (1 positive + 100 sampled
+negatives) and on the cold-item slice (test users whose target item has at most 5 training
+interactions). Each run also records its parameter count, seconds to its best epoch, training
+samples per second and peak memory, in a fresh process of its own (``--jobs`` side by side).
+
+Writes ``results/NAME/``: ``runs/<label>-seed<k>.json`` (one per finished run: a rerun with the same
+arguments skips them, so an interrupted benchmark resumes), ``report.json``, ``table.md`` /
+``table.csv`` (mean ± std over seeds), a paired comparison of UR4RecV2MoE with the best RecBole
+baseline over seeds, and the plots ``curves.png``, ``test_ndcg.png``, ``expert_shares.png``.
 
 A run may carry its own overrides, ``MODEL[key=value,key=value]``, e.g. the
 experts switched off: ``UR4RecV2MoE[feature_id_field=null]``; the whole string
@@ -21,18 +27,25 @@ import argparse
 import dataclasses
 import json
 import logging
+import multiprocessing
 import re
+import sys
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import torch
 from recbole.data import create_dataset, data_preparation
-from recbole.utils import init_seed
+from recbole.utils import ModelType, init_seed
+from torch import Tensor
 
+from recbole_feddmmr.comparison import best_baseline, format_table, paired, plot, summarize, write_csv
 from recbole_feddmmr.compat import load_trusted
 from recbole_feddmmr.config import Config
 from recbole_feddmmr.errors import ConfigError, run_cli
+from recbole_feddmmr.federated.server import peak_rss_mb
 from recbole_feddmmr.quick_start import prepare_run
 from recbole_feddmmr.report import (
     TEST_COLUMNS,
@@ -101,10 +114,22 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
         return result
 
     trainer._train_epoch = timed_train_epoch
+    curve: list[tuple[int, float, float]] = []  # (epoch or round, validation NDCG@10, seconds since the start)
+    on_cuda = config["device"].type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
     fit_started = time.perf_counter()
-    best_valid_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+
+    def record_validation(epoch_idx: int, valid_score: float) -> None:
+        curve.append((int(epoch_idx), float(valid_score), time.perf_counter() - fit_started))
+
+    best_valid_score, best_valid = trainer.fit(
+        train_data, valid_data, saved=True, show_progress=False, callback_fn=record_validation
+    )
     fit_seconds = time.perf_counter() - fit_started  # training and validation, as a user waits for them
     test_full = trainer.evaluate(test_data, load_best_model=True)
+    cold = cold_item_slice(config, train_data, test_data)
+    test_cold = trainer.evaluate(cold, load_best_model=False) if cold is not None else {}
 
     uni_overrides = dict(overrides, eval_args=dict(config["eval_args"], mode={"valid": "full", "test": "uni100"}))
     uni_config = Config(model=model, dataset=dataset, config_dict=uni_overrides)
@@ -130,6 +155,14 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
         "fit_seconds": fit_seconds,
         "train_samples_per_second": samples * len(epoch_seconds) / sum(epoch_seconds),
         "checkpoint": trainer.saved_model_file,
+        "parameters": sum(p.numel() for p in model_instance.parameters() if p.requires_grad),
+        # until the best epoch's validation ended: what early stopping on validation needed to find it
+        "seconds_to_best": next((seconds for epoch, _, seconds in curve if epoch == best_epoch), fit_seconds),
+        "valid_curve": [[epoch, score] for epoch, score, _ in curve],
+        "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if on_cuda else peak_rss_mb(),
+        "peak_memory_kind": "CUDA allocated" if on_cuda else "process RSS",
+        "test_cold": {k: float(v) for k, v in test_cold.items()},
+        "cold_users": 0 if cold is None else len(cold._dataset),
     }
     if hasattr(model_instance, "live_experts"):
         result["live_experts"] = model_instance.live_experts
@@ -142,6 +175,34 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
         result["memory_per_epoch"] = memory_epochs
         result["memory_share_of_train_time"] = memory_seconds["seconds"] / sum(epoch_seconds)
     return result
+
+
+COLD_MAX_TRAIN_INTERACTIONS = 5
+
+
+def item_train_counts(train_data) -> Tensor:
+    """Training interactions of every item [n_items]: each training target once, plus each user's first item
+    (the only interaction of the training split that is never a target)."""
+    feat, dataset = train_data._dataset.inter_feat, train_data._dataset
+    targets = feat[dataset.iid_field]
+    first = feat[dataset.item_id_list_field][feat[dataset.item_list_length_field] == 1, 0]
+    return torch.bincount(torch.cat([targets, first]), minlength=dataset.item_num)
+
+
+def cold_item_slice(config, train_data, test_data, max_count: int = COLD_MAX_TRAIN_INTERACTIONS):
+    """The test users whose target item has at most ``max_count`` training interactions, as a full-ranking
+    dataloader for RecBole's evaluator (``None`` when there is no such user). The case the content experts
+    exist for: an item the ID embedding has barely seen."""
+    from recbole.data.dataloader import FullSortEvalDataLoader
+
+    dataset = test_data._dataset
+    if not isinstance(test_data, FullSortEvalDataLoader) or config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
+        return None  # training targets are counted from the sequential split's augmented samples
+    counts = item_train_counts(train_data)
+    cold = counts[dataset.inter_feat[dataset.iid_field]] <= max_count  # [test users]
+    if not bool(cold.any()):
+        return None
+    return FullSortEvalDataLoader(config, dataset.copy(dataset.inter_feat[cold]), test_data._sampler, shuffle=False)
 
 
 def expert_share(model, eval_data, device) -> dict[str, float]:
@@ -216,19 +277,58 @@ def time_memory_calls(memory) -> dict[str, Any]:
     return timer
 
 
+DEFAULT_MODELS = (
+    "SASRec",
+    "GRU4Rec",
+    "BERT4Rec",
+    "UR4RecV2MoE",
+    "UR4RecV2MoE[feature_id_field=null]",  # the sequential expert only
+    "UR4RecV2MoE[memory_type=history]",  # the history stand-in memory instead of LocalDynamicMemory
+    "UR4RecV2MoE[federated=True]",  # the defaults of federated.yaml
+)
+QUICK = {"epochs": 2, "stopping_step": 2, "rounds": 50}  # --quick: a short budget (rounds: federated runs)
+
+
+def cell_name(label: str, seed: int) -> str:
+    """A run's file name: its label with every character outside [A-Za-z0-9._-] replaced, and its seed."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") + f"-seed{seed}.json"
+
+
+def run_cell(label: str, dataset: str, overrides: dict[str, Any], seed: int, path: str) -> dict[str, Any]:
+    """One (model label, seed) run, written to ``path`` (to a temporary name, then renamed)."""
+    logging.basicConfig(level=logging.INFO)
+    sys.argv = sys.argv[:1]  # a spawned worker inherits the benchmark's arguments, which RecBole's Config would read
+    model, run_overrides = parse_run(label)
+    settings = {**overrides, **run_overrides, "seed": seed}
+    result = {"label": label, "seed": seed, "settings": settings, **run_model(model, dataset, settings)}
+    partial = Path(f"{path}.partial")
+    partial.write_text(json.dumps(result, indent=1, default=str))
+    partial.replace(path)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument(
-        "--models", nargs="+", default=["UR4RecV2MoE", "SASRec"], help="MODEL or MODEL[key=value,...], in this order"
+        "--models", nargs="+", default=list(DEFAULT_MODELS), help="MODEL or MODEL[key=value,...], in this order"
     )
     parser.add_argument(
         "--baseline", nargs="+", default=None, help="the run(s) (labels) the ratios are taken against (default SASRec)"
     )
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--stopping_step", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=2020)
-    parser.add_argument("--out", default="results/benchmark.json")
+    parser.add_argument("--epochs", type=int, default=200, help="epochs at most (early stopping on validation)")
+    parser.add_argument("--stopping_step", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=2020, help="the first seed")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per model: --seed, --seed + 1, ...")
+    parser.add_argument(
+        "--quick", action="store_true", help="a short budget and one seed: 2 epochs (federated: 50 rounds)"
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: RecBole's choice")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each in a fresh process")
+    parser.add_argument(
+        "--name", default=None, help="results/NAME/ (default: --out's stem, else the dataset, -quick with --quick)"
+    )
+    parser.add_argument("--out", default=None, help="also write the whole report to this JSON file")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides (yaml values)"
     )
@@ -238,13 +338,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     if args.evaluate:
+        out = Path(args.out or "results/benchmark.json")
         report = new_report(
             "recbole_feddmmr.benchmark", argv, evaluated=[evaluate_checkpoint(path) for path in args.evaluate]
         )
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
         print(format_evaluated(report))
-        print(f"\nwrote {args.out}")
+        print(f"\nwrote {out}")
         return report
     if args.report:
         report = read_results(args.report)
@@ -252,25 +353,78 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["ratios_vs_" + label] = ratios_against(report.get("runs", []), label)
         print(format_results(report))
         return report
-    baselines = args.baseline or ["SASRec"]
-
-    overrides = command_overrides(args.set, epochs=args.epochs, stopping_step=args.stopping_step, seed=args.seed)
-    report = new_report("recbole_feddmmr.benchmark", argv, dataset=args.dataset, overrides=overrides, runs=[])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    baselines = args.baseline or (["SASRec"] if "SASRec" in args.models else [])
     missing = [label for label in baselines if label not in args.models]
     if missing:
         parser.error(f"--baseline {missing} not among --models")
-    runs = [(label, *parse_run(label)) for label in args.models]
-    for label, model, run_overrides in runs:
-        result = run_model(model, args.dataset, {**overrides, **run_overrides})
-        report["runs"].append({"label": label, **result, "run_overrides": run_overrides})
-        out.write_text(json.dumps(report, indent=2))
+    budget = {"epochs": args.epochs, "stopping_step": args.stopping_step}
+    if args.quick:
+        budget, args.seeds = QUICK, 1
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+    device = {"cpu": {"gpu_id": ""}, "cuda": {"gpu_id": "0"}, None: {}}[args.device]
+    overrides = command_overrides(args.set, **budget, **device)
+    seeds = [args.seed + offset for offset in range(args.seeds)]
+    default_name = Path(args.out).stem if args.out else f"{args.dataset}-quick" if args.quick else args.dataset
+    folder = Path("results") / (args.name or default_name)
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
+    report = new_report(
+        "recbole_feddmmr.benchmark", argv, dataset=args.dataset, overrides=overrides, seeds=seeds, runs=[]
+    )
+    report["cold_max"] = COLD_MAX_TRAIN_INTERACTIONS
+
+    # seed-major: every model's first seed finishes before any second seed starts
+    cells = [(label, seed) for seed in seeds for label in args.models]
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    for label, seed in cells:
+        path = folder / "runs" / cell_name(label, seed)
+        if path.exists():
+            saved = json.loads(path.read_text())
+            settings = json.loads(json.dumps({**overrides, **parse_run(label)[1], "seed": seed}, default=str))
+            if saved.get("settings") != settings:  # never overwrite (nor mix in) another benchmark's run
+                raise ConfigError(f"{path} was written with other settings: pass another --name (or delete {folder})")
+            done[(label, seed)] = saved  # resumable: a finished (model, seed) is not run again
+    todo = [cell for cell in cells if cell not in done]
+    print(f"{len(cells)} runs ({len(done)} already in {folder / 'runs'}), {len(todo)} to train", flush=True)
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: each run's peak memory is its own
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {
+            pool.submit(
+                run_cell, label, args.dataset, overrides, seed, str(folder / "runs" / cell_name(label, seed))
+            ): (label, seed)
+            for label, seed in todo
+        }
+        for future in as_completed(futures):
+            label, seed = futures[future]
+            try:
+                done[(label, seed)] = future.result()
+            except Exception:  # one failed run must not take the others with it
+                report.setdefault("failed", []).append(
+                    {"task": f"{label} seed {seed}", "error": traceback.format_exc()}
+                )
+                continue
+            print(f"finished {label} seed {seed} ({len(done)} of {len(cells)})", flush=True)
+    report["runs"] = [done[cell] for cell in sorted(done, key=lambda cell: (args.models.index(cell[0]), cell[1]))]
+    if not report["runs"]:
+        raise ConfigError(f"no run finished; see the errors in {folder / 'report.json'}")
+    report["summary"] = summarize(report["runs"])
+    theirs = best_baseline(report["summary"])
+    if "UR4RecV2MoE" in report["summary"] and theirs:
+        report["paired"] = paired(report["runs"], "UR4RecV2MoE", theirs)
     for label in baselines:
         report["ratios_vs_" + label] = ratios_against(report["runs"], label)
-    out.write_text(json.dumps(report, indent=2))
-    print(format_report(report))
-    print(f"\nwrote {out}")
+    (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+    table = format_table(report)
+    (folder / "table.md").write_text(table + "\n")
+    write_csv(folder / "table.csv", report)
+    plots = plot(folder, report)
+    for failure in report.get("failed", []):
+        print(f"FAILED {failure['task']}: {failure['error'].strip().splitlines()[-1]}")
+    print(table)
+    print(f"\nwrote {folder}/: report.json, table.md, table.csv, {', '.join(p.name for p in plots)}")
     return report
 
 

@@ -91,6 +91,10 @@ def format_results(report: dict[str, Any]) -> str:
         return format_accuracy(report)
     if "speed" in report:
         return federated_benchmark.format_report(report)
+    if "summary" in report:  # a benchmark over seeds
+        from recbole_feddmmr.comparison import format_table
+
+        return format_table(report)
     if "runs" in report:
         return benchmark.format_report(report)
     if "test_full" in report:  # one run's file (federated.study writes one per run)

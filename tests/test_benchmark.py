@@ -9,6 +9,7 @@ import yaml
 from conftest import TINY_CONFIG
 
 from recbole_feddmmr.benchmark import main, parse_run
+from recbole_feddmmr.errors import ConfigError
 
 
 def test_run_specs_parse_into_model_and_yaml_overrides():
@@ -27,7 +28,8 @@ def test_benchmark_reports_each_run_and_ratios_against_the_baseline(tmp_path):
     settings.pop("epochs")
     overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
     runs = ["UR4RecV2MoE", "UR4RecV2MoE[memory_type=history]"]
-    arguments = ["--dataset", "tiny", "--models", *runs, "--baseline", runs[1], "--epochs", "2", "--out", str(out)]
+    arguments = ["--dataset", "tiny", "--models", *runs, "--baseline", runs[1], "--epochs", "2", "--seeds", "1"]
+    arguments += ["--out", str(out)]
     report = main([*arguments, "--set", *overrides])
     assert json.loads(out.read_text()) == report
     assert main(["--report", str(out)]) == report  # tables for the README come from the saved file
@@ -58,6 +60,7 @@ def test_a_saved_checkpoint_evaluates_to_the_runs_own_test_figures(tmp_path):
     settings.pop("epochs")
     overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
     arguments = ["--dataset", "tiny", "--models", "UR4RecV2MoE", "--baseline", "UR4RecV2MoE", "--epochs", "2"]
+    arguments += ["--seeds", "1"]
     (run,) = main([*arguments, "--out", str(out), "--set", *overrides])["runs"]
     evaluated = main(["--evaluate", run["checkpoint"], "--out", str(tmp_path / "evaluated.json")])["evaluated"][0]
     assert evaluated["test_full"] == pytest.approx(run["test_full"])
@@ -65,3 +68,68 @@ def test_a_saved_checkpoint_evaluates_to_the_runs_own_test_figures(tmp_path):
     assert evaluated["best_epoch"] == run["best_epoch"] and evaluated["expert_share"] == pytest.approx(
         run["expert_share"]
     )
+
+
+def test_seeds_are_summarised_compared_in_pairs_tabulated_plotted_and_resumed(tmp_path, capsys):
+    from statistics import mean, stdev
+
+    settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"))
+    settings.pop("epochs")
+    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    models = ["UR4RecV2MoE", "SASRec"]
+    sasrec = ["hidden_size=16", "inner_size=32"]  # SASRec reads these; UR4RecV2MoE warns and ignores them
+    arguments = ["--dataset", "tiny", "--models", *models, "--seeds", "2", "--epochs", "1", "--name", "bench"]
+    report = main([*arguments, "--jobs", "2", "--set", *overrides, *sasrec])
+    folder = tmp_path / "results" / "bench"
+    assert sorted(path.name for path in (folder / "runs").iterdir()) == [
+        "SASRec-seed2020.json", "SASRec-seed2021.json", "UR4RecV2MoE-seed2020.json", "UR4RecV2MoE-seed2021.json"
+    ]  # fmt: skip
+    runs = {(run["label"], run["seed"]): run for run in report["runs"]}
+    assert runs[("UR4RecV2MoE", 2020)]["test_full"] != runs[("UR4RecV2MoE", 2021)]["test_full"]  # seeds differ
+    ndcg = {key: run["test_full"]["ndcg@10"] for key, run in runs.items()}
+    ours, theirs = [ndcg[("UR4RecV2MoE", s)] for s in (2020, 2021)], [ndcg[("SASRec", s)] for s in (2020, 2021)]
+    assert report["summary"]["UR4RecV2MoE"]["ndcg@10"] == pytest.approx([mean(ours), stdev(ours)])
+    comparison = report["paired"]
+    differences = [a - b for a, b in zip(ours, theirs, strict=True)]
+    assert comparison["baseline"] == "SASRec" and comparison["differences"] == pytest.approx(differences)
+    assert comparison["standard_error"] == pytest.approx(stdev(differences) / 2**0.5)
+    assert comparison["exceeds_seed_noise"] == (abs(mean(differences)) > 2 * comparison["standard_error"])
+    for run in runs.values():  # what the costs and the cold slice report
+        assert run["parameters"] > 0 and run["peak_memory_mb"] > 0 and run["train_samples_per_second"] > 0
+        assert run["valid_curve"][0][0] == 0 and 0 < run["seconds_to_best"] <= run["fit_seconds"]
+        assert run["cold_users"] == 12 and set(run["test_cold"]) == set(run["test_full"])  # tiny: every item is rare
+    assert {p.name for p in folder.iterdir()} >= {"report.json", "table.md", "table.csv", "curves.png", "test_ndcg.png"}
+    table = (folder / "table.md").read_text()
+    assert f"{mean(ours):.4f} ± {stdev(ours):.4f}" in table and "Paired over seeds [2020, 2021]" in table
+    assert (folder / "table.csv").read_text().count("\n") == 3  # header and two models
+    # a rerun with the same arguments trains nothing and reports the same
+    capsys.readouterr()
+    again = main([*arguments, "--set", *overrides, *sasrec])
+    assert "4 runs (4 already in" in capsys.readouterr().out
+    assert again["summary"] == report["summary"]
+    with pytest.raises(ConfigError, match="was written with other settings: pass another --name"):
+        main([*arguments, "--set", *overrides, "hidden_size=32"])  # another benchmark into the same folder
+
+
+def test_training_counts_per_item_and_the_cold_slice_follow_the_inter_file(tmp_path):
+    import pandas as pd
+    from conftest import TEST_DATA, tiny_run
+
+    from recbole_feddmmr.benchmark import cold_item_slice, item_train_counts
+
+    config, dataset, (train_data, _, test_data), _ = tiny_run(tmp_path)
+    inter = pd.read_csv(TEST_DATA / "tiny" / "tiny.inter", sep="\t")
+    inter.columns = [column.split(":")[0] for column in inter.columns]
+    inter = inter.sort_values(["user_id", "timestamp"], kind="stable")
+    training = inter.groupby("user_id").head(-2)  # leave-one-out by time: the last two are validation and test
+    expected = training["item_id"].astype(str).value_counts()
+    counts = item_train_counts(train_data)
+    tokens = dataset.id2token(dataset.iid_field, range(1, dataset.item_num))
+    assert {token: int(counts[i + 1]) for i, token in enumerate(tokens) if counts[i + 1]} == expected.to_dict()
+    test_items = test_data._dataset.inter_feat[dataset.iid_field]
+    sizes = {}
+    for limit in (0, 2, 3):
+        cold = cold_item_slice(config, train_data, test_data, max_count=limit)
+        sizes[limit] = 0 if cold is None else len(cold._dataset)
+        assert sizes[limit] == int((counts[test_items] <= limit).sum())
+    assert sizes[0] == 0 and 0 < sizes[2] < sizes[3] < 12  # proper, growing subsets of the 12 test users

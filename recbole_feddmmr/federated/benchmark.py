@@ -213,6 +213,7 @@ def _task(
     sampled_clients: int | None = 64,
 ):
     logging.basicConfig(level=logging.INFO)
+    sys.argv = sys.argv[:1]  # a spawned worker inherits the benchmark's arguments, which RecBole's Config would read
     if kind == "speed":
         speed = measure_speed(dataset, {**overrides, "federated": True}, chunk_targets, backends, sampled_clients)
         return kind, label, speed
