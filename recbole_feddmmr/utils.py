@@ -88,17 +88,17 @@ def machine_description() -> str:
 def git_commit() -> str:
     """The short commit of the checkout this package runs from, with ``-dirty`` when tracked files differ from
     it (a figure then came from uncommitted code); ``unknown`` for an installed copy outside a checkout."""
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(
+            ["git", *arguments], capture_output=True, text=True, check=True, cwd=PACKAGE_DIR
+        ).stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=PACKAGE_DIR
-        ).stdout.strip()
-        changes = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=PACKAGE_DIR,
-        ).stdout.strip()
+        # the checkout must be this project's: an installed copy can sit inside another repository (pyenv's)
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != PACKAGE_DIR.parent:
+            return "unknown"
+        commit, changes = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{commit}-dirty" if changes else commit
