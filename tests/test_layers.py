@@ -207,7 +207,7 @@ def test_keyed_dropout_masks_are_a_function_of_key_call_and_element():
         other_key = fast_dropout(x, 0.1, True)
     assert torch.equal(first, again) and not torch.equal(first, second) and not torch.equal(first, other_key)
     torch.testing.assert_close(first.unique(), torch.tensor([0.0, 256 / 230]))  # p rounded to 26/256, kept scaled
-    assert abs((first == 0).float().mean().item() - 0.1) < 0.02  # 3200 draws at rate 0.1
+    assert abs((first == 0).float().mean().item() - 26 / 256) < 0.02  # 3200 draws at rate 26/256
     # a padded (longer) first dimension keeps every real element's mask
     with keyed_dropout(torch.tensor(7)):
         padded = fast_dropout(torch.ones(80, 50), 0.1, True)
@@ -228,3 +228,20 @@ def test_keyed_dropout_masks_are_a_function_of_key_call_and_element():
 
     stacked = torch.func.vmap(masked, randomness="different")(keys)
     assert torch.equal(stacked[0], first) and torch.equal(stacked[1], other_key)
+
+
+def test_keyed_bytes_are_splitmix64_and_uniform():
+    from recbole_feddmmr.model.layers import _mix64, keyed_bytes
+
+    def splitmix64_finaliser(z: int) -> int:  # the reference, in Python's unbounded integers
+        full = (1 << 64) - 1
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & full
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & full
+        return z ^ (z >> 31)
+
+    values = [0, 1, 12345, -5, 2**62, -(2**63)]
+    mixed = [value & (2**64 - 1) for value in _mix64(torch.tensor(values)).tolist()]
+    assert mixed == [splitmix64_finaliser(value & (2**64 - 1)) for value in values]
+    counts = torch.bincount(keyed_bytes(torch.tensor(3), 0, torch.Size([512, 512])).flatten().long(), minlength=256)
+    expected = 512 * 512 / 256  # 1024 per byte value; a binomial spread of about 32
+    assert counts.min() > expected - 6 * 32 and counts.max() < expected + 6 * 32

@@ -78,7 +78,6 @@ def causal_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
 
 
 _dropout_key = threading.local()
-_MASK32 = 0xFFFFFFFF
 
 
 @contextmanager
@@ -96,30 +95,33 @@ def keyed_dropout(key: Tensor | None) -> Iterator[None]:
         _dropout_key.state = previous
 
 
-def _hash32(x: Tensor) -> Tensor:
-    """An integer hash (lowbias32) of int64 ``x`` in [0, 2^32), elementwise; the masks keep products exact in
-    their low 32 bits whatever the int64 overflow."""
-    x = x & _MASK32
-    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
-    x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+# splitmix64's constants as signed int64 (torch's int64 arithmetic wraps, as the hash needs)
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 (torch's ``>>`` extends the sign, which would pin the hash's top bit)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(x: Tensor) -> Tensor:
+    """splitmix64's finaliser, elementwise on int64: every output bit depends on every input bit."""
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
 
 
 def keyed_bytes(key: Tensor, call: int, shape: torch.Size, rows: Tensor | None = None) -> Tensor:
-    """Uniform bytes (int64 in [0, 256)) of ``shape``, a pure function of (``key``, ``call``, element index);
-    with ``rows`` [R] (for ``shape`` [R, W]) an element's index is (its row's id, its column) instead of its
-    position. One 32-bit hash gives four elements' bytes."""
-    stream = _hash32(key * 0x9E3779B1 + call)  # [] (one per client under vmap)
+    """Uniform bytes (uint8) of ``shape``, a pure function of (``key``, ``call``, element index); with ``rows``
+    [R] (for ``shape`` [R, W]) an element's index is (its row's id, its column) instead of its position. One
+    64-bit hash gives eight elements' bytes (read little-endian through ``view``, which ``vmap`` batches)."""
+    stream = _mix64(key * _GOLDEN + call)  # [] (one per client under vmap)
     if rows is None:
-        words = torch.arange(-(-math.prod(shape) // 4), dtype=torch.int64, device=key.device)  # [ceil(n / 4)]
-    else:
-        per_row = -(-shape[-1] // 4)
-        words = rows[:, None] * per_row + torch.arange(per_row, device=key.device)  # [R, ceil(W / 4)]
-    hashed = _hash32(_hash32(words ^ stream) + stream)
-    quarters = torch.stack([(hashed >> shift) & 0xFF for shift in (0, 8, 16, 24)], dim=-1)  # [..., 4]
-    if rows is None:
-        return quarters.flatten()[: math.prod(shape)].view(shape)
-    return quarters.flatten(-2)[:, : shape[-1]]  # [R, W]
+        words = torch.arange(-(-math.prod(shape) // 8), dtype=torch.int64, device=key.device)  # [ceil(n / 8)]
+        return _mix64(words * _GOLDEN + stream).view(torch.uint8)[: math.prod(shape)].view(shape)
+    per_row = -(-shape[-1] // 8)
+    words = rows[:, None] * per_row + torch.arange(per_row, device=key.device)  # [R, ceil(W / 8)]
+    return _mix64(words * _GOLDEN + stream).view(torch.uint8)[:, : shape[-1]]  # [R, W]
 
 
 def fast_dropout(x: Tensor, p: float, training: bool, rows: Tensor | None = None) -> Tensor:
