@@ -96,7 +96,9 @@ def test_the_backend_setting_picks_the_execution_and_a_vectorized_run_trains(tmp
     assert trainer.build_backend().chunk_targets == 16
     assert [report.clients for report in trainer.round_reports] == [12, 12]
     assert trainer.round_reports[-1].peak_rss_mb > 10
-    assert 0.0 <= test_result["ndcg@10"] <= 1.0 and int(trainer.model.memory.prototype_valid.sum()) == 2
+    assert (
+        0.0 <= test_result["ndcg@10"] <= 1.0 and int(trainer.model.memory.prototype_valid.sum()) >= 1
+    )  # merged prototypes
 
 
 def test_a_time_budget_stops_the_run_after_the_round_that_spends_it(tmp_path):
