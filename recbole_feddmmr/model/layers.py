@@ -124,6 +124,15 @@ def keyed_bytes(key: Tensor, call: int, shape: torch.Size, rows: Tensor | None =
     return _mix64(words * _GOLDEN + stream).view(torch.uint8)[:, : shape[-1]]  # [R, W]
 
 
+def keyed_mask_dropout(x: Tensor, p: float, rows: Tensor | None = None) -> Tensor:
+    """Inverted dropout of ``x`` with the mask of the current :func:`keyed_dropout` key and call."""
+    keyed = _dropout_key.state
+    key, call = keyed
+    keyed[1] += 1
+    threshold = round(p * 256)  # the rate rounded to 1/256, as the random-byte masks of fast_dropout
+    return x * (keyed_bytes(key, call, x.shape, rows) >= threshold) * (256.0 / (256 - threshold))
+
+
 def fast_dropout(x: Tensor, p: float, training: bool, rows: Tensor | None = None) -> Tensor:
     """Inverted dropout whose CPU mask costs ~10x less than ``F.dropout``'s.
 
@@ -137,18 +146,24 @@ def fast_dropout(x: Tensor, p: float, training: bool, rows: Tensor | None = None
     """
     if not training or p == 0.0:
         return x
-    keyed = getattr(_dropout_key, "state", None)
-    if keyed is not None:
-        key, call = keyed
-        keyed[1] += 1
-        threshold = round(p * 256)  # the rate rounded to 1/256, as the random-byte masks below
-        return x * (keyed_bytes(key, call, x.shape, rows) >= threshold) * (256.0 / (256 - threshold))
+    if getattr(_dropout_key, "state", None) is not None:
+        return keyed_mask_dropout(x, p, rows)
     if x.device.type != "cpu" or in_vmap_mode():
         return F.dropout(x, p, training=True)
     threshold = round(p * 256)
     words = torch.empty(-(-x.numel() // 7), dtype=torch.int64).random_()  # [W], 63 random bits each
     random_bytes = words.view(torch.uint8).view(-1, 8)[:, :7].reshape(-1)[: x.numel()].view(x.shape)
     return x * (random_bytes >= threshold) * (256.0 / (256 - threshold))
+
+
+class KeyedDropout(nn.Dropout):
+    """``nn.Dropout`` (torch's random masks, so centralised runs keep their random stream) that takes the
+    keyed masks inside :func:`keyed_dropout`; ``rows`` as for :func:`keyed_bytes`."""
+
+    def forward(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        if self.training and self.p > 0 and getattr(_dropout_key, "state", None) is not None:
+            return keyed_mask_dropout(x, self.p, rows)
+        return super().forward(x)
 
 
 class FastDropout(nn.Module):
@@ -385,10 +400,10 @@ class ItemCentricRouter(nn.Module):
             nn.Linear(item_emb_dim, hidden_dim),
             nn.LayerNorm(hidden_dim),
             nn.ReLU(),
-            FastDropout(dropout),
+            KeyedDropout(dropout),
             nn.Linear(hidden_dim, hidden_dim // 2),
             nn.ReLU(),
-            FastDropout(dropout),
+            KeyedDropout(dropout),
             nn.Linear(hidden_dim // 2, num_experts),
         )
 
@@ -402,5 +417,5 @@ class ItemCentricRouter(nn.Module):
         """
         hidden = candidate_id
         for layer in self.mlp:  # once per item
-            hidden = layer(hidden, items) if isinstance(layer, FastDropout) else layer(hidden)
+            hidden = layer(hidden, items) if isinstance(layer, KeyedDropout) else layer(hidden)
         return masked_softmax(select_candidates(hidden, index), expert_live)  # [B, N, X]
