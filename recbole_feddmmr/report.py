@@ -2,10 +2,10 @@
 
     python -m recbole_feddmmr.report results/ml-100k_memory_ablation.json results/federated_scale.json
 
-Recognised by their keys: a benchmark (``runs``), a federated benchmark (``runs`` and ``speed``, or
-``sweep``), a
-federated scale run (``populations``), evaluated checkpoints (``evaluated``), the federated accuracy
-summary (``federated_test_ndcg10``) and one run of a study (``test_full``). ``benchmark --report`` and
+Recognised by their keys: a benchmark (``runs``; over seeds: ``summary``), a federated benchmark
+(``runs`` and ``speed``, or ``sweep``), a federated scale run (``populations``), evaluated checkpoints
+(``evaluated``), the federated accuracy summary (``federated_test_ndcg10``), one run of a study
+(``test_full``) and a Tune search's best trial (``best.json``). ``benchmark --report`` and
 ``federated.benchmark --report`` print through the same function.
 """
 
@@ -66,6 +66,17 @@ def new_report(module: str, argv: list[str] | None, **fields: Any) -> dict[str, 
     } | fields
 
 
+def format_search(report: dict[str, Any]) -> str:
+    """The best trial of a Tune search (``best.json``): its values, validation score and test metrics."""
+    values = ", ".join(f"{name}={value:.4g}" for name, value in report["best_values"].items())
+    test = report["rerun_test"]
+    return (
+        f"best of {report['trials']} trials: {values} -> valid NDCG@10 {report['best_trial_valid_ndcg@10']:.4f} "
+        f"(rerun {report['rerun_valid_ndcg@10']:.4f}); test NDCG@10 {test['ndcg@10']:.4f}, HR@10 {test['hit@10']:.4f}"
+        + provenance(report)
+    )
+
+
 def provenance(report: dict[str, Any]) -> str:
     return (
         f"\ncommand: `{report.get('command', '?')}`; commit {report.get('commit', '?')}; "
@@ -91,6 +102,8 @@ def format_results(report: dict[str, Any]) -> str:
         return format_accuracy(report)
     if "speed" in report:
         return federated_benchmark.format_report(report)
+    if "best_trial_valid_ndcg@10" in report:
+        return format_search(report)
     if "summary" in report:  # a benchmark over seeds
         from recbole_feddmmr.comparison import format_table
 

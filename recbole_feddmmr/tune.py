@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from recbole_feddmmr.errors import ConfigError, run_cli
+from recbole_feddmmr.report import new_report
 
 VALID_METRIC = "valid_ndcg@10"
 DEFAULT_SPACE: dict[str, dict[str, list]] = {
@@ -341,13 +342,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [str(storage / "best.yaml")],
         {"checkpoint_dir": str(storage / "best_saved"), "show_progress": False},
     )
-    report = {
-        "best_values": best_values,
-        "best_trial_valid_ndcg@10": best_valid,
-        "rerun_valid_ndcg@10": float(final["best_valid_score"]),
-        "rerun_test": {key: float(value) for key, value in final["test_result"].items()},
-        "trials": len(rows),
-    }
+    report = new_report(
+        "recbole_feddmmr.tune",
+        argv,
+        best_values=best_values,
+        **{"best_trial_valid_ndcg@10": best_valid, "rerun_valid_ndcg@10": float(final["best_valid_score"])},
+        rerun_test={key: float(value) for key, value in final["test_result"].items()},
+        trials=len(rows),
+    )
     (storage / "best.json").write_text(json.dumps(report, indent=2))
     print(
         f"best configuration: valid NDCG@10 {report['rerun_valid_ndcg@10']:.4f} on rerun "
