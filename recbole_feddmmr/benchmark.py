@@ -42,7 +42,7 @@ from recbole.utils import ModelType, init_seed
 from torch import Tensor
 
 from recbole_feddmmr.comparison import best_baseline, format_table, paired, plot, summarize, write_csv
-from recbole_feddmmr.compat import load_trusted
+from recbole_feddmmr.compat import read_checkpoint
 from recbole_feddmmr.config import Config
 from recbole_feddmmr.errors import ConfigError, run_cli
 from recbole_feddmmr.federated.server import peak_rss_mb
@@ -138,7 +138,7 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
     test_uni100 = trainer.evaluate(test_uni, load_best_model=True)
 
     samples = len(train_data._dataset.inter_feat)
-    best_epoch = int(load_trusted(trainer.saved_model_file, map_location="cpu")["epoch"])
+    best_epoch = trainer.best_epoch  # the epoch of the checkpoint just evaluated (saved=True)
     rounds = [dataclasses.asdict(report) for report in getattr(trainer, "round_reports", [])]
     if rounds:  # federated: a round plays the part of an epoch
         epoch_seconds = [report["seconds"] for report in rounds]
@@ -232,7 +232,7 @@ def evaluate_checkpoint(path: str) -> dict[str, Any]:
     :func:`run_model` does: full ranking and uni100, plus the router's expert shares."""
     from recbole_feddmmr.utils import get_model
 
-    checkpoint = load_trusted(path, map_location="cpu")  # written by this project's trainers
+    checkpoint = read_checkpoint(path)  # written by this project's trainers
     settings = dict(checkpoint["config"].final_config_dict)
     model_name, dataset = settings.pop("model"), settings.pop("dataset")
     for derived in DERIVED_CONFIG_KEYS:  # Config computes these again from the rest

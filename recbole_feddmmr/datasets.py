@@ -99,8 +99,10 @@ def unload_itememb(config) -> None:
         config["alias_of_item_id"] = [field for field in config["alias_of_item_id"] if field != id_field] or None
 
 
-def check_atomic_files(config) -> None:
-    """Validate the atomic files RecBole will load for this run (header types, cell counts, numbers)."""
+def check_atomic_files(config) -> set[str] | None:
+    """Validate the atomic files RecBole will load for this run (header types, cell counts, numbers).
+    -> the item ids of the ``.inter`` file when it had to read them (``None`` otherwise), for
+    :func:`check_item_features` to reuse."""
     folder = Path(config["data_path"])
     load_col = config["load_col"]
     loaded = {}
@@ -110,18 +112,20 @@ def check_atomic_files(config) -> None:
             validate_atomic_file(path)
             loaded[suffix] = path
     item_field = config["ITEM_ID_FIELD"]
-    if "item" in loaded and "inter" in loaded:
-        listed = set(read_atomic(loaded["item"]).get(item_field, []))
-        never = listed - set(read_atomic(loaded["inter"]).get(item_field, []))
-        if never:
-            logger.warning(
-                f"{len(never)} items of {loaded['item'].name} never occur in {loaded['inter'].name} (e.g. "
-                f"{sorted(never, key=item_token_order)[:3]}): RecBole still ranks them as candidates, though no "
-                "target can be one; remove their rows from the .item file to rank only interacted items"
-            )
+    if "item" not in loaded or "inter" not in loaded:
+        return None
+    inter_items = set(read_atomic(loaded["inter"]).get(item_field, []))
+    never = set(read_atomic(loaded["item"]).get(item_field, [])) - inter_items
+    if never:
+        logger.warning(
+            f"{len(never)} items of {loaded['item'].name} never occur in {loaded['inter'].name} (e.g. "
+            f"{sorted(never, key=item_token_order)[:3]}): RecBole still ranks them as candidates, though no "
+            "target can be one; remove their rows from the .item file to rank only interacted items"
+        )
+    return inter_items
 
 
-def check_item_features(config) -> FeatureFileReport | None:
+def check_item_features(config, inter_items: set[str] | None = None) -> FeatureFileReport | None:
     """Validate ``<data_path>/<dataset>.itememb`` for a model that reads item features, before RecBole loads it.
 
     A model reads features when its config names ``feature_id_field`` (UR4RecV2MoE does). Fails when the
@@ -146,7 +150,10 @@ def check_item_features(config) -> FeatureFileReport | None:
             f"{path} exists but the config does not load it: add `additional_feat_suffix: [itememb]`, "
             f"`load_col: {{itememb: [{id_field}, ...]}}` and `alias_of_item_id: [{id_field}]` (see README)"
         )
-    inter_items = set(read_atomic(Path(config["data_path"]) / f"{config['dataset']}.inter")[config["ITEM_ID_FIELD"]])
+    if inter_items is None:  # the item ids of the .inter file, unless check_atomic_files already read them
+        inter_items = set(
+            read_atomic(Path(config["data_path"]) / f"{config['dataset']}.inter")[config["ITEM_ID_FIELD"]]
+        )
     expected = {config["text_feature_field"]: config["text_dim"], config["visual_feature_field"]: config["visual_dim"]}
     report = validate_itememb(path, inter_items, {k: v for k, v in expected.items() if k}, id_field=id_field)
     read = {name: option for name, option in (

@@ -34,16 +34,21 @@ def prepare_run(model: str | None = None, dataset: str | None = None, config_fil
         logger.warning(warning)
     logger.info(config)
     ensure_dataset(config["dataset"], config["data_path"], show_progress=config["show_progress"])
-    check_atomic_files(config)
-    check_item_features(config)
+    check_item_features(config, check_atomic_files(config))
     full_dataset = create_dataset(config)
     logger.info(full_dataset)
     check_topk(config, full_dataset)
-    splits = data_preparation(config, full_dataset)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model_instance = get_model(config["model"])(config, splits[0]._dataset).to(config["device"])
+    splits, model_instance = splits_and_model(config, full_dataset)
     logger.info(model_instance)
-    return config, splits, model_instance
+    return config, splits, model_instance.to(config["device"])
+
+
+def splits_and_model(config, dataset) -> tuple[tuple, Any]:
+    """RecBole's train / valid / test dataloaders of ``dataset`` and a fresh model (on the CPU), seeded as a
+    run seeds them: what :func:`prepare_run` trains and :func:`load_checkpoint` fills."""
+    splits = data_preparation(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    return splits, get_model(config["model"])(config, splits[0]._dataset)
 
 
 def check_topk(config, dataset) -> None:
@@ -118,8 +123,8 @@ def run_recbole_feddmmr(
     }
     if log_path is not None:  # next to the log, one per run: <log name>.results.json
         result["results"] = str(log_path.with_suffix(".results.json"))
-        settings = {key: value for key, value in config.final_config_dict.items()}
-        Path(result["results"]).write_text(json.dumps({**result, "config": settings}, indent=1, default=str))
+        record = {**result, "config": dict(config.final_config_dict)}
+        Path(result["results"]).write_text(json.dumps(record, indent=1, default=str))
     logging.getLogger().info("\n" + format_summary(result))
     return result
 
@@ -152,9 +157,7 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> tuple:
         config["device"] = torch.device("cpu")
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset)
+    (train_data, valid_data, test_data), model = splits_and_model(config, dataset)
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as error:

@@ -64,6 +64,7 @@ def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_
     trainer, resumed = run(tmp_path / "b", rounds=4, **server)  # the same command again
     assert [report.round_idx for report in trainer.round_reports] == [2, 3]
     assert resumed == uninterrupted
+    assert trainer.best_epoch == straight.best_epoch is not None  # the round of the best checkpoint, too
     # the client state store came back exactly: every client's private rows equal the uninterrupted run's
     assert trainer.server.store.states.keys() == straight.server.store.states.keys()
     for client_id, state in straight.server.store.states.items():

@@ -196,7 +196,7 @@ def test_written_out_causal_attention_of_vmap_mode_equals_the_fused_kernel():
 
 
 def test_keyed_dropout_masks_are_a_function_of_key_call_and_element():
-    from recbole_feddmmr.model.layers import fast_dropout, keyed_dropout
+    from recbole_feddmmr.model.layers import KeyedDropout, fast_dropout, keyed_dropout
 
     x = torch.ones(64, 50)
     with keyed_dropout(torch.tensor(7)):
@@ -212,12 +212,12 @@ def test_keyed_dropout_masks_are_a_function_of_key_call_and_element():
     with keyed_dropout(torch.tensor(7)):
         padded = fast_dropout(torch.ones(80, 50), 0.1, True)
     assert torch.equal(padded[:64], first)
-    # masks keyed by row ids follow the row's id, not its position
-    rows = torch.tensor([5, 9, 2])
+    # masks keyed by row ids (the router's item rows, through KeyedDropout) follow the row's id, not its position
+    rows, router_dropout = torch.tensor([5, 9, 2]), KeyedDropout(0.5).train()
     with keyed_dropout(torch.tensor(7)):
-        by_id = fast_dropout(torch.ones(3, 40), 0.5, True, rows)
+        by_id = router_dropout(torch.ones(3, 40), rows)
     with keyed_dropout(torch.tensor(7)):
-        permuted = fast_dropout(torch.ones(3, 40), 0.5, True, rows[[2, 0, 1]])
+        permuted = router_dropout(torch.ones(3, 40), rows[[2, 0, 1]])
     assert torch.equal(permuted, by_id[[2, 0, 1]])
     # vmap over a batch of keys gives each key's own masks
     keys = torch.tensor([7, 8])

@@ -18,7 +18,13 @@ import numpy as np
 import yaml
 
 from recbole_feddmmr.errors import ConfigError, DataFileError, MissingFileError, run_cli
-from recbole_feddmmr.features.atomic import item_token_order, ml100k_item_texts, read_atomic, write_itememb
+from recbole_feddmmr.features.atomic import (
+    atomic_columns,
+    item_token_order,
+    ml100k_item_texts,
+    read_atomic,
+    write_itememb,
+)
 from recbole_feddmmr.features.image import encode_images, find_item_images, load_clip
 from recbole_feddmmr.features.text import encode_texts, load_sentence_encoder
 
@@ -124,7 +130,7 @@ def loading_yaml(folder: Path, dataset: str, summary: dict) -> str:
     for suffix in ("inter", "item"):
         path = folder / f"{dataset}.{suffix}"
         if path.is_file():
-            load_col[suffix] = list(read_atomic(path).columns)
+            load_col[suffix] = atomic_columns(path)
     load_col["itememb"] = ["iid", *(name for name in ("sbert_emb", "clip_emb") if name in summary)]
     settings: dict = {"load_col": load_col, "additional_feat_suffix": ["itememb"], "alias_of_item_id": ["iid"]}
     if "sbert_emb" in summary:

@@ -54,6 +54,12 @@ def write_itememb(
     return path
 
 
+def atomic_columns(path: str | Path) -> list[str]:
+    """An atomic file's column names without their ``:type`` suffix, from its header line alone."""
+    with open(path, encoding="utf-8") as handle:
+        return [cell.split(":")[0] for cell in handle.readline().rstrip("\n").split("\t")]
+
+
 def read_atomic(path: str | Path) -> pd.DataFrame:
     """An atomic file as strings, columns named without their ``:type`` suffix."""
     frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)

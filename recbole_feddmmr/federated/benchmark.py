@@ -172,11 +172,16 @@ def measure_round_sweep(
     return {"device": str(config["device"]), "cpus": os.cpu_count(), "rounds": rows}
 
 
+def sweep_seconds(sweep: dict[str, Any]) -> tuple[dict[tuple[str, int], float], list[int]]:
+    """A sweep's rounds as {(backend, clients): seconds}, and its client counts in increasing order."""
+    rounds = sweep["rounds"]
+    return {(row["backend"], row["clients"]): row["seconds"] for row in rounds}, sorted({r["clients"] for r in rounds})
+
+
 def payoff(sweep: dict[str, Any], baseline: str = "vectorized") -> dict[str, Any]:
     """Per client count, each backend's seconds over the baseline's; and the smallest count from which a Ray
     pool is at least as fast as the baseline (None: at no measured count)."""
-    seconds = {(row["backend"], row["clients"]): row["seconds"] for row in sweep["rounds"]}
-    counts = sorted({row["clients"] for row in sweep["rounds"]})
+    seconds, counts = sweep_seconds(sweep)
     ratios = {
         count: {b: s / seconds[(baseline, count)] for (b, c), s in seconds.items() if c == count and b != baseline}
         for count in counts
@@ -188,8 +193,7 @@ def payoff(sweep: dict[str, Any], baseline: str = "vectorized") -> dict[str, Any
 
 def format_sweep(sweep: dict[str, Any]) -> str:
     backends = list(dict.fromkeys(row["backend"] for row in sweep["rounds"]))
-    counts = sorted({row["clients"] for row in sweep["rounds"]})
-    seconds = {(row["backend"], row["clients"]): row["seconds"] for row in sweep["rounds"]}
+    seconds, counts = sweep_seconds(sweep)
     lines = [
         f"seconds per round on {sweep['device']} ({sweep['cpus']} CPUs):",
         "| clients per round | " + " | ".join(backends) + " |",

@@ -206,6 +206,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             "best_valid_score": self.best_valid_score,
             "best_valid_result": self.best_valid_result,
             "saved_model_file": self.saved_model_file,
+            "best_epoch": self.best_epoch,  # the round of that checkpoint
             # shared parameters and global prototypes; the users' private rows are in the client state store
             "state_dict": self.server.store.shared_state(self.model),
             "client_states": self.server.store.state_dict(),
@@ -237,6 +238,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         self.start_epoch = state["round"] + 1
         self.cur_step, self.best_valid_score = state["cur_step"], state["best_valid_score"]
         self.best_valid_result, self.saved_model_file = state["best_valid_result"], state["saved_model_file"]
+        self.best_epoch = state.get("best_epoch")
         torch.set_rng_state(state["rng"]["torch"].cpu())  # RNG states are CPU byte tensors, whatever map_location
         if self.device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state_all([rng.cpu() for rng in state["rng"]["cuda"]])
