@@ -281,6 +281,8 @@ DEFAULT_MODELS = (
     "SASRec",
     "GRU4Rec",
     "BERT4Rec",
+    "SASRecFText",  # RecBole's SASRecF and FDSA given the SBERT vector UR4RecV2MoE reads (model/baselines.py)
+    "FDSAText",
     "UR4RecV2MoE",
     "UR4RecV2MoE[feature_id_field=null]",  # the sequential expert only
     "UR4RecV2MoE[memory_type=history]",  # the history stand-in memory instead of LocalDynamicMemory

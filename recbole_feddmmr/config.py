@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import recbole
 import yaml
 from recbole.config import Config as RecBoleConfig
 
@@ -72,6 +73,12 @@ class Config(RecBoleConfig):
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
+        # a plugin model built on a RecBole model (e.g. SASRecFText on SASRecF) starts from its ancestors'
+        # RecBole defaults, which RecBole looks up by the model's own name only
+        recbole_models = Path(recbole.__file__).resolve().parent / "properties" / "model"
+        for ancestor in reversed(model_class.__mro__[1:]):
+            if (recbole_models / f"{ancestor.__name__}.yaml").is_file():
+                self._update_internal_config_dict(str(recbole_models / f"{ancestor.__name__}.yaml"))
         plugin = properties_dir()
         for path in (
             plugin / "overall.yaml",

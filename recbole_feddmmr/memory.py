@@ -223,32 +223,103 @@ class LocalDynamicMemory(nn.Module):
             keep = torch.nonzero(surprises > self.surprise_threshold).squeeze(1)  # [W]
             if keep.numel() == 0:
                 return 0
-            users = user_ids[keep]
-            order = torch.sort(users, stable=True).indices  # group by user, keep each user's write order
-            keep, users = keep[order], users[order]
-            index = torch.arange(users.numel(), device=users.device)
-            group_start = torch.cat([users.new_ones(1, dtype=torch.bool), users[1:] != users[:-1]])
-            rank = index - torch.where(group_start, index, 0).cummax(0).values  # [W] n-th write of its user
             ones = torch.ones_like(user_ids, dtype=torch.bool)
-            visual_ok = ones if visual_available is None else visual_available.bool()
-            text_ok = ones if text_available is None else text_available.bool()
-            for round_rank in range(int(rank.max()) + 1):  # each round: at most one write per user, batched
-                rows = keep[rank == round_rank]
-                self._write_distinct_users(
-                    user_ids[rows],
-                    item_ids[rows],
-                    surprises[rows],
-                    None if visual_features is None else visual_features[rows],
-                    None if text_features is None else text_features[rows],
-                    positions[rows],
-                    visual_ok[rows] & (visual_features is not None),
-                    text_ok[rows] & (text_features is not None),
-                )
+            visual_ok = (ones if visual_available is None else visual_available.bool()) & (visual_features is not None)
+            text_ok = (ones if text_available is None else text_available.bool()) & (text_features is not None)
+            writes = (user_ids, item_ids, surprises, visual_features, text_features, positions, visual_ok, text_ok)
+            ordered = self._write_without_eviction(keep, *writes)  # [W'] the writes of users who must evict
+            if ordered.numel():
+                self._write_in_order(ordered, *writes)
             self.written += int(keep.numel())
             return int(keep.numel())
 
-    def _write_distinct_users(
+    def _write_without_eviction(
         self,
+        keep: Tensor,
+        users: Tensor,
+        items: Tensor,
+        surprises: Tensor,
+        visual: Tensor | None,
+        text: Tensor | None,
+        times: Tensor,
+        visual_ok: Tensor,
+        text_ok: Tensor,
+    ) -> Tensor:
+        """The writes ``keep`` [W] (in order) of every user whose new items all fit into their free slots, in
+        one batched pass -> the writes of the other users (who must evict), for :meth:`_write_in_order`.
+
+        Without an eviction a user's writes interact only through repeats and free slots, both in closed
+        form: the writes of one (user, item) act as one write (count + k, the latest time, the last write's
+        surprise and features), and the j-th new item (by first write) takes the j-th free slot, as the
+        writes one by one would.
+        """
+        write_users, write_items = users[keep], items[keep]  # [W]
+        key = write_users * (int(write_items.max()) + 1) + write_items  # [W] one per (user, item)
+        pairs, group = torch.unique(key, return_inverse=True)  # [G], [W]
+        num_groups = pairs.numel()
+        order = torch.arange(keep.numel(), device=keep.device)  # [W] position in the write order
+        first = torch.full((num_groups,), keep.numel(), device=keep.device).scatter_reduce(0, group, order, "amin")
+        last = torch.zeros(num_groups, dtype=torch.long, device=keep.device).scatter_reduce(0, group, order, "amax")
+        repeats = torch.bincount(group, minlength=num_groups)  # [G]
+        write_times = times[keep].to(self.time.dtype)
+        latest = torch.full((num_groups,), float("-inf"), dtype=self.time.dtype, device=keep.device)
+        latest = latest.scatter_reduce(0, group, write_times, "amax")  # [G]
+        group_users, group_items, last_write = write_users[last], write_items[last], keep[last]  # [G]
+
+        slot_items = self.item_ids[group_users]  # [G, C]
+        same_item = slot_items == group_items[:, None]  # [G, C]
+        seen = same_item.any(dim=1)  # [G]
+        free = slot_items < 0  # [G, C]
+        # rank of each new item among its user's new items, by first write
+        new_rank = torch.zeros(num_groups, dtype=torch.long, device=keep.device)
+        new = torch.nonzero(~seen).squeeze(1)  # [G_new]
+        if new.numel():
+            by_user = new[torch.sort(first[new]).indices]
+            by_user = by_user[torch.sort(group_users[by_user], stable=True).indices]  # by user, then first write
+            index = torch.arange(by_user.numel(), device=keep.device)
+            starts = torch.cat(
+                [index.new_ones(1, dtype=torch.bool), group_users[by_user][1:] != group_users[by_user][:-1]]
+            )
+            new_rank[by_user] = index - torch.where(starts, index, 0).cummax(0).values
+        fits = seen | (new_rank < free.sum(dim=1))  # [G]
+        evicting_users = group_users[~fits]  # [E]
+        fast = ~torch.isin(group_users, evicting_users)  # [G] groups of users who need no eviction
+        free_slot = (free & (free.cumsum(dim=1) == new_rank[:, None] + 1)).int().argmax(dim=1)  # [G]
+        slot = torch.where(seen, same_item.int().argmax(dim=1), free_slot)  # [G]
+
+        rows, slot, seen = group_users[fast], slot[fast], seen[fast]
+        source = last_write[fast]  # the write whose surprise and features the slot keeps
+        self.count[rows, slot] = torch.where(seen, self.count[rows, slot], 0) + repeats[fast]
+        self.time[rows, slot] = torch.where(seen, torch.maximum(self.time[rows, slot], latest[fast]), latest[fast])
+        self.item_ids[rows, slot] = group_items[fast]
+        self.last_write[rows, slot] = self.step
+        self.surprise[rows, slot] = surprises[source].to(self.surprise.dtype)
+        self._write_features(rows, slot, source, visual, text, visual_ok, text_ok)
+        return keep[torch.isin(write_users, evicting_users)]
+
+    def _write_features(
+        self,
+        users: Tensor,
+        slot: Tensor,
+        source: Tensor,
+        visual: Tensor | None,
+        text: Tensor | None,
+        visual_ok: Tensor,
+        text_ok: Tensor,
+    ) -> None:
+        """Slots ``(users, slot)`` [n] take the features and validity of writes ``source`` [n]."""
+        if self.store_visual:
+            ok = visual_ok[source]
+            self.visual[users, slot] = 0 if visual is None else visual[source].to(self.visual.dtype) * ok[:, None]
+            self.visual_valid[users, slot] = ok
+        if self.store_text:
+            ok = text_ok[source]
+            self.text[users, slot] = 0 if text is None else text[source].to(self.text.dtype) * ok[:, None]
+            self.text_valid[users, slot] = ok
+
+    def _write_in_order(
+        self,
+        keep: Tensor,
         users: Tensor,
         items: Tensor,
         surprises: Tensor,
@@ -258,27 +329,50 @@ class LocalDynamicMemory(nn.Module):
         visual_ok: Tensor,
         text_ok: Tensor,
     ) -> None:
-        """One write per user (``users`` [n] distinct): update the item's slot, else a free one, else evict."""
-        slot_items = self.item_ids[users]  # [n, C]
-        same_item = slot_items == items[:, None]  # [n, C]
+        """The writes ``keep`` [W] one per user at a time, in order: a user's n-th writes of all users in one
+        batched pass per n (exact with evictions, whose outcome depends on every earlier write)."""
+        keep_users = users[keep]
+        order = torch.sort(keep_users, stable=True).indices  # group by user, keep each user's write order
+        keep, keep_users = keep[order], keep_users[order]
+        index = torch.arange(keep_users.numel(), device=keep.device)
+        group_start = torch.cat([keep_users.new_ones(1, dtype=torch.bool), keep_users[1:] != keep_users[:-1]])
+        rank = index - torch.where(group_start, index, 0).cummax(0).values  # [W] n-th write of its user
+        for round_rank in range(int(rank.max()) + 1):  # each round: at most one write per user, batched
+            self._write_distinct_users(
+                keep[rank == round_rank], users, items, surprises, visual, text, times, visual_ok, text_ok
+            )
+
+    def _write_distinct_users(
+        self,
+        rows: Tensor,
+        users: Tensor,
+        items: Tensor,
+        surprises: Tensor,
+        visual: Tensor | None,
+        text: Tensor | None,
+        times: Tensor,
+        visual_ok: Tensor,
+        text_ok: Tensor,
+    ) -> None:
+        """Writes ``rows`` [n], one per user: update the item's slot, else a free one, else evict."""
+        write_users, write_items = users[rows], items[rows]  # [n] distinct users
+        slot_items = self.item_ids[write_users]  # [n, C]
+        same_item = slot_items == write_items[:, None]  # [n, C]
         seen = same_item.any(dim=1)  # [n]
         free = slot_items < 0  # [n, C]
-        lowest_utility = self.utility(users).argmin(dim=1)  # [n]; only used when the memory is full
+        lowest_utility = self.utility(write_users).argmin(dim=1)  # [n]; only used when the memory is full
         slot = torch.where(
             seen, same_item.int().argmax(dim=1), torch.where(free.any(dim=1), free.int().argmax(dim=1), lowest_utility)
         )  # [n]
-        times = times.to(self.time.dtype)
-        self.count[users, slot] = torch.where(seen, self.count[users, slot] + 1, 1)
-        self.time[users, slot] = torch.where(seen, torch.maximum(self.time[users, slot], times), times)
-        self.item_ids[users, slot] = items
-        self.last_write[users, slot] = self.step
-        self.surprise[users, slot] = surprises.to(self.surprise.dtype)
-        if self.store_visual:
-            self.visual[users, slot] = 0 if visual is None else visual.to(self.visual.dtype) * visual_ok[:, None]
-            self.visual_valid[users, slot] = visual_ok
-        if self.store_text:
-            self.text[users, slot] = 0 if text is None else text.to(self.text.dtype) * text_ok[:, None]
-            self.text_valid[users, slot] = text_ok
+        write_times = times[rows].to(self.time.dtype)
+        self.count[write_users, slot] = torch.where(seen, self.count[write_users, slot] + 1, 1)
+        self.time[write_users, slot] = torch.where(
+            seen, torch.maximum(self.time[write_users, slot], write_times), write_times
+        )
+        self.item_ids[write_users, slot] = write_items
+        self.last_write[write_users, slot] = self.step
+        self.surprise[write_users, slot] = surprises[rows].to(self.surprise.dtype)
+        self._write_features(write_users, slot, rows, visual, text, visual_ok, text_ok)
 
     # ------------------------------------------------------------ prototypes
     def entry_features(self, user_ids: Tensor) -> Tensor:

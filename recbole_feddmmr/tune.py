@@ -267,6 +267,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if config["federated"]:
         fixed.setdefault("eval_every", config["eval_every"] or 1)
         fixed["rounds"] = args.max_epochs * fixed["eval_every"]
+        if (config["federated_backend"] or "auto") == "auto":
+            # a trial owns --cpus_per_trial CPUs of Tune's cluster: actors of its own (auto's Ray backend)
+            # would ask that cluster for CPUs the trials hold, and wait; a trial runs its clients itself
+            fixed["federated_backend"] = "sequential"
     files = [str(Path(name).resolve()) for name in config_files or []] or None
     setup = SearchSetup(args.model, args.dataset, files, fixed, max(1, int(args.cpus_per_trial)))
 

@@ -221,3 +221,20 @@ def test_aggregate_fit_streams_results_and_merges_prototypes_in_client_order():
     torch.testing.assert_close(outcome.prototypes, torch.tensor([[3.0, 0.0]]))
     arrived_reversed = strategy.aggregate_fit(params, iter([second, first]))
     torch.testing.assert_close(arrived_reversed.prototypes, outcome.prototypes)
+
+
+def test_ray_shards_are_contiguous_and_balanced_by_local_steps():
+    from recbole_feddmmr.federated.ray_backend import balanced_shards
+
+    class Client:
+        def __init__(self, steps: int) -> None:
+            self.steps = steps
+
+        def steps_per_epoch(self, windows, settings) -> int:
+            return self.steps
+
+    clients = [Client(steps) for steps in [10, 1, 1, 1, 1, 1, 1, 1, 1, 1, 5, 5]]  # 29 steps
+    shards = balanced_shards(clients, None, None, 4)  # cuts where 29/4, 29/2, 3*29/4, 29 are reached
+    assert [[client.steps for client in shard] for shard in shards] == [[10], [1] * 5, [1] * 4 + [5], [5]]
+    assert [client for shard in shards for client in shard] == clients  # every client once, in order
+    assert len(balanced_shards(clients[:2], None, None, 8)) == 2 and balanced_shards([], None, None, 3) == []

@@ -250,7 +250,8 @@ def test_the_ray_backend_computes_the_sequential_backends_rounds(tmp_path):
     try:
         settings = {"local_epochs": 2, "local_batch_size": 2}
         _, sequential = _one_user_clients(tmp_path / "s", SequentialBackend(), **settings)
-        _, over_ray = _one_user_clients(tmp_path / "r", RayBackend(num_actors=2), **settings)
+        backend = RayBackend(num_actors=2, shard_clients=1)  # 8 shards of the 12 clients, handed out as actors finish
+        _, over_ray = _one_user_clients(tmp_path / "r", backend, **settings)
         for round_idx in range(2):
             if round_idx == 1:  # an actor dies between rounds: the next round replaces it and reruns its shard
                 ray.kill(over_ray.backend.actors[0])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import crash_rounds_after, tiny_run
 
-from recbole_feddmmr.federated.trainer import FederatedTrainer
+from recbole_feddmmr.federated.trainer import FederatedTrainer, auto_backend
 from recbole_feddmmr.utils import get_trainer
 
 # every client every round and a validation after each, whatever properties/federated.yaml makes the default
@@ -89,7 +89,8 @@ def test_runs_of_other_settings_never_resume_from_each_others_state(tmp_path):
 
 def test_the_backend_setting_picks_the_execution_and_a_vectorized_run_trains(tmp_path):
     config, _, _, model = tiny_run(tmp_path, **FEDERATED)
-    assert FederatedTrainer(config, model).build_backend().name == "sequential"  # auto on a CPU
+    # auto on a CPU: the tiny dataset's round (12 one-user clients, ~1 step each) is too small for Ray
+    assert FederatedTrainer(config, model).build_backend().name == "sequential"
     config, _, _, model = tiny_run(tmp_path, **FEDERATED, federated_backend="simulated")
     with pytest.raises(ValueError, match="federated_backend must be"):
         FederatedTrainer(config, model).build_backend()
@@ -134,3 +135,12 @@ def test_the_resume_state_is_saved_at_most_every_resume_every_s(tmp_path):
         saved_rounds.clear()
         run(tmp_path / "rarely", rounds=3, resume_every_s=1e9)
         assert saved_rounds == []  # no round ended a whole interval after the last save
+
+
+def test_auto_runs_ray_on_a_multicore_cpu_for_rounds_of_32_steps_and_sequential_otherwise():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert auto_backend(cpu, 2, 32, ray_installed=True) == "ray"
+    assert auto_backend(cpu, 2, 31, ray_installed=True) == "sequential"  # too small to repay the state shipping
+    assert auto_backend(cpu, 1, 1000, ray_installed=True) == "sequential"  # one core: nothing to share
+    assert auto_backend(cpu, 16, 1000, ray_installed=False) == "sequential"
+    assert auto_backend(cuda, 16, 1000, ray_installed=True) == "sequential"  # until gpu_check.sh has passed

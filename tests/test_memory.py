@@ -101,21 +101,30 @@ def test_reads_rank_by_utility_and_respect_top_k():
     assert readout.visual[0, :, 0].tolist() == [33.0, 32.0]  # most recently written first
 
 
-def test_batched_writes_equal_the_same_writes_one_by_one():
-    generator = torch.Generator().manual_seed(0)
+@pytest.mark.parametrize("capacity", [4, 6, 64])  # every user evicts / some do / nobody does
+def test_batched_writes_equal_the_same_writes_one_by_one(capacity):
+    generator = torch.Generator().manual_seed(capacity)
     count = 60
     users = torch.randint(0, 3, (count,), generator=generator)
-    items = torch.randint(1, 9, (count,), generator=generator)  # repeats: re-seen items and evictions
+    items = torch.randint(1, 9 + 2 * (users == 2).long().sum().item() // 4, (count,), generator=generator)
+    items = torch.where(users == 0, items % 5 + 1, items)  # user 0 repeats few items: fits 6 slots, not 4
     surprises = torch.rand(count, generator=generator)
-    times = torch.arange(count, dtype=torch.float64)
+    times = torch.randperm(count, generator=generator).double()  # a repeat may be older than the slot's time
     visual, text = features(items.tolist())
-    batched, single = make(capacity=4, surprise_threshold=0.3), make(capacity=4, surprise_threshold=0.3)
-    batched.add_batch(users, items, surprises, visual, text, times, step=7)
+    available = torch.rand(count, generator=generator) > 0.2
+    batched, single = make(capacity=capacity, surprise_threshold=0.3), make(capacity=capacity, surprise_threshold=0.3)
+    single.add_batch(users[:5], items[:5], surprises[:5], visual[:5], text[:5], times[:5], step=6)  # earlier slots
+    batched.load_state_dict(single.state_dict())
+    batched.add_batch(users, items, surprises, visual, text, times, visual_available=available, step=7)
     for i in range(count):
         row = slice(i, i + 1)
-        single.add_batch(users[row], items[row], surprises[row], visual[row], text[row], times[row], step=7)
+        single.add_batch(
+            users[row], items[row], surprises[row], visual[row], text[row], times[row],
+            visual_available=available[row], step=7,
+        )  # fmt: skip
     for name, tensor in batched.state_dict().items():
         assert torch.equal(tensor, single.state_dict()[name]), name
+    assert batched.written == single.written - int((surprises[:5] > 0.3).sum())
 
 
 def test_masked_memory_slots_get_zero_attention_in_both_experts():

@@ -26,6 +26,7 @@ import copy
 import json
 import logging
 import multiprocessing
+import os
 import sys
 import time
 import traceback
@@ -58,7 +59,6 @@ def measure_speed(
     ``sampled_clients`` clients with the first backend (same process, same initial model)."""
     import torch
 
-    from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
     from recbole_feddmmr.federated.server import peak_rss_mb
     from recbole_feddmmr.federated.trainer import FederatedTrainer
     from recbole_feddmmr.quick_start import prepare_run
@@ -92,11 +92,28 @@ def measure_speed(
     timed = [(name, name, None) for name in backends]  # (result key, backend, clients per round: None = all)
     if sampled_clients:
         timed.append(("sampled", backends[0], sampled_clients))
+    pools: dict[str, Any] = {}  # backends with a process pool (Ray), started once and reused by the sampled round
     for key, name, clients_per_round in timed:
         model.load_state_dict(initial)
         init_seed(config["seed"], config["reproducibility"])
-        server = FederatedTrainer(config, model).build_server(train_data)
-        server.backend = SequentialBackend() if name == "sequential" else VectorizedBackend(chunk_targets)
+        trainer = FederatedTrainer(config, model)
+        server = trainer.build_server(train_data)
+        if name not in pools:
+            # auto: what a run of these settings picks (the server was built with it)
+            backend = server.backend if name == "auto" else sweep_backend(name, chunk_targets, os.cpu_count())
+            if hasattr(backend, "shutdown"):  # start the pool on an untimed small round: a run pays it once
+                server.backend = backend
+                server.strategy.clients_per_round, server.strategy.client_fraction = 16, 1.0
+                started = time.perf_counter()
+                server.run_round(0)
+                result.setdefault("pool_start_seconds", {})[name] = time.perf_counter() - started
+                server.assemble_private_state()
+                model.load_state_dict(initial)
+                init_seed(config["seed"], config["reproducibility"])
+                server = trainer.build_server(train_data)
+            pools[name] = backend
+        server.backend = pools[name]
+        result.setdefault("backend_classes", {})[name] = type(pools[name]).__name__
         server.strategy.clients_per_round, server.strategy.client_fraction = clients_per_round, 1.0
         report = server.run_round(0)
         server.assemble_private_state()  # full per-user tables again, so the next run can start from `initial`
@@ -115,6 +132,9 @@ def measure_speed(
             result["sampled_clients_over_all"] = values["clients"] / result["rounds"][name]["clients"]
         else:
             result["rounds"][key] = values
+    for backend in pools.values():
+        if hasattr(backend, "shutdown"):
+            backend.shutdown()
     rounds, epoch = result["rounds"], result["centralised_epoch_seconds"]
     result["round_over_epoch"] = {name: values["seconds"] / epoch for name, values in rounds.items()}
     if "sequential" in rounds and "vectorized" in rounds:
@@ -124,7 +144,7 @@ def measure_speed(
     return result
 
 
-def sweep_backend(spec: str, chunk_targets: int, cpus: int):
+def sweep_backend(spec: str, chunk_targets: int, cpus: int | None):
     """``sequential``, ``vectorized`` or ``ray:N`` (N actors sharing the ``cpus`` CPUs) -> a backend."""
     from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
     from recbole_feddmmr.federated.ray_backend import RayBackend
@@ -135,7 +155,7 @@ def sweep_backend(spec: str, chunk_targets: int, cpus: int):
         return VectorizedBackend(chunk_targets)
     if spec.startswith("ray:") and spec[4:].isdigit() and int(spec[4:]) >= 1:
         actors = int(spec[4:])
-        return RayBackend(actors, cpus_per_actor=min(1.0, cpus / actors))
+        return RayBackend(actors, cpus_per_actor=min(1.0, (cpus or 1) / actors))
     raise ConfigError(f"sweep backend {spec!r}: use sequential, vectorized or ray:N (N actors)")
 
 
@@ -145,8 +165,6 @@ def measure_round_sweep(
     """Seconds of one round per backend and clients per round (0 = all), in one process from the same initial
     model and client sample. Each backend first runs one untimed round of the smallest count, so a Ray
     pool's start (actors, model replicas) is not billed to the first timed round."""
-    import os
-
     from recbole_feddmmr.federated.trainer import FederatedTrainer
     from recbole_feddmmr.quick_start import prepare_run
 
@@ -313,7 +331,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no_speed", action="store_true", help="skip the epoch / round timing")
     parser.add_argument("--speed_only", action="store_true", help="only the epoch / round timing (no --runs)")
     parser.add_argument(
-        "--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="backends the speed part times"
+        "--backends",
+        nargs="+",
+        default=list(BACKENDS),
+        metavar="BACKEND",
+        help="backends the speed part times: sequential, vectorized, ray:N (N actors) or auto (what a run picks)",
     )
     parser.add_argument("--chunk_targets", type=int, default=None, help="vectorized backend chunk size")
     parser.add_argument(
@@ -365,6 +387,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tasks += [] if args.no_speed else [("speed", "speed")]
     tasks += [("run", label) for label in runs[1:]]
     backends = tuple(dict.fromkeys(args.backends))  # in the given order, once each
+    for name in backends:  # a misspelt backend fails here, not after the centralised epoch
+        if name != "auto":
+            sweep_backend(name, 256, os.cpu_count())
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state shared by fork
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context) as pool:
         futures = {

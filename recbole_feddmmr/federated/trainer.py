@@ -13,6 +13,7 @@ configuration is refused), and a finished run removes it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import time
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from recbole_feddmmr.compat import read_checkpoint
 from recbole_feddmmr.config import config_fingerprint
+from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.errors import CheckpointError, ConfigError
 from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
 from recbole_feddmmr.federated.client import FedMemClient, shared_parameters
@@ -32,6 +34,29 @@ from recbole_feddmmr.federated.partition import dominant_labels, partition_users
 from recbole_feddmmr.federated.server import FedMemServer, RoundReport
 from recbole_feddmmr.federated.strategy import FedMemStrategy, LocalSettings, ServerOptimizer
 from recbole_feddmmr.trainer import UR4RecV2MoETrainer
+
+# auto picks Ray from this many local steps per round: on the 2-core CPU a 16-client ml-100k round (~60
+# steps) already ran faster over two actors than in one process (README, "Execution backends")
+AUTO_RAY_MIN_STEPS = 32
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity where the OS has one, e.g. a container's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def auto_backend(device: torch.device, cpus: int, steps_per_round: float, ray_installed: bool) -> str:
+    """What ``federated_backend: auto`` runs.
+
+    On a CPU with two or more cores, rounds of at least ``AUTO_RAY_MIN_STEPS`` local steps run on ``ray``
+    (one single-threaded actor per core): a one-user client's step is a batch of ~30 targets, too small
+    for torch's threads to share among cores, so separate processes use the cores and one process does
+    not. Smaller rounds do not repay shipping the model's state to the actors, and stay ``sequential``.
+    On CUDA: ``sequential``, until the vectorized path has passed ``scripts/gpu_check.sh`` on a GPU.
+    """
+    if device.type == "cpu" and cpus >= 2 and ray_installed and steps_per_round >= AUTO_RAY_MIN_STEPS:
+        return "ray"
+    return "sequential"
 
 
 class FederatedTrainer(UR4RecV2MoETrainer):
@@ -112,33 +137,47 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             windows,
             strategy,
             self.settings,
-            backend=self.build_backend(),
+            backend=self.build_backend(clients, windows),
         )
 
-    def build_backend(self):
-        """``federated_backend`` (auto: sequential; see properties/federated.yaml)."""
-        name = self.config["federated_backend"] or "auto"
+    def build_backend(self, clients: list[FedMemClient] | None = None, windows: SequenceWindows | None = None):
+        """``federated_backend``; ``auto`` decides by :func:`auto_backend` from the device, the usable CPU
+        cores and the local steps of a round of ``clients`` (without them: sequential)."""
+        config = self.config
+        name = config["federated_backend"] or "auto"
         on_cuda = self.device.type == "cuda"
+        cpus = usable_cpus()
         if name == "auto":
-            # sequential on every device: the vectorized CUDA path has not yet run on a GPU (switch to it
-            # on CUDA once scripts/gpu_check.sh has passed on one)
-            name = "sequential"
+            steps = 0.0
+            if clients:
+                per_round = config["clients_per_round"] or config["client_fraction"] * len(clients)
+                steps_per_client = sum(client.steps_per_epoch(windows, self.settings) for client in clients)
+                steps = min(per_round, len(clients)) * steps_per_client / len(clients) * self.settings.local_epochs
+            name = auto_backend(self.device, cpus, steps, importlib.util.find_spec("ray") is not None)
         if name == "sequential":
             return SequentialBackend()
         if name == "vectorized":
-            return VectorizedBackend(self.config["vectorized_chunk_targets"] or (8192 if on_cuda else 256))
+            return VectorizedBackend(config["vectorized_chunk_targets"] or (8192 if on_cuda else 256))
         if name == "ray":
             from recbole_feddmmr.federated.ray_backend import RayBackend
 
+            actors = config["ray_num_actors"] or min(cpus, 8)
             return RayBackend(
-                self.config["ray_num_actors"] or 2,
-                cpus_per_actor=self.config["ray_cpus_per_actor"] or 1.0,
-                address=self.config["ray_address"],
+                actors,
+                cpus_per_actor=config["ray_cpus_per_actor"] or min(1.0, cpus / actors),
+                address=config["ray_address"],
             )
         raise ConfigError(f"federated_backend must be auto, sequential, vectorized or ray, got {name!r}")
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         server = self.server = self.build_server(train_data)
+        try:
+            return self._fit(server, valid_data, verbose, saved, show_progress, callback_fn)
+        finally:  # a process pool (Ray) ends with its run, also when the run fails
+            if hasattr(server.backend, "shutdown"):
+                server.backend.shutdown()
+
+    def _fit(self, server: FedMemServer, valid_data, verbose, saved, show_progress, callback_fn):
         self._resume_if_interrupted(server)
         self.logger.info(
             f"federated: {len(server.clients)} clients ({self.config['partition']} partition), "

@@ -1,5 +1,6 @@
 """Models of the plugin; ``utils.get_model`` looks here before RecBole."""
 
+from recbole_feddmmr.model.baselines import FDSAText, SASRecFText
 from recbole_feddmmr.model.ur4rec_v2_moe import UR4RecV2MoE
 
-__all__ = ["UR4RecV2MoE"]
+__all__ = ["FDSAText", "SASRecFText", "UR4RecV2MoE"]

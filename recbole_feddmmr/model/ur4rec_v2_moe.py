@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -77,7 +78,10 @@ def item_feature_table(dataset, id_field: str, value_field: str | None, expected
     if not value_field or value_field not in dataset.field2source or id_field not in dataset.field2source:
         return None
     feat = dataset.field2feats(id_field)[0]
-    values = torch.as_tensor(feat[value_field], dtype=torch.float32)  # [rows, D]
+    values = feat[value_field]  # a tensor once RecBole has built its Interaction, a column of arrays before
+    values = torch.as_tensor(
+        values if isinstance(values, Tensor) else np.stack(values), dtype=torch.float32
+    )  # [rows, D]
     if values.dim() != 2 or values.size(1) != expected_dim:
         raise ConfigError(
             f"feature field '{value_field}' has dimension {tuple(values.shape[1:])}, "
