@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import os
 import re
 import sys
 import time
@@ -56,7 +57,7 @@ from recbole_feddmmr.report import (
     read_results,
     test_cells,
 )
-from recbole_feddmmr.utils import get_trainer
+from recbole_feddmmr.utils import get_trainer, usable_cpus
 
 REPORTED = ("hit@10", "ndcg@10", "mrr@10")
 
@@ -288,7 +289,10 @@ DEFAULT_MODELS = (
     "UR4RecV2MoE[memory_type=history]",  # the history stand-in memory instead of LocalDynamicMemory
     "UR4RecV2MoE[federated=True]",  # the defaults of federated.yaml
 )
-QUICK = {"epochs": 2, "stopping_step": 2, "rounds": 50}  # --quick: a short budget (rounds: federated runs)
+# --quick: every model and row in minutes, not a comparison: one epoch (federated: 25 rounds, one validation)
+# on the users with fewer than 50 interactions (ml-100k: 375 users, 11.5k interactions); one epoch of every
+# user took 2-5 minutes per RecBole model on the 2-core CPU, so nine models could not fit in ten minutes
+QUICK = {"epochs": 1, "stopping_step": 1, "rounds": 25, "eval_every": 25, "user_inter_num_interval": "[0,50)"}
 
 
 def cell_name(label: str, seed: int) -> str:
@@ -296,9 +300,14 @@ def cell_name(label: str, seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") + f"-seed{seed}.json"
 
 
-def run_cell(label: str, dataset: str, overrides: dict[str, Any], seed: int, path: str) -> dict[str, Any]:
-    """One (model label, seed) run, written to ``path`` (to a temporary name, then renamed)."""
+def run_cell(
+    label: str, dataset: str, overrides: dict[str, Any], seed: int, path: str, threads: int | None = None
+) -> dict[str, Any]:
+    """One (model label, seed) run, written to ``path`` (to a temporary name, then renamed); ``threads``: torch's
+    CPU threads (``--jobs`` runs side by side share the cores instead of each taking all of them)."""
     logging.basicConfig(level=logging.INFO)
+    if threads:
+        torch.set_num_threads(threads)
     sys.argv = sys.argv[:1]  # a spawned worker inherits the benchmark's arguments, which RecBole's Config would read
     model, run_overrides = parse_run(label)
     settings = {**overrides, **run_overrides, "seed": seed}
@@ -323,7 +332,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=2020, help="the first seed")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per model: --seed, --seed + 1, ...")
     parser.add_argument(
-        "--quick", action="store_true", help="a short budget and one seed: 2 epochs (federated: 50 rounds)"
+        "--quick",
+        action="store_true",
+        help="one seed, one epoch (federated: 25 rounds) on the users with < 50 interactions: minutes, a smoke run",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: RecBole's choice")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each in a fresh process")
@@ -388,11 +399,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             done[(label, seed)] = saved  # resumable: a finished (model, seed) is not run again
     todo = [cell for cell in cells if cell not in done]
     print(f"{len(cells)} runs ({len(done)} already in {folder / 'runs'}), {len(todo)} to train", flush=True)
+    # runs side by side split the cores (unless OMP_NUM_THREADS says otherwise): two runs with all threads
+    # each on 2 cores took ~3x longer per epoch than one
+    threads = None if "OMP_NUM_THREADS" in os.environ or args.jobs <= 1 else max(1, usable_cpus() // args.jobs)
     context = multiprocessing.get_context("spawn")  # fresh interpreters: each run's peak memory is its own
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context, max_tasks_per_child=1) as pool:
         futures = {
             pool.submit(
-                run_cell, label, args.dataset, overrides, seed, str(folder / "runs" / cell_name(label, seed))
+                run_cell, label, args.dataset, overrides, seed, str(folder / "runs" / cell_name(label, seed)), threads
             ): (label, seed)
             for label, seed in todo
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -70,6 +71,11 @@ def get_trainer(model_type: ModelType, model_name: str, federated: bool = False)
     if trainer_class is None:
         trainer_class = recbole_get_trainer(model_type, model_name)
     return with_trusted_checkpoints(trainer_class)
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity where the OS has one, e.g. a container's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def machine_description() -> str:

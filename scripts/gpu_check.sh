@@ -134,7 +134,7 @@ for backend in ("sequential", "vectorized"):
     epoch_peak = f", CUDA peak {epoch_peak:.0f} MB" if epoch_peak is not None else ""
     print(
         f"speed, {backend} process on {speed.get('device', '?')}: centralised epoch "
-        f"{speed['centralised_epoch_seconds']:.1f} s{epoch_peak}; full round of {run['clients']} clients "
+        f"{speed.get('centralised_epoch_seconds_mean', speed['centralised_epoch_seconds']):.1f} s{epoch_peak}; full round of {run['clients']} clients "
         f"{run['seconds']:.1f} s (x{speed['round_over_epoch'][backend]:.2f} of the epoch){peak}, "
         f"mean local loss {run['mean_local_loss']:.4f}"
     )

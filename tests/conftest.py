@@ -4,6 +4,8 @@ tests that need a CUDA device are marked ``@pytest.mark.gpu`` and skipped where 
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 TEST_DATA = Path(__file__).parent / "test_data"
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_CONFIG = {
     "data_path": str(TEST_DATA),
@@ -51,6 +54,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def command(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
+    """``python ARGUMENTS`` in ``tmp_path``, importing this checkout's package (as the tests do)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, *arguments], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def tiny_config(tmp_path: Path, device: str = "cpu", **overrides):

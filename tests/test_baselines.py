@@ -20,7 +20,7 @@ def itememb_rows() -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("model_name", ["SASRecFText", "FDSAText"])
 def test_the_feature_layer_projects_each_items_own_text_vector(tmp_path, model_name):
-    config, dataset, (train, _, _), model = tiny_run(tmp_path, model=model_name, text_dim=8)
+    config, dataset, _, model = tiny_run(tmp_path, model=model_name, text_dim=8)
     assert config["n_layers"] == 2 and config["selected_features"] == []  # RecBole's defaults, then ours
     layer = model.feature_embed_layer
     vectors = itememb_rows()
@@ -50,5 +50,5 @@ def test_the_text_vector_reaches_the_score_and_trains_the_projection(tmp_path, m
 
 
 def test_a_missing_text_feature_is_refused_with_its_name(tmp_path):
-    with pytest.raises(ConfigError, match="'no_such_emb'.*itememb"):
+    with pytest.raises(ConfigError, match=r"'no_such_emb'.*itememb"):
         tiny_run(tmp_path, model="SASRecFText", text_dim=8, text_feature_field="no_such_emb")

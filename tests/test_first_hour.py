@@ -4,16 +4,13 @@ checked before training, every results file reportable, and one clear line for e
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import TEST_DATA, TINY_CONFIG, tiny_config, tiny_run
+from conftest import TEST_DATA, TINY_CONFIG, command, tiny_config, tiny_run
 
 from recbole_feddmmr.errors import CheckpointError, ConfigError, DataFileError
 from recbole_feddmmr.quick_start import load_checkpoint, run_recbole_feddmmr
@@ -27,14 +24,6 @@ def tiny_yaml(tmp_path: Path, **overrides) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({**TINY_CONFIG, "checkpoint_dir": str(tmp_path / "saved"), **overrides}))
     return path
-
-
-def command(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
-    """``python ARGUMENTS`` in ``tmp_path``, importing this checkout's package (as the tests do)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, *arguments], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
-    )
 
 
 def test_a_run_starts_clean_and_ends_with_a_summary_and_results_json(tmp_path):

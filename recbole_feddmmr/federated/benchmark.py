@@ -135,7 +135,18 @@ def measure_speed(
     for backend in pools.values():
         if hasattr(backend, "shutdown"):
             backend.shutdown()
-    rounds, epoch = result["rounds"], result["centralised_epoch_seconds"]
+    # the epoch once more, from the same initial model, after the rounds: on a shared machine the speed drifts
+    # over minutes, so each round is compared with the mean of an epoch timed before it and one after it
+    model.load_state_dict(initial)
+    init_seed(config["seed"], config["reproducibility"])
+    centralised = UR4RecV2MoETrainer(config, model)
+    started = time.perf_counter()
+    centralised._train_epoch(train_data, 0)
+    cuda_peak_mb()
+    result["centralised_epoch_seconds_after"] = time.perf_counter() - started
+    rounds = result["rounds"]
+    epoch = (result["centralised_epoch_seconds"] + result["centralised_epoch_seconds_after"]) / 2
+    result["centralised_epoch_seconds_mean"] = epoch
     result["round_over_epoch"] = {name: values["seconds"] / epoch for name, values in rounds.items()}
     if "sequential" in rounds and "vectorized" in rounds:
         result["vectorized_over_sequential"] = rounds["vectorized"]["seconds"] / rounds["sequential"]["seconds"]
@@ -254,6 +265,17 @@ def ratios(runs: list[dict[str, Any]], numerator: str, denominator: str) -> dict
     }
 
 
+def epoch_seconds(speed: dict[str, Any]) -> str:
+    """The centralised epoch's time as the ratios use it: the mean of the epochs timed before and after the rounds
+    (older results files have the first only)."""
+    if "centralised_epoch_seconds_after" not in speed:
+        return f"{speed['centralised_epoch_seconds']:.1f} s"
+    return (
+        f"{speed['centralised_epoch_seconds_mean']:.1f} s (mean of {speed['centralised_epoch_seconds']:.1f} s before "
+        f"the rounds and {speed['centralised_epoch_seconds_after']:.1f} s after)"
+    )
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [
         "| run | best round/epoch | valid NDCG@10 | test HR@10 | test NDCG@10 | uni100 HR@10 | uni100 NDCG@10 "
@@ -289,14 +311,14 @@ def format_report(report: dict[str, Any]) -> str:
         )
         cuda_peak = speed.get("centralised_cuda_peak_mb")
         lines.append(
-            f"\nspeed on {speed.get('device', '?')}: centralised epoch {speed['centralised_epoch_seconds']:.1f} s"
+            f"\nspeed on {speed.get('device', '?')}: centralised epoch {epoch_seconds(speed)}"
             + (f" (CUDA peak {cuda_peak:.0f} MB)" if cuda_peak is not None else "")
             + f"; full round: {rounds}"
         )
     elif speed:
         rounds = speed["rounds"]
         lines.append(
-            f"\nspeed: centralised epoch {speed['centralised_epoch_seconds']:.1f} s; full round of "
+            f"\nspeed: centralised epoch {epoch_seconds(speed)}; full round of "
             f"{rounds['sequential']['clients']} clients: sequential {rounds['sequential']['seconds']:.1f} s "
             f"(x{speed['round_over_epoch']['sequential']:.2f} of the epoch), vectorized "
             f"{rounds['vectorized']['seconds']:.1f} s (x{speed['round_over_epoch']['vectorized']:.2f}); "

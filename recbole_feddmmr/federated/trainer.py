@@ -34,15 +34,11 @@ from recbole_feddmmr.federated.partition import dominant_labels, partition_users
 from recbole_feddmmr.federated.server import FedMemServer, RoundReport
 from recbole_feddmmr.federated.strategy import FedMemStrategy, LocalSettings, ServerOptimizer
 from recbole_feddmmr.trainer import UR4RecV2MoETrainer
+from recbole_feddmmr.utils import usable_cpus
 
 # auto picks Ray from this many local steps per round: on the 2-core CPU a 16-client ml-100k round (~60
 # steps) already ran faster over two actors than in one process (README, "Execution backends")
 AUTO_RAY_MIN_STEPS = 32
-
-
-def usable_cpus() -> int:
-    """CPU cores this process may run on (its affinity where the OS has one, e.g. a container's share)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def auto_backend(device: torch.device, cpus: int, steps_per_round: float, ray_installed: bool) -> str:
