@@ -290,9 +290,10 @@ DEFAULT_MODELS = (
     "UR4RecV2MoE[federated=True]",  # the defaults of federated.yaml
 )
 # --quick: every model and row in minutes, not a comparison: one epoch (federated: 25 rounds, one validation)
-# on the users with fewer than 50 interactions (ml-100k: 375 users, 11.5k interactions); one epoch of every
-# user took 2-5 minutes per RecBole model on the 2-core CPU, so nine models could not fit in ten minutes
-QUICK = {"epochs": 1, "stopping_step": 1, "rounds": 25, "eval_every": 25, "user_inter_num_interval": "[0,50)"}
+# on the users with fewer than 40 interactions (ml-100k: 298 users, 8.1k interactions). One epoch of every user
+# took 2-5 minutes per RecBole model on the 2-core CPU (nine models: ~30 minutes with --jobs 2); the users
+# below 50 interactions, 9.7 minutes: too close to ten
+QUICK = {"epochs": 1, "stopping_step": 1, "rounds": 25, "eval_every": 25, "user_inter_num_interval": "[0,40)"}
 
 
 def cell_name(label: str, seed: int) -> str:
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="one seed, one epoch (federated: 25 rounds) on the users with < 50 interactions: minutes, a smoke run",
+        help="one seed, one epoch (federated: 25 rounds) on the users with < 40 interactions: minutes, a smoke run",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: RecBole's choice")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each in a fresh process")
@@ -399,9 +400,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             done[(label, seed)] = saved  # resumable: a finished (model, seed) is not run again
     todo = [cell for cell in cells if cell not in done]
     print(f"{len(cells)} runs ({len(done)} already in {folder / 'runs'}), {len(todo)} to train", flush=True)
-    # runs side by side split the cores (unless OMP_NUM_THREADS says otherwise): two runs with all threads
-    # each on 2 cores took ~3x longer per epoch than one
+    # runs side by side split the cores (unless OMP_NUM_THREADS says otherwise): with every run taking all
+    # cores, their threads oversubscribe the machine and wait on each other
     threads = None if "OMP_NUM_THREADS" in os.environ or args.jobs <= 1 else max(1, usable_cpus() // args.jobs)
+    report["jobs"], report["threads_per_run"] = args.jobs, threads or torch.get_num_threads()
     context = multiprocessing.get_context("spawn")  # fresh interpreters: each run's peak memory is its own
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context, max_tasks_per_child=1) as pool:
         futures = {

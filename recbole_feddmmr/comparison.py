@@ -130,9 +130,12 @@ def format_table(report: dict[str, Any]) -> str:
             + (f" ± {error:.4f} (standard error)" if error is not None else "")
             + f", x{comparison['ratio_of_means']:.3f} of its mean; {noise}"
         )
+    side_by_side = report.get("jobs", 1)
+    threads = report.get("threads_per_run")
     lines.append(
         f"\ncommand: `{report.get('command', '?')}`; commit {report.get('commit', '?')}; "
         f"machine: {report.get('machine', '?')}"
+        + (f"; {side_by_side} runs side by side, {threads} torch thread(s) each" if threads else "")
     )
     return "\n".join(lines)
 

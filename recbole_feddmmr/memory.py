@@ -100,6 +100,26 @@ class RecentHistoryMemory(nn.Module):
         )
 
 
+class OfferedWrites(NamedTuple):
+    """The interactions one :meth:`LocalDynamicMemory.add_batch` call offers, each field [P] (features [P, F])."""
+
+    users: Tensor
+    items: Tensor
+    surprises: Tensor
+    visual: Tensor | None
+    text: Tensor | None
+    times: Tensor
+    visual_ok: Tensor  # [P] bool: the visual feature exists (and is stored)
+    text_ok: Tensor
+
+
+def rank_within_runs(keys: Tensor) -> Tensor:
+    """``keys`` [n] with equal keys adjacent -> each element's rank [n] within its run of equal keys (0, 1, ...)."""
+    index = torch.arange(keys.numel(), device=keys.device)
+    starts = torch.cat([keys.new_ones(1, dtype=torch.bool), keys[1:] != keys[:-1]])
+    return index - torch.where(starts, index, 0).cummax(0).values
+
+
 class LocalDynamicMemory(nn.Module):
     """FedDMMR's private per-user memory: surprise-gated writes, utility-based eviction.
 
@@ -226,25 +246,16 @@ class LocalDynamicMemory(nn.Module):
             ones = torch.ones_like(user_ids, dtype=torch.bool)
             visual_ok = (ones if visual_available is None else visual_available.bool()) & (visual_features is not None)
             text_ok = (ones if text_available is None else text_available.bool()) & (text_features is not None)
-            writes = (user_ids, item_ids, surprises, visual_features, text_features, positions, visual_ok, text_ok)
-            ordered = self._write_without_eviction(keep, *writes)  # [W'] the writes of users who must evict
+            offered = OfferedWrites(
+                user_ids, item_ids, surprises, visual_features, text_features, positions, visual_ok, text_ok
+            )
+            ordered = self._write_without_eviction(keep, offered)  # [W'] the writes of users who must evict
             if ordered.numel():
-                self._write_in_order(ordered, *writes)
+                self._write_in_order(ordered, offered)
             self.written += int(keep.numel())
             return int(keep.numel())
 
-    def _write_without_eviction(
-        self,
-        keep: Tensor,
-        users: Tensor,
-        items: Tensor,
-        surprises: Tensor,
-        visual: Tensor | None,
-        text: Tensor | None,
-        times: Tensor,
-        visual_ok: Tensor,
-        text_ok: Tensor,
-    ) -> Tensor:
+    def _write_without_eviction(self, keep: Tensor, offered: OfferedWrites) -> Tensor:
         """The writes ``keep`` [W] (in order) of every user whose new items all fit into their free slots, in
         one batched pass -> the writes of the other users (who must evict), for :meth:`_write_in_order`.
 
@@ -253,7 +264,7 @@ class LocalDynamicMemory(nn.Module):
         surprise and features), and the j-th new item (by first write) takes the j-th free slot, as the
         writes one by one would.
         """
-        write_users, write_items = users[keep], items[keep]  # [W]
+        write_users, write_items = offered.users[keep], offered.items[keep]  # [W]
         key = write_users * (int(write_items.max()) + 1) + write_items  # [W] one per (user, item)
         pairs, group = torch.unique(key, return_inverse=True)  # [G], [W]
         num_groups = pairs.numel()
@@ -261,7 +272,7 @@ class LocalDynamicMemory(nn.Module):
         first = torch.full((num_groups,), keep.numel(), device=keep.device).scatter_reduce(0, group, order, "amin")
         last = torch.zeros(num_groups, dtype=torch.long, device=keep.device).scatter_reduce(0, group, order, "amax")
         repeats = torch.bincount(group, minlength=num_groups)  # [G]
-        write_times = times[keep].to(self.time.dtype)
+        write_times = offered.times[keep].to(self.time.dtype)
         latest = torch.full((num_groups,), float("-inf"), dtype=self.time.dtype, device=keep.device)
         latest = latest.scatter_reduce(0, group, write_times, "amax")  # [G]
         group_users, group_items, last_write = write_users[last], write_items[last], keep[last]  # [G]
@@ -276,11 +287,7 @@ class LocalDynamicMemory(nn.Module):
         if new.numel():
             by_user = new[torch.sort(first[new]).indices]
             by_user = by_user[torch.sort(group_users[by_user], stable=True).indices]  # by user, then first write
-            index = torch.arange(by_user.numel(), device=keep.device)
-            starts = torch.cat(
-                [index.new_ones(1, dtype=torch.bool), group_users[by_user][1:] != group_users[by_user][:-1]]
-            )
-            new_rank[by_user] = index - torch.where(starts, index, 0).cummax(0).values
+            new_rank[by_user] = rank_within_runs(group_users[by_user])
         fits = seen | (new_rank < free.sum(dim=1))  # [G]
         evicting_users = group_users[~fits]  # [E]
         fast = ~torch.isin(group_users, evicting_users)  # [G] groups of users who need no eviction
@@ -293,69 +300,35 @@ class LocalDynamicMemory(nn.Module):
         self.time[rows, slot] = torch.where(seen, torch.maximum(self.time[rows, slot], latest[fast]), latest[fast])
         self.item_ids[rows, slot] = group_items[fast]
         self.last_write[rows, slot] = self.step
-        self.surprise[rows, slot] = surprises[source].to(self.surprise.dtype)
-        self._write_features(rows, slot, source, visual, text, visual_ok, text_ok)
+        self.surprise[rows, slot] = offered.surprises[source].to(self.surprise.dtype)
+        self._write_features(rows, slot, source, offered)
         return keep[torch.isin(write_users, evicting_users)]
 
-    def _write_features(
-        self,
-        users: Tensor,
-        slot: Tensor,
-        source: Tensor,
-        visual: Tensor | None,
-        text: Tensor | None,
-        visual_ok: Tensor,
-        text_ok: Tensor,
-    ) -> None:
-        """Slots ``(users, slot)`` [n] take the features and validity of writes ``source`` [n]."""
+    def _write_features(self, users: Tensor, slot: Tensor, source: Tensor, offered: OfferedWrites) -> None:
+        """Slots ``(users, slot)`` [n] take the features and validity of the offered writes ``source`` [n]."""
+        visual, text = offered.visual, offered.text
         if self.store_visual:
-            ok = visual_ok[source]
+            ok = offered.visual_ok[source]
             self.visual[users, slot] = 0 if visual is None else visual[source].to(self.visual.dtype) * ok[:, None]
             self.visual_valid[users, slot] = ok
         if self.store_text:
-            ok = text_ok[source]
+            ok = offered.text_ok[source]
             self.text[users, slot] = 0 if text is None else text[source].to(self.text.dtype) * ok[:, None]
             self.text_valid[users, slot] = ok
 
-    def _write_in_order(
-        self,
-        keep: Tensor,
-        users: Tensor,
-        items: Tensor,
-        surprises: Tensor,
-        visual: Tensor | None,
-        text: Tensor | None,
-        times: Tensor,
-        visual_ok: Tensor,
-        text_ok: Tensor,
-    ) -> None:
+    def _write_in_order(self, keep: Tensor, offered: OfferedWrites) -> None:
         """The writes ``keep`` [W] one per user at a time, in order: a user's n-th writes of all users in one
         batched pass per n (exact with evictions, whose outcome depends on every earlier write)."""
-        keep_users = users[keep]
+        keep_users = offered.users[keep]
         order = torch.sort(keep_users, stable=True).indices  # group by user, keep each user's write order
         keep, keep_users = keep[order], keep_users[order]
-        index = torch.arange(keep_users.numel(), device=keep.device)
-        group_start = torch.cat([keep_users.new_ones(1, dtype=torch.bool), keep_users[1:] != keep_users[:-1]])
-        rank = index - torch.where(group_start, index, 0).cummax(0).values  # [W] n-th write of its user
+        rank = rank_within_runs(keep_users)  # [W] n-th write of its user
         for round_rank in range(int(rank.max()) + 1):  # each round: at most one write per user, batched
-            self._write_distinct_users(
-                keep[rank == round_rank], users, items, surprises, visual, text, times, visual_ok, text_ok
-            )
+            self._write_distinct_users(keep[rank == round_rank], offered)
 
-    def _write_distinct_users(
-        self,
-        rows: Tensor,
-        users: Tensor,
-        items: Tensor,
-        surprises: Tensor,
-        visual: Tensor | None,
-        text: Tensor | None,
-        times: Tensor,
-        visual_ok: Tensor,
-        text_ok: Tensor,
-    ) -> None:
+    def _write_distinct_users(self, rows: Tensor, offered: OfferedWrites) -> None:
         """Writes ``rows`` [n], one per user: update the item's slot, else a free one, else evict."""
-        write_users, write_items = users[rows], items[rows]  # [n] distinct users
+        write_users, write_items = offered.users[rows], offered.items[rows]  # [n] distinct users
         slot_items = self.item_ids[write_users]  # [n, C]
         same_item = slot_items == write_items[:, None]  # [n, C]
         seen = same_item.any(dim=1)  # [n]
@@ -364,15 +337,15 @@ class LocalDynamicMemory(nn.Module):
         slot = torch.where(
             seen, same_item.int().argmax(dim=1), torch.where(free.any(dim=1), free.int().argmax(dim=1), lowest_utility)
         )  # [n]
-        write_times = times[rows].to(self.time.dtype)
+        write_times = offered.times[rows].to(self.time.dtype)
         self.count[write_users, slot] = torch.where(seen, self.count[write_users, slot] + 1, 1)
         self.time[write_users, slot] = torch.where(
             seen, torch.maximum(self.time[write_users, slot], write_times), write_times
         )
         self.item_ids[write_users, slot] = write_items
         self.last_write[write_users, slot] = self.step
-        self.surprise[write_users, slot] = surprises[rows].to(self.surprise.dtype)
-        self._write_features(write_users, slot, rows, visual, text, visual_ok, text_ok)
+        self.surprise[write_users, slot] = offered.surprises[rows].to(self.surprise.dtype)
+        self._write_features(write_users, slot, rows, offered)
 
     # ------------------------------------------------------------ prototypes
     def entry_features(self, user_ids: Tensor) -> Tensor:
