@@ -3,7 +3,7 @@
     python -m recbole_feddmmr.report results/ml-100k_memory_ablation.json results/federated_scale.json
 
 Recognised by their keys: a benchmark (``runs``; over seeds: ``summary``), a federated benchmark
-(``runs`` and ``speed``, or ``sweep``), a federated scale run (``populations``), evaluated checkpoints
+(``runs`` and ``speed``, ``sweep``, or ``interleaved``), a federated scale run (``populations``), evaluated checkpoints
 (``evaluated``), the federated accuracy summary (``federated_test_ndcg10``), one run of a study
 (``test_full``) and a Tune search's best trial (``best.json``). ``benchmark --report`` and
 ``federated.benchmark --report`` print through the same function.
@@ -94,6 +94,8 @@ def format_results(report: dict[str, Any]) -> str:
         raise DataFileError(f"a results file holds a JSON object, not a {type(report).__name__}")
     if "sweep" in report:
         return federated_benchmark.format_sweep(report["sweep"]) + provenance(report)
+    if "interleaved" in report:
+        return federated_benchmark.format_interleaved(report["interleaved"]) + provenance(report)
     if "populations" in report:
         return scale.format_report(report)
     if "evaluated" in report:

@@ -133,3 +133,20 @@ def test_training_counts_per_item_and_the_cold_slice_follow_the_inter_file(tmp_p
         sizes[limit] = 0 if cold is None else len(cold._dataset)
         assert sizes[limit] == int((counts[test_items] <= limit).sum())
     assert sizes[0] == 0 and 0 < sizes[2] < sizes[3] < 12  # proper, growing subsets of the 12 test users
+
+
+def test_quick_writes_a_row_for_every_requested_model_with_one_seed_and_its_short_budget(tmp_path):
+    from recbole_feddmmr.benchmark import QUICK
+
+    settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"), hidden_size=16, inner_size=32)
+    settings.pop("epochs")
+    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    models = ["SASRec", "SASRecFText", "UR4RecV2MoE", "UR4RecV2MoE[federated=True,rounds=2,eval_every=1]"]
+    report = main(["--dataset", "tiny", "--quick", "--models", *models, "--jobs", "2", "--set", *overrides])
+    assert [run["label"] for run in report["runs"]] == models and report["seeds"] == [2020]
+    folder = tmp_path / "results" / "tiny-quick"
+    table = (folder / "table.md").read_text()
+    assert all(f"| {label} |" in table for label in models)
+    for run in report["runs"]:
+        assert run["settings"]["user_inter_num_interval"] == QUICK["user_inter_num_interval"]
+        assert run["epochs_trained"] == (2 if "federated" in run["label"] else QUICK["epochs"])  # rounds, epochs

@@ -38,7 +38,7 @@ from recbole.utils import init_seed
 
 from recbole_feddmmr.benchmark import command_overrides, parse_run, run_model
 from recbole_feddmmr.errors import ConfigError, run_cli
-from recbole_feddmmr.report import new_report
+from recbole_feddmmr.report import new_report, provenance
 
 BACKENDS = ("sequential", "vectorized")
 DEFAULT_RUNS = (
@@ -155,6 +155,74 @@ def measure_speed(
     return result
 
 
+def interleaved_round_over_epoch(
+    dataset: str, overrides: dict[str, Any], backend: str, segments: int, chunk_targets: int | None = None
+) -> dict[str, Any]:
+    """One centralised epoch and one full-participation round, each cut into ``segments`` parts that run in
+    turn (epoch part 1, round part 1, epoch part 2, ...), so that a machine whose speed drifts over minutes
+    (a shared one: this 2-core CPU ran the same epoch in 209 s and in 115 s ten minutes apart) slows both
+    alike. Epoch part k: the k-th slice of the epoch's batches; round part k: the backend runs the k-th slice
+    of the round's clients (their state from the store); the strategy folds every part's results as they
+    arrive and aggregates once, which the round's time includes. The centralised model and the server's
+    start from the same initial weights; a process pool (Ray) is started by an untimed 16-client round."""
+    import numpy as np
+
+    from recbole_feddmmr.federated.trainer import FederatedTrainer
+    from recbole_feddmmr.quick_start import prepare_run
+    from recbole_feddmmr.trainer import UR4RecV2MoETrainer, train_steps
+
+    config, (train_data, _, _), model = prepare_run("UR4RecV2MoE", dataset, config_dict=overrides)
+    central_model = copy.deepcopy(model)  # the server's store takes the per-user rows out of `model`
+    centralised = UR4RecV2MoETrainer(config, central_model)
+    central_model.train()
+    batches = list(centralised.sequence_windows(train_data).epoch(0))
+    trainer = FederatedTrainer(config, model)
+    server = trainer.build_server(train_data)
+    if backend != "auto":
+        server.backend = sweep_backend(backend, chunk_targets or 256, os.cpu_count())
+    pool_start = None
+    if hasattr(server.backend, "shutdown"):
+        server.strategy.clients_per_round, server.strategy.client_fraction = 16, 1.0
+        started = time.perf_counter()
+        server.run_round(0)
+        pool_start = time.perf_counter() - started
+    server.strategy.clients_per_round, server.strategy.client_fraction = None, 1.0  # every client
+    _, instructions = server.strategy.configure_fit(
+        1, len(server.clients), server.global_params, server.settings, len(server.windows), server.row_shapes
+    )
+    client_parts = np.array_split(np.arange(len(server.clients)), segments)
+    batch_parts = np.array_split(np.arange(len(batches)), segments)
+    epoch_seconds: list[float] = []
+
+    def interleaved_results():
+        for clients, steps in zip(client_parts, batch_parts, strict=True):
+            started = time.perf_counter()
+            train_steps(
+                central_model, centralised.optimizer, [batches[i] for i in steps], central_model.calculate_window_loss
+            )
+            epoch_seconds.append(time.perf_counter() - started)
+            part = [server.clients[i] for i in clients]
+            yield from server.backend.run(server.model, part, instructions, server.windows, server.store)
+
+    started = time.perf_counter()
+    server.strategy.aggregate_fit(server.global_params, interleaved_results(), server.row_shapes)
+    round_seconds = time.perf_counter() - started - sum(epoch_seconds)
+    if hasattr(server.backend, "shutdown"):
+        server.backend.shutdown()
+    return {
+        "device": str(config["device"]),
+        "backend": backend,
+        "backend_class": type(server.backend).__name__,
+        "segments": segments,
+        "clients": len(server.clients),
+        "epoch_part_seconds": epoch_seconds,
+        "epoch_seconds": sum(epoch_seconds),
+        "round_seconds": round_seconds,
+        "round_over_epoch": round_seconds / sum(epoch_seconds),
+        "pool_start_seconds": pool_start,
+    }
+
+
 def sweep_backend(spec: str, chunk_targets: int, cpus: int | None):
     """``sequential``, ``vectorized`` or ``ray:N`` (N actors sharing the ``cpus`` CPUs) -> a backend."""
     from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
@@ -265,6 +333,15 @@ def ratios(runs: list[dict[str, Any]], numerator: str, denominator: str) -> dict
     }
 
 
+def format_interleaved(timing: dict[str, Any]) -> str:
+    parts = ", ".join(f"{seconds:.1f}" for seconds in timing["epoch_part_seconds"])
+    return (
+        f"interleaved on {timing['device']}: centralised epoch {timing['epoch_seconds']:.1f} s (parts: {parts}); "
+        f"full round of {timing['clients']} clients with {timing['backend']} ({timing['backend_class']}) "
+        f"{timing['round_seconds']:.1f} s: x{timing['round_over_epoch']:.2f} of the epoch"
+    )
+
+
 def epoch_seconds(speed: dict[str, Any]) -> str:
     """The centralised epoch's time as the ratios use it: the mean of the epochs timed before and after the rounds
     (older results files have the first only)."""
@@ -373,6 +450,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--sweep_clients", nargs="+", type=int, default=[16, 64, 256, 0], help="clients per round (0: all)"
     )
+    parser.add_argument(
+        "--interleaved",
+        type=int,
+        default=None,
+        metavar="PARTS",
+        help="only time an epoch and a full round of the first --backends, cut into PARTS parts run in turn",
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides (yaml)")
     parser.add_argument("--out", default="results/federated_benchmark.json")
     parser.add_argument("--report", metavar="JSON", help="only print the table of an existing results file")
@@ -390,6 +474,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = new_report("recbole_feddmmr.federated.benchmark", argv, dataset=args.dataset, overrides=overrides, runs=[])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.interleaved:
+        logging.basicConfig(level=logging.INFO)
+        timing = interleaved_round_over_epoch(
+            args.dataset, {**overrides, "federated": True}, args.backends[0], args.interleaved, args.chunk_targets
+        )
+        report = {key: value for key, value in report.items() if key != "runs"}
+        report["interleaved"] = timing
+        out.write_text(json.dumps(report, indent=2))
+        print(format_interleaved(timing) + provenance(report) + f"\nwrote {out}")
+        return report
     if args.sweep_backends:
         logging.basicConfig(level=logging.INFO)
         sweep = measure_round_sweep(
