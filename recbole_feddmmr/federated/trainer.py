@@ -147,8 +147,8 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             steps = 0.0
             if clients:
                 per_round = config["clients_per_round"] or config["client_fraction"] * len(clients)
-                steps_per_client = sum(client.steps_per_epoch(windows, self.settings) for client in clients)
-                steps = min(per_round, len(clients)) * steps_per_client / len(clients) * self.settings.local_epochs
+                mean_steps = sum(client.steps_per_epoch(windows, self.settings) for client in clients) / len(clients)
+                steps = min(per_round, len(clients)) * mean_steps * self.settings.local_epochs
             name = auto_backend(self.device, cpus, steps, importlib.util.find_spec("ray") is not None)
         if name == "sequential":
             return SequentialBackend()
