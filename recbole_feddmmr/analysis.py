@@ -38,6 +38,17 @@ def item_titles(dataset, item_ids) -> list[str] | None:
     return [" ".join(dataset.id2token(title_field, row[row > 0])) for row in titles.numpy()]
 
 
+def item_frame(dataset, item_ids: torch.Tensor, **columns) -> pd.DataFrame:
+    """A table of items ``item_ids`` [n]: item token, title (when the .item file has one), then ``columns``."""
+    table = pd.DataFrame({"item": dataset.id2token(dataset.iid_field, item_ids)})
+    titles = item_titles(dataset, item_ids)
+    if titles is not None:
+        table["title"] = titles
+    for name, values in columns.items():
+        table[name] = values
+    return table
+
+
 def top_items(model, eval_data, user: str | int, k: int = 10) -> pd.DataFrame:
     """The ``k`` items ``model`` ranks first for ``user`` at its prediction point in ``eval_data`` (e.g. the
     test split of :func:`recbole_feddmmr.load_checkpoint`), as RecBole's evaluator ranks them: item token,
@@ -45,12 +56,7 @@ def top_items(model, eval_data, user: str | int, k: int = 10) -> pd.DataFrame:
     dataset = eval_data._dataset
     device = next(model.parameters()).device
     scores, item_ids = full_sort_topk([user_id_of(dataset, user)], model, eval_data, k, device)  # [1, k] each
-    item_ids = item_ids[0].cpu()
-    table = pd.DataFrame({"item": dataset.id2token(dataset.iid_field, item_ids), "score": scores[0].cpu().numpy()})
-    titles = item_titles(dataset, item_ids)
-    if titles is not None:
-        table.insert(1, "title", titles)
-    return table
+    return item_frame(dataset, item_ids[0].cpu(), score=scores[0].cpu().numpy())
 
 
 def memory_table(model, dataset, user: str | int) -> pd.DataFrame:
@@ -61,20 +67,20 @@ def memory_table(model, dataset, user: str | int) -> pd.DataFrame:
     memory = getattr(model, "memory", None)
     if not hasattr(memory, "user_table"):
         raise ConfigError(f"{type(model).__name__} has no LocalDynamicMemory (set memory_type=dynamic)")
-    columns = {name: values.cpu().numpy() for name, values in memory.user_table(user_id_of(dataset, user)).items()}
-    item_ids = columns.pop("item_id")
-    table = pd.DataFrame({"item": dataset.id2token(dataset.iid_field, item_ids), **columns})
-    titles = item_titles(dataset, item_ids)
-    if titles is not None:
-        table.insert(1, "title", titles)
-    return table
+    columns = memory.user_table(user_id_of(dataset, user))
+    item_ids = columns.pop("item_id").cpu()
+    return item_frame(dataset, item_ids, **{name: values.cpu().numpy() for name, values in columns.items()})
 
 
 def user_history(dataset, user_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every interaction of ``user_id`` in ``dataset`` (all splits), oldest first -> (item ids [n], times [n])."""
+    """Every interaction of ``user_id`` in ``dataset`` (all splits), oldest first -> (item ids [n], times [n]);
+    without a time field, in the file's order with times 0, 1, ..."""
     feat = dataset.inter_feat
     mine = torch.nonzero(feat[dataset.uid_field] == user_id).squeeze(1)  # [n]
-    items, times = feat[dataset.iid_field][mine], feat[dataset.time_field][mine].double()
+    items = feat[dataset.iid_field][mine]
+    if not dataset.time_field:  # no times: the file's order, numbered
+        return items, torch.arange(items.numel(), dtype=torch.float64)
+    times = feat[dataset.time_field][mine].double()
     order = torch.argsort(times, stable=True)
     return items[order], times[order]
 
@@ -107,12 +113,8 @@ def recommend(model, dataset, user: str | int, k: int = 10, exclude_seen: bool =
             scores[items] = float("-inf")
         k = min(k, int(torch.isfinite(scores).sum()))
         top_scores, top_items = scores.topk(k)  # [k]
-        table = pd.DataFrame({"item": dataset.id2token(dataset.iid_field, top_items), "score": top_scores.numpy()})
-        titles = item_titles(dataset, top_items)
-        if titles is not None:
-            table.insert(1, "title", titles)
+        shares = {}
         if hasattr(model, "router_weights_for"):
-            shares = model.router_weights_for(interaction)[0, top_items.to(device)].float().cpu()  # [k, X]
-            for column, expert in enumerate(EXPERTS[: shares.size(1)]):
-                table[expert] = shares[:, column].numpy()
-    return table
+            weights = model.router_weights_for(interaction)[0, top_items.to(device)].float().cpu()  # [k, X]
+            shares = {expert: weights[:, column].numpy() for column, expert in enumerate(EXPERTS[: weights.size(1)])}
+    return item_frame(dataset, top_items, score=top_scores.numpy(), **shares)

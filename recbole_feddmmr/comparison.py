@@ -12,6 +12,8 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+from recbole_feddmmr.report import provenance
+
 # (column, how to read it from a run); test metrics are full ranking unless named uni100 / cold
 METRICS: dict[str, tuple[str, str]] = {
     **{f"{m}@{k}": ("test_full", f"{m}@{k}") for m in ("hit", "ndcg", "mrr") for k in (5, 10, 20)},
@@ -130,12 +132,10 @@ def format_table(report: dict[str, Any]) -> str:
             + (f" ± {error:.4f} (standard error)" if error is not None else "")
             + f", x{comparison['ratio_of_means']:.3f} of its mean; {noise}"
         )
-    side_by_side = report.get("jobs", 1)
     threads = report.get("threads_per_run")
     lines.append(
-        f"\ncommand: `{report.get('command', '?')}`; commit {report.get('commit', '?')}; "
-        f"machine: {report.get('machine', '?')}"
-        + (f"; {side_by_side} runs side by side, {threads} torch thread(s) each" if threads else "")
+        provenance(report)
+        + (f"; {report.get('jobs', 1)} runs side by side, {threads} torch thread(s) each" if threads else "")
     )
     return "\n".join(lines)
 

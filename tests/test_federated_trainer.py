@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import crash_rounds_after, tiny_run
 
-from recbole_feddmmr.federated.trainer import FederatedTrainer, auto_backend
-from recbole_feddmmr.utils import get_trainer
+from recbole_feddmmr.federated.trainer import AUTO_RAY_MIN_STEPS, FederatedTrainer, auto_backend
+from recbole_feddmmr.utils import get_trainer, usable_cpus
 
 # every client every round and a validation after each, whatever properties/federated.yaml makes the default
 FEDERATED = {
@@ -88,9 +88,14 @@ def test_runs_of_other_settings_never_resume_from_each_others_state(tmp_path):
 
 
 def test_the_backend_setting_picks_the_execution_and_a_vectorized_run_trains(tmp_path):
-    config, _, _, model = tiny_run(tmp_path, **FEDERATED)
+    config, _, (train_data, _, _), model = tiny_run(tmp_path, **FEDERATED)
     # auto on a CPU: the tiny dataset's round (12 one-user clients, ~1 step each) is too small for Ray
-    assert FederatedTrainer(config, model).build_backend().name == "sequential"
+    trainer = FederatedTrainer(config, model)
+    server = trainer.build_server(train_data)
+    assert trainer.expected_round_steps(server.clients, server.windows, server.strategy) < AUTO_RAY_MIN_STEPS
+    assert server.backend.name == "sequential"
+    multicore = auto_backend(torch.device("cpu"), usable_cpus(), AUTO_RAY_MIN_STEPS, ray_installed=True)
+    assert trainer.build_backend(steps_per_round=AUTO_RAY_MIN_STEPS).name == multicore  # a round large enough
     config, _, _, model = tiny_run(tmp_path, **FEDERATED, federated_backend="simulated")
     with pytest.raises(ValueError, match="federated_backend must be"):
         FederatedTrainer(config, model).build_backend()

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TEST_DATA, TINY_CONFIG, command, tiny_config, tiny_run
+from conftest import REPO, TEST_DATA, TINY_CONFIG, command, tiny_config, tiny_run
 
 from recbole_feddmmr.errors import CheckpointError, ConfigError, DataFileError
 from recbole_feddmmr.quick_start import load_checkpoint, run_recbole_feddmmr
 from recbole_feddmmr.utils import get_trainer
 
-REPO = Path(__file__).resolve().parents[1]
 FEDERATED = {"federated": True, "rounds": 2, "eval_every": 1, "clients_per_round": None, "num_memory_prototypes": 2}
 
 

@@ -76,6 +76,11 @@ class _PointsLoss(nn.Module):
         return self.model.points_loss(windows, points, all_items=True)
 
 
+def default_chunk_targets(device: torch.device) -> int:
+    """``vectorized_chunk_targets`` when unset: small chunks on a CPU, where vmap gains little, large on CUDA."""
+    return 8192 if device.type == "cuda" else 256
+
+
 class VectorizedBackend:
     """Many clients in one batched computation: ``torch.func.vmap`` of the loss gradient over per-client
     parameter copies stacked as ``[n, ...]``, one Adam over the stacks (Adam is elementwise, so that is each

@@ -38,6 +38,7 @@ from recbole.utils import init_seed
 
 from recbole_feddmmr.benchmark import command_overrides, parse_run, run_model
 from recbole_feddmmr.errors import ConfigError, run_cli
+from recbole_feddmmr.federated.backends import default_chunk_targets
 from recbole_feddmmr.report import new_report, provenance
 
 BACKENDS = ("sequential", "vectorized")
@@ -76,23 +77,31 @@ def measure_speed(
         return {"cuda_peak_mb": peak}
 
     initial = copy.deepcopy(model.state_dict())
-    centralised = UR4RecV2MoETrainer(config, model)
-    cuda_peak_mb()
-    started = time.perf_counter()
-    centralised._train_epoch(train_data, 0)
-    peak = cuda_peak_mb()  # synchronises first: the epoch's last kernels are part of its time
+
+    def timed_epoch() -> tuple[float, dict[str, float]]:
+        """One centralised epoch from ``initial`` -> (seconds, its CUDA peak)."""
+        model.load_state_dict(initial)
+        init_seed(config["seed"], config["reproducibility"])
+        centralised = UR4RecV2MoETrainer(config, model)
+        cuda_peak_mb()
+        started = time.perf_counter()
+        centralised._train_epoch(train_data, 0)
+        peak = cuda_peak_mb()  # synchronises first: the epoch's last kernels are part of its time
+        return time.perf_counter() - started, peak
+
+    seconds, peak = timed_epoch()
     result: dict[str, Any] = {
         "device": str(config["device"]),
-        "centralised_epoch_seconds": time.perf_counter() - started,
+        "centralised_epoch_seconds": seconds,
         "centralised_peak_rss_mb": peak_rss_mb(),
         **{f"centralised_{key}": value for key, value in peak.items()},
         "rounds": {},
     }
-    chunk_targets = chunk_targets or (8192 if on_cuda else 256)
+    chunk_targets = chunk_targets or default_chunk_targets(config["device"])
     timed = [(name, name, None) for name in backends]  # (result key, backend, clients per round: None = all)
     if sampled_clients:
         timed.append(("sampled", backends[0], sampled_clients))
-    pools: dict[str, Any] = {}  # backends with a process pool (Ray), started once and reused by the sampled round
+    pools: dict[str, Any] = {}  # each backend built once: a process pool (Ray) starts once, the sampled round reuses it
     for key, name, clients_per_round in timed:
         model.load_state_dict(initial)
         init_seed(config["seed"], config["reproducibility"])
@@ -101,12 +110,10 @@ def measure_speed(
         if name not in pools:
             # auto: what a run of these settings picks (the server was built with it)
             backend = server.backend if name == "auto" else sweep_backend(name, chunk_targets, os.cpu_count())
-            if hasattr(backend, "shutdown"):  # start the pool on an untimed small round: a run pays it once
-                server.backend = backend
-                server.strategy.clients_per_round, server.strategy.client_fraction = 16, 1.0
-                started = time.perf_counter()
-                server.run_round(0)
-                result.setdefault("pool_start_seconds", {})[name] = time.perf_counter() - started
+            server.backend = backend
+            pool_start = start_pool(server)
+            if pool_start is not None:
+                result.setdefault("pool_start_seconds", {})[name] = pool_start
                 server.assemble_private_state()
                 model.load_state_dict(initial)
                 init_seed(config["seed"], config["reproducibility"])
@@ -137,13 +144,7 @@ def measure_speed(
             backend.shutdown()
     # the epoch once more, from the same initial model, after the rounds: on a shared machine the speed drifts
     # over minutes, so each round is compared with the mean of an epoch timed before it and one after it
-    model.load_state_dict(initial)
-    init_seed(config["seed"], config["reproducibility"])
-    centralised = UR4RecV2MoETrainer(config, model)
-    started = time.perf_counter()
-    centralised._train_epoch(train_data, 0)
-    cuda_peak_mb()
-    result["centralised_epoch_seconds_after"] = time.perf_counter() - started
+    result["centralised_epoch_seconds_after"], _ = timed_epoch()
     rounds = result["rounds"]
     epoch = (result["centralised_epoch_seconds"] + result["centralised_epoch_seconds_after"]) / 2
     result["centralised_epoch_seconds_mean"] = epoch
@@ -153,6 +154,18 @@ def measure_speed(
     if "vectorized" in rounds:
         result["vectorized_chunk_targets"] = chunk_targets
     return result
+
+
+def start_pool(server) -> float | None:
+    """Start a process-pool backend (Ray) on an untimed 16-client round, as a run pays its start once and
+    the timed rounds should not -> its seconds (``None``: the backend has no pool). The server's model then
+    holds no per-user rows (call ``assemble_private_state`` before reloading a full state)."""
+    if not hasattr(server.backend, "shutdown"):
+        return None
+    server.strategy.clients_per_round, server.strategy.client_fraction = 16, 1.0
+    started = time.perf_counter()
+    server.run_round(0)
+    return time.perf_counter() - started
 
 
 def interleaved_round_over_epoch(
@@ -179,13 +192,10 @@ def interleaved_round_over_epoch(
     trainer = FederatedTrainer(config, model)
     server = trainer.build_server(train_data)
     if backend != "auto":
-        server.backend = sweep_backend(backend, chunk_targets or 256, os.cpu_count())
-    pool_start = None
-    if hasattr(server.backend, "shutdown"):
-        server.strategy.clients_per_round, server.strategy.client_fraction = 16, 1.0
-        started = time.perf_counter()
-        server.run_round(0)
-        pool_start = time.perf_counter() - started
+        server.backend = sweep_backend(
+            backend, chunk_targets or default_chunk_targets(config["device"]), os.cpu_count()
+        )
+    pool_start = start_pool(server)
     server.strategy.clients_per_round, server.strategy.client_fraction = None, 1.0  # every client
     _, instructions = server.strategy.configure_fit(
         1, len(server.clients), server.global_params, server.settings, len(server.windows), server.row_shapes
@@ -249,7 +259,7 @@ def measure_round_sweep(
 
     config, (train_data, _, _), model = prepare_run("UR4RecV2MoE", dataset, config_dict=overrides)
     initial = copy.deepcopy(model.state_dict())
-    chunk_targets = chunk_targets or (8192 if config["device"].type == "cuda" else 256)
+    chunk_targets = chunk_targets or default_chunk_targets(config["device"])
     rows = []
     for spec in backends:
         backend = sweep_backend(spec, chunk_targets, os.cpu_count() or 1)

@@ -315,14 +315,17 @@ class FedMemStrategy:
         self.aggregation = aggregation
         self.server_optimizer = server_optimizer or ServerOptimizer()
 
+    def round_size(self, num_clients: int) -> int:
+        """How many of ``num_clients`` clients a round selects."""
+        return min(self.clients_per_round or max(1, round(self.client_fraction * num_clients)), num_clients)
+
     def select_clients(self, round_idx: int, num_clients: int) -> np.ndarray:
         """Sorted client indices of round ``round_idx``; the same (seed, round) always selects the same.
 
         O(selected) for large populations: numpy's ``Generator.choice`` without replacement draws a small
         sample by Floyd's method rather than permuting all ``num_clients``.
         """
-        count = self.clients_per_round or max(1, round(self.client_fraction * num_clients))
-        count = min(count, num_clients)
+        count = self.round_size(num_clients)
         if count == num_clients:
             return np.arange(num_clients)
         rng = np.random.default_rng([self.seed, round_idx])

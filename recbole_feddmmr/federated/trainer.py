@@ -28,7 +28,7 @@ from recbole_feddmmr.compat import read_checkpoint
 from recbole_feddmmr.config import config_fingerprint
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.errors import CheckpointError, ConfigError
-from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
+from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend, default_chunk_targets
 from recbole_feddmmr.federated.client import FedMemClient, shared_parameters
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
 from recbole_feddmmr.federated.server import FedMemServer, RoundReport
@@ -133,27 +133,28 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             windows,
             strategy,
             self.settings,
-            backend=self.build_backend(clients, windows),
+            backend=self.build_backend(self.expected_round_steps(clients, windows, strategy)),
         )
 
-    def build_backend(self, clients: list[FedMemClient] | None = None, windows: SequenceWindows | None = None):
+    def expected_round_steps(
+        self, clients: list[FedMemClient], windows: SequenceWindows, strategy: FedMemStrategy
+    ) -> float:
+        """The local steps a round takes on average: the strategy's round size times a client's mean steps."""
+        mean_steps = sum(client.steps_per_epoch(windows, self.settings) for client in clients) / max(1, len(clients))
+        return strategy.round_size(len(clients)) * mean_steps * self.settings.local_epochs
+
+    def build_backend(self, steps_per_round: float = 0.0):
         """``federated_backend``; ``auto`` decides by :func:`auto_backend` from the device, the usable CPU
-        cores and the local steps of a round of ``clients`` (without them: sequential)."""
+        cores and ``steps_per_round``, the local steps a round is expected to take (0: unknown, sequential)."""
         config = self.config
         name = config["federated_backend"] or "auto"
-        on_cuda = self.device.type == "cuda"
         cpus = usable_cpus()
         if name == "auto":
-            steps = 0.0
-            if clients:
-                per_round = config["clients_per_round"] or config["client_fraction"] * len(clients)
-                mean_steps = sum(client.steps_per_epoch(windows, self.settings) for client in clients) / len(clients)
-                steps = min(per_round, len(clients)) * mean_steps * self.settings.local_epochs
-            name = auto_backend(self.device, cpus, steps, importlib.util.find_spec("ray") is not None)
+            name = auto_backend(self.device, cpus, steps_per_round, importlib.util.find_spec("ray") is not None)
         if name == "sequential":
             return SequentialBackend()
         if name == "vectorized":
-            return VectorizedBackend(config["vectorized_chunk_targets"] or (8192 if on_cuda else 256))
+            return VectorizedBackend(config["vectorized_chunk_targets"] or default_chunk_targets(self.device))
         if name == "ray":
             from recbole_feddmmr.federated.ray_backend import RayBackend
 
