@@ -12,6 +12,13 @@ RecBole 1.2.1 was written for numpy 1.x and torch < 2.6. Two things break:
   with ``weights_only=False`` is safe; :class:`TrustedCheckpointMixin` does that
   for RecBole's own trainers and for ours.
 
+RecBole also slows every model down: importing its sequential models (``recbole.model.sequential_recommender``,
+which RecBole's model lookup and the plugin's feature-aware baselines import) runs ``sine.py``, whose module
+body calls ``torch.autograd.set_detect_anomaly(True)`` for the whole process. Anomaly mode records a
+traceback at every forward operation and checks every gradient for NaN, a fixed cost per operation that
+made a 32-client federated round on ml-100k ~1.6x slower. The plugin imports RecBole's models under
+:func:`keep_anomaly_mode`, which puts the mode back as it was.
+
 pandas 3 also breaks RecBole's float_seq loading; that is handled by pinning
 ``pandas<3`` in requirements.txt rather than by patching. On pandas 2.2 RecBole's dataset loading
 (``df[field].fillna(..., inplace=True)``, ``Series.agg(len)``) emits five multi-line ``FutureWarning``s per
@@ -53,6 +60,17 @@ def silence_recbole_pandas_warnings() -> None:
     """Ignore the pandas-3 deprecation warnings RecBole 1.2.1's dataset module raises (idempotent)."""
     for message in RECBOLE_PANDAS_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning, module=r"recbole\.data\.dataset")
+
+
+@contextmanager
+def keep_anomaly_mode() -> Iterator[None]:
+    """Run an import of RecBole's models without letting it switch torch's anomaly detection on (see above);
+    a user who wants anomaly detection keeps it, before or after."""
+    enabled, check_nan = torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()
+    try:
+        yield
+    finally:
+        torch.autograd.set_detect_anomaly(enabled, check_nan)
 
 
 def load_trusted(path, map_location=None):

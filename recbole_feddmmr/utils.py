@@ -13,7 +13,7 @@ from recbole.utils import ModelType
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
 
-from recbole_feddmmr.compat import with_trusted_checkpoints
+from recbole_feddmmr.compat import keep_anomaly_mode, with_trusted_checkpoints
 from recbole_feddmmr.errors import ConfigError, MissingFileError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -38,7 +38,8 @@ def get_model(model_name: str) -> type:
     if hasattr(plugin_models, model_name):
         return getattr(plugin_models, model_name)
     try:
-        return recbole_get_model(model_name)
+        with keep_anomaly_mode():  # the lookup imports all of RecBole's models (see compat)
+            return recbole_get_model(model_name)
     except (ValueError, ImportError) as error:
         # RecBole's lookup ends by importing its optional tree-model backends (lightgbm, xgboost), so an
         # unknown name surfaces as their ImportError: name the real cause unless a backend was asked for

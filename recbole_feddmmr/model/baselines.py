@@ -12,11 +12,14 @@ so that a feature-aware baseline sees the same content as FedDMMR. Everything el
 
 from __future__ import annotations
 
-from recbole.model.sequential_recommender import FDSA, SASRecF
 from torch import Tensor, nn
 
+from recbole_feddmmr.compat import keep_anomaly_mode
 from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.model.ur4rec_v2_moe import item_feature_table
+
+with keep_anomaly_mode():  # RecBole's sequential models switch autograd anomaly detection on when imported
+    from recbole.model.sequential_recommender import FDSA, SASRecF
 
 
 class DenseItemFeatureLayer(nn.Module):
