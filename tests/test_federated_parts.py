@@ -238,3 +238,12 @@ def test_ray_shards_are_contiguous_and_balanced_by_local_steps():
     assert [[client.steps for client in shard] for shard in shards] == [[10], [1] * 5, [1] * 4 + [5], [5]]
     assert [client for shard in shards for client in shard] == clients  # every client once, in order
     assert len(balanced_shards(clients[:2], None, None, 8)) == 2 and balanced_shards([], None, None, 3) == []
+
+
+def test_ray_rounds_are_cut_into_a_multiple_of_the_actors():
+    from recbole_feddmmr.federated.ray_backend import RayBackend
+
+    backend = RayBackend(num_actors=2, shards_per_actor=4, shard_clients=32)
+    # 943 clients: 943 // 64 = 14 per actor, capped at 4; 236: 3 per actor (not 7 shards for 2 actors); 16: one each
+    assert [backend.shard_count(clients) for clients in (943, 236, 127, 16)] == [8, 6, 2, 2]
+    assert RayBackend(num_actors=3, shard_clients=1).shard_count(12) == 12

@@ -129,6 +129,14 @@ class RayBackend:
         self._replica = (ray.put(model), ray.put(windows))  # shipped once, shared by the actors (and replacements)
         self.actors = [self._new_actor() for _ in range(self.num_actors)]
 
+    def shard_count(self, num_clients: int) -> int:
+        """Shards of a round of ``num_clients``: a multiple of the actors, so that equal shards keep every actor
+        busy to the end (7 shards for 2 actors left one idle for a seventh of the round). More than one per
+        actor only while each shard keeps ``shard_clients`` clients: a shard's result carries a dense float64
+        sum of the model's update, which costs the same to ship whatever the shard's size."""
+        per_actor = min(self.shards_per_actor, num_clients // (self.shard_clients * self.num_actors))
+        return self.num_actors * max(1, per_actor)
+
     def _new_actor(self):
         return self._runner.remote(*self._replica)
 
@@ -145,10 +153,7 @@ class RayBackend:
         if not self.actors:
             self._start(model, windows)
         shared = ray.put(store.shared_state(model))
-        # more shards than actors only where each still has many clients: a shard's result carries a dense
-        # float64 sum of the model's update, which costs the same to ship whatever the shard's size
-        count = max(len(self.actors), min(len(self.actors) * self.shards_per_actor, len(clients) // self.shard_clients))
-        shards = balanced_shards(clients, windows, instructions.settings, count)
+        shards = balanced_shards(clients, windows, instructions.settings, self.shard_count(len(clients)))
         queue = list(reversed(shards))  # pop() hands out the shards in client order
 
         def submit(index: int, shard: list[FedMemClient], retries: int = 0) -> None:
