@@ -9,7 +9,8 @@ Every (model, seed) trains under the protocol of ``properties/overall.yaml`` wit
 best-validation checkpoint is evaluated on test with full ranking, with uni100 (1 positive + 100 sampled
 negatives) and on the cold-item slice (test users whose target item has at most 5 training
 interactions). Each run also records its parameter count, seconds to its best epoch, training
-samples per second and peak memory, in a fresh process of its own (``--jobs`` side by side).
+samples per second, seconds per epoch (the table adds their ratio to the first ``--baseline``'s) and
+peak memory, in a fresh process of its own (``--jobs`` side by side).
 
 Writes ``results/NAME/``: ``runs/<label>-seed<k>.json`` (one per finished run: a rerun with the same
 arguments skips them, so an interrupted benchmark resumes), ``report.json``, ``table.md`` /
@@ -426,6 +427,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not report["runs"]:
         raise ConfigError(f"no run finished; see the errors in {folder / 'report.json'}")
     report["summary"] = summarize(report["runs"])
+    if baselines:  # the cost table's seconds per epoch are also shown as ratios against it
+        report["speed_baseline"] = baselines[0]
     theirs = best_baseline(report["summary"])
     if "UR4RecV2MoE" in report["summary"] and theirs:
         report["paired"] = paired(report["runs"], "UR4RecV2MoE", theirs)

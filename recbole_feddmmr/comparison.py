@@ -22,11 +22,13 @@ METRICS: dict[str, tuple[str, str]] = {
     "cold hit@10": ("test_cold", "hit@10"),
     "cold ndcg@10": ("test_cold", "ndcg@10"),
 }
-COSTS = ("parameters", "seconds_to_best", "train_samples_per_second", "peak_memory_mb")
+COSTS = ("parameters", "seconds_to_best", "train_samples_per_second", "seconds_per_epoch", "peak_memory_mb")
 PLUGIN_MODEL = "UR4RecV2MoE"
 
 
 def metric_of(run: dict[str, Any], column: str) -> float | None:
+    if column == "seconds_per_epoch":  # training only, no validation; a federated run's epoch is its round
+        return run["train_seconds"] / run["epochs_trained"] if run.get("epochs_trained") else None
     if column in COSTS:
         return run.get(column)
     split, name = METRICS[column]
@@ -96,14 +98,24 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     for label, row in summary.items():
         lines.append(f"| {label} | {row['seeds']} | " + " | ".join(_cell(row.get(c)) for c in accuracy) + " |")
+    # seconds per epoch against the speed baseline (RecBole's SASRec by default), as one machine measured both
+    reference = report.get("speed_baseline", "SASRec")
+    reference_epoch = summary.get(reference, {}).get("seconds_per_epoch", [math.nan])[0]
     lines += [
-        "\nCosts (mean over seeds; peak memory: process RSS on CPU, allocated CUDA memory on a GPU):\n",
-        "| model | parameters | seconds to best epoch | training samples / s | peak memory MB |",
-        "|---|---|---|---|---|",
+        "\nCosts (mean over seeds; an epoch's seconds are training only, a federated run's epoch is a round; "
+        "peak memory: process RSS on CPU, allocated CUDA memory on a GPU):\n",
+        "| model | parameters | seconds to best epoch | training samples / s | seconds per epoch "
+        f"| x {reference} | peak memory MB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, row in summary.items():
-        values = [row.get(column, [math.nan, 0.0])[0] for column in COSTS]
-        lines.append(f"| {label} | {values[0]:,.0f} | {values[1]:.0f} | {values[2]:.0f} | {values[3]:.0f} |")
+        cost = {column: row.get(column, [math.nan, 0.0])[0] for column in COSTS}
+        ratio = cost["seconds_per_epoch"] / reference_epoch
+        lines.append(
+            f"| {label} | {cost['parameters']:,.0f} | {cost['seconds_to_best']:.0f} "
+            f"| {cost['train_samples_per_second']:.0f} | {cost['seconds_per_epoch']:.1f} "
+            f"| {f'{ratio:.2f}' if math.isfinite(ratio) else '-'} | {cost['peak_memory_mb']:.0f} |"
+        )
     cold_users = {run["label"]: run.get("cold_users") for run in report["runs"]}
     lines += [
         f"\nCold items: test users whose target item has at most {report.get('cold_max', 5)} training "

@@ -150,3 +150,23 @@ def test_quick_writes_a_row_for_every_requested_model_with_one_seed_and_its_shor
     for run in report["runs"]:
         assert run["settings"]["user_inter_num_interval"] == QUICK["user_inter_num_interval"]
         assert run["epochs_trained"] == (2 if "federated" in run["label"] else QUICK["epochs"])  # rounds, epochs
+
+
+def test_the_cost_table_gives_seconds_per_epoch_and_their_ratio_to_the_speed_baseline():
+    from recbole_feddmmr.comparison import format_table, summarize
+
+    def run(label: str, seed: int, train_seconds: float, epochs: int) -> dict:
+        metrics = {f"{m}@{k}": 0.1 for m in ("hit", "ndcg", "mrr") for k in (5, 10, 20)}
+        return {"label": label, "seed": seed, "train_seconds": train_seconds, "epochs_trained": epochs,
+                "test_full": metrics, "test_uni100": metrics, "parameters": 10, "seconds_to_best": 1.0,
+                "train_samples_per_second": 1.0, "peak_memory_mb": 1.0}  # fmt: skip
+
+    # SASRec: 100 s / 4 epochs and 90 s / 3 epochs -> 27.5 s; the other 2 s / 1 and 6 s / 2 epochs -> 2.5 s
+    runs = [run("SASRec", 1, 100.0, 4), run("SASRec", 2, 90.0, 3), run("Other", 1, 2.0, 1), run("Other", 2, 6.0, 2)]
+    report = {"runs": runs, "seeds": [1, 2], "summary": summarize(runs), "speed_baseline": "SASRec"}
+    assert report["summary"]["SASRec"]["seconds_per_epoch"][0] == pytest.approx(27.5)
+    assert report["summary"]["Other"]["seconds_per_epoch"][0] == pytest.approx(2.5)
+    table = format_table(report)  # parameters, seconds to best, samples / s, s per epoch, ratio, memory
+    assert "| SASRec | 10 | 1 | 1 | 27.5 | 1.00 | 1 |" in table and "| Other | 10 | 1 | 1 | 2.5 | 0.09 | 1 |" in table
+    del report["speed_baseline"], report["summary"]["SASRec"]  # no SASRec in the table: no ratio
+    assert "| Other | 10 | 1 | 1 | 2.5 | - | 1 |" in format_table(report)
