@@ -9,8 +9,9 @@ Every (model, seed) trains under the protocol of ``properties/overall.yaml`` wit
 best-validation checkpoint is evaluated on test with full ranking, with uni100 (1 positive + 100 sampled
 negatives) and on the cold-item slice (test users whose target item has at most 5 training
 interactions). Each run also records its parameter count, seconds to its best epoch, training
-samples per second, seconds per epoch (the table adds their ratio to the first ``--baseline``'s) and
-peak memory, in a fresh process of its own (``--jobs`` side by side).
+samples per second, training seconds and epochs (the table divides them into seconds per epoch, with
+their ratio to the first ``--baseline``'s) and peak memory, in a fresh process of its own (``--jobs``
+side by side).
 
 Writes ``results/NAME/``: ``runs/<label>-seed<k>.json`` (one per finished run: a rerun with the same
 arguments skips them, so an interrupted benchmark resumes), ``report.json``, ``table.md`` /
