@@ -1,0 +1,65 @@
+"""Seconds per training step of UR4RecV2MoE settings, in one process, with ratios against the first.
+
+    python scripts/step_time.py --dataset ml-100k --threads 2 \
+        --runs UR4RecV2MoE "UR4RecV2MoE[train_neg_num=300]" "UR4RecV2MoE[loss_type=CE]"
+
+Each setting builds its model and the trainer's sequence windows, then runs ``--warmup`` and ``--steps``
+optimizer steps of the plugin's training loop (window loss, memory writes) on the first batches of
+epoch 0; it prints the median seconds per timed step, the epoch that implies (steps per epoch times
+that median) and its ratio to the first setting's. A probe of what a setting costs before a
+converged run is spent on it, not a substitute for the benchmark's measured epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--runs", nargs="+", default=["UR4RecV2MoE"], help="MODEL[key=value,...] as in the benchmark")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line
+    import torch
+
+    from recbole_feddmmr.benchmark import parse_run
+    from recbole_feddmmr.quick_start import prepare_run
+    from recbole_feddmmr.trainer import train_steps
+    from recbole_feddmmr.utils import get_trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reference = None
+    for run in args.runs:
+        model_name, overrides = parse_run(run)
+        settings = {"state": "ERROR", "show_progress": False, **overrides}
+        config, (train_data, _, _), model = prepare_run(model_name, args.dataset, config_dict=settings)
+        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+        windows = trainer.sequence_windows(train_data)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
+        model.train()
+        seconds = []
+        for batch in itertools.islice(windows.epoch(0), args.warmup + args.steps):
+            started = time.perf_counter()
+            train_steps(model, optimizer, [batch], model.calculate_window_loss)
+            seconds.append(time.perf_counter() - started)
+        per_step = statistics.median(seconds[args.warmup :])
+        reference = reference or per_step
+        print(
+            f"{run}: {per_step:.3f} s per step (median of {len(seconds) - args.warmup}), "
+            f"{len(windows)} steps per epoch -> {per_step * len(windows):.0f} s per epoch, "
+            f"x{per_step / reference:.2f} of {args.runs[0]}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
