@@ -143,8 +143,10 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
     samples = len(train_data._dataset.inter_feat)
     best_epoch = trainer.best_epoch  # the epoch of the checkpoint just evaluated (saved=True)
     rounds = [dataclasses.asdict(report) for report in getattr(trainer, "round_reports", [])]
-    if rounds:  # federated: a round plays the part of an epoch
+    trained_samples = samples * len(epoch_seconds)
+    if rounds:  # federated: a round plays the part of an epoch, and trains only its sampled clients' targets
         epoch_seconds = [report["seconds"] for report in rounds]
+        trained_samples = sum(report["samples"] for report in rounds)
     result = {
         "model": model,
         "epochs_trained": len(epoch_seconds),
@@ -156,7 +158,7 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
         "train_samples_per_epoch": samples,
         "train_seconds": sum(epoch_seconds),
         "fit_seconds": fit_seconds,
-        "train_samples_per_second": samples * len(epoch_seconds) / sum(epoch_seconds),
+        "train_samples_per_second": trained_samples / sum(epoch_seconds),
         "checkpoint": trainer.saved_model_file,
         "parameters": sum(p.numel() for p in model_instance.parameters() if p.requires_grad),
         # until the best epoch's validation ended: what early stopping on validation needed to find it

@@ -29,6 +29,10 @@ PLUGIN_MODEL = "UR4RecV2MoE"
 def metric_of(run: dict[str, Any], column: str) -> float | None:
     if column == "seconds_per_epoch":  # training only, no validation; a federated run's epoch is its round
         return run["train_seconds"] / run["epochs_trained"] if run.get("epochs_trained") else None
+    if column == "train_samples_per_second" and run.get("rounds"):
+        # a round trains its sampled clients' targets only: from the rounds' own counts (runs written before
+        # the benchmark counted them so stored the whole training split per round)
+        return sum(report["samples"] for report in run["rounds"]) / run["train_seconds"]
     if column in COSTS:
         return run.get(column)
     split, name = METRICS[column]
