@@ -44,7 +44,15 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import ModelType, init_seed
 from torch import Tensor
 
-from recbole_feddmmr.comparison import best_baseline, format_table, paired, plot, summarize, write_csv
+from recbole_feddmmr.comparison import (
+    best_baseline,
+    format_table,
+    paired,
+    plot,
+    summarize,
+    train_samples_per_second,
+    write_csv,
+)
 from recbole_feddmmr.compat import read_checkpoint
 from recbole_feddmmr.config import Config
 from recbole_feddmmr.errors import ConfigError, run_cli
@@ -462,7 +470,7 @@ def ratios_against(runs: list[dict[str, Any]], label: str) -> dict[str, dict[str
         run.get("label", run["model"]): {
             "test_full_ndcg@10": run["test_full"]["ndcg@10"] / baseline["test_full"]["ndcg@10"],
             "test_uni100_ndcg@10": run["test_uni100"]["ndcg@10"] / baseline["test_uni100"]["ndcg@10"],
-            "train_samples_per_second": run["train_samples_per_second"] / baseline["train_samples_per_second"],
+            "train_samples_per_second": train_samples_per_second(run) / train_samples_per_second(baseline),
         }
         for run in runs
         if run is not baseline
@@ -479,7 +487,7 @@ def format_report(report: dict[str, Any]) -> str:
         experts = ", ".join(run["live_experts"]) if "live_experts" in run else "-"
         lines.append(
             f"| {run.get('label', run['model'])} | {experts} | {run['best_epoch']} of {run['epochs_trained']} | "
-            f"{test_cells(run)} | {run['train_samples_per_second']:.0f} |"
+            f"{test_cells(run)} | {train_samples_per_second(run):.0f} |"
         )
     for run in report["runs"]:
         if run.get("memory_per_epoch"):

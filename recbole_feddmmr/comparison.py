@@ -26,13 +26,20 @@ COSTS = ("parameters", "seconds_to_best", "train_samples_per_second", "seconds_p
 PLUGIN_MODEL = "UR4RecV2MoE"
 
 
+def train_samples_per_second(run: dict[str, Any]) -> float:
+    """A run's training targets per second of training. A federated round trains its sampled clients' targets
+    only, so a run with rounds counts them from the rounds' own reports (run files written before the benchmark
+    did so stored the whole training split per round)."""
+    if run.get("rounds"):
+        return sum(report["samples"] for report in run["rounds"]) / run["train_seconds"]
+    return run["train_samples_per_second"]
+
+
 def metric_of(run: dict[str, Any], column: str) -> float | None:
     if column == "seconds_per_epoch":  # training only, no validation; a federated run's epoch is its round
         return run["train_seconds"] / run["epochs_trained"] if run.get("epochs_trained") else None
-    if column == "train_samples_per_second" and run.get("rounds"):
-        # a round trains its sampled clients' targets only: from the rounds' own counts (runs written before
-        # the benchmark counted them so stored the whole training split per round)
-        return sum(report["samples"] for report in run["rounds"]) / run["train_seconds"]
+    if column == "train_samples_per_second":
+        return train_samples_per_second(run) if "train_samples_per_second" in run else None
     if column in COSTS:
         return run.get(column)
     split, name = METRICS[column]

@@ -178,6 +178,7 @@ def test_the_cost_table_gives_seconds_per_epoch_and_their_ratio_to_the_speed_bas
 
 
 def test_a_federated_runs_throughput_counts_the_samples_its_rounds_trained():
+    from recbole_feddmmr.benchmark import ratios_against
     from recbole_feddmmr.comparison import metric_of
 
     # 3 rounds of 100 + 120 + 80 targets in 6 s: 50 samples / s, whatever the stored figure says (runs written
@@ -186,3 +187,8 @@ def test_a_federated_runs_throughput_counts_the_samples_its_rounds_trained():
     federated = {"rounds": rounds, "train_seconds": 6.0, "epochs_trained": 3, "train_samples_per_second": 500.0}
     assert metric_of(federated, "train_samples_per_second") == pytest.approx(50.0)
     assert metric_of({"train_seconds": 6.0, "train_samples_per_second": 500.0}, "train_samples_per_second") == 500.0
+
+    scores = {"test_full": {"ndcg@10": 0.1}, "test_uni100": {"ndcg@10": 0.1}}
+    epochs = {"label": "epochs", "model": "SASRec", **scores, "train_seconds": 6.0, "train_samples_per_second": 500.0}
+    federated.update(label="federated", model="UR4RecV2MoE", **scores)
+    assert ratios_against([epochs, federated], "epochs")["federated"]["train_samples_per_second"] == pytest.approx(0.1)
