@@ -67,7 +67,7 @@ from recbole_feddmmr.report import (
     read_results,
     test_cells,
 )
-from recbole_feddmmr.utils import get_trainer, usable_cpus
+from recbole_feddmmr.utils import get_trainer, git_commit, usable_cpus
 
 REPORTED = ("hit@10", "ndcg@10", "mrr@10")
 
@@ -325,6 +325,8 @@ def run_cell(
     model, run_overrides = parse_run(label)
     settings = {**overrides, **run_overrides, "seed": seed}
     result = {"label": label, "seed": seed, "settings": settings, **run_model(model, dataset, settings)}
+    # a cell's own provenance: a table can gather cells trained by several commands (resumed, --no-train)
+    result |= {"commit": git_commit(), "torch_threads": torch.get_num_threads()}
     partial = Path(f"{path}.partial")
     partial.write_text(json.dumps(result, indent=1, default=str))
     partial.replace(path)
@@ -357,6 +359,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None, help="also write the whole report to this JSON file")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides (yaml values)"
+    )
+    parser.add_argument(
+        "--no-train",
+        action="store_true",
+        help="train nothing: tabulate the cells already in results/NAME/runs/ and list the missing ones",
     )
     parser.add_argument("--report", metavar="JSON", help="only print the table of an existing results file")
     parser.add_argument(
@@ -411,11 +418,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 raise ConfigError(f"{path} was written with other settings: pass another --name (or delete {folder})")
             done[(label, seed)] = saved  # resumable: a finished (model, seed) is not run again
     todo = [cell for cell in cells if cell not in done]
+    if args.no_train:  # a table of the cells so far, e.g. while the seeds of a long benchmark are still to come
+        report["missing"] = [f"{label} seed {seed}" for label, seed in todo]
+        todo = []
     print(f"{len(cells)} runs ({len(done)} already in {folder / 'runs'}), {len(todo)} to train", flush=True)
     # runs side by side split the cores (unless OMP_NUM_THREADS says otherwise): with every run taking all
     # cores, their threads oversubscribe the machine and wait on each other
     threads = None if "OMP_NUM_THREADS" in os.environ or args.jobs <= 1 else max(1, usable_cpus() // args.jobs)
-    report["jobs"], report["threads_per_run"] = args.jobs, threads or torch.get_num_threads()
+    if not args.no_train:  # with --no-train the cells' own commits and threads tell how they ran
+        report["jobs"], report["threads_per_run"] = args.jobs, threads or torch.get_num_threads()
     context = multiprocessing.get_context("spawn")  # fresh interpreters: each run's peak memory is its own
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context, max_tasks_per_child=1) as pool:
         futures = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections import Counter
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
@@ -102,8 +103,10 @@ def format_table(report: dict[str, Any]) -> str:
     """Markdown: the mean ± std table over seeds, costs, the cold-item slice and the paired comparison."""
     summary = report["summary"]
     accuracy = ["hit@10", "ndcg@10", "mrr@10", "ndcg@5", "ndcg@20", "uni100 hit@10", "uni100 ndcg@10"]
+    missing = report.get("missing")
+    seeds = f"each row's seeds of {report['seeds']}" if missing else f"seeds {report['seeds']}"
     lines = [
-        f"Test metrics, mean ± std over seeds {report['seeds']} (full ranking unless uni100):\n",
+        f"Test metrics, mean ± std over {seeds} (full ranking unless uni100):\n",
         "| model | seeds | " + " | ".join(accuracy) + " |",
         "|---|---|" + "---|" * len(accuracy),
     ]
@@ -155,6 +158,11 @@ def format_table(report: dict[str, Any]) -> str:
             + (f" ± {error:.4f} (standard error)" if error is not None else "")
             + f", x{comparison['ratio_of_means']:.3f} of its mean; {noise}"
         )
+    if missing:
+        lines.append(f"\nNot trained yet, so not in this table ({len(missing)}): {', '.join(missing)}")
+    commits = Counter(run.get("commit", "not recorded") for run in report["runs"])
+    if set(commits) != {report.get("commit")}:  # cells trained by earlier commands than this table's
+        lines.append("\nCells trained at commit: " + ", ".join(f"{c} ({n})" for c, n in commits.items()))
     threads = report.get("threads_per_run")
     lines.append(
         provenance(report)

@@ -109,6 +109,15 @@ def test_seeds_are_summarised_compared_in_pairs_tabulated_plotted_and_resumed(tm
     assert again["summary"] == report["summary"]
     with pytest.raises(ConfigError, match="was written with other settings: pass another --name"):
         main([*arguments, "--set", *overrides, "hidden_size=32"])  # another benchmark into the same folder
+    # --no-train: a table of the cells there are, the missing ones listed and left untrained
+    assert all(run["commit"] == report["commit"] for run in report["runs"])  # each cell keeps its provenance
+    (folder / "runs" / "SASRec-seed2021.json").unlink()
+    partial = main([*arguments, "--set", *overrides, *sasrec, "--no-train"])
+    assert not (folder / "runs" / "SASRec-seed2021.json").exists() and partial["missing"] == ["SASRec seed 2021"]
+    assert partial["summary"]["SASRec"]["seeds"] == 1 and partial["summary"]["UR4RecV2MoE"]["seeds"] == 2
+    assert partial["paired"]["seeds"] == [2020]  # only the seeds both models have are paired
+    table = (folder / "table.md").read_text()
+    assert "over each row's seeds of [2020, 2021]" in table and "Not trained yet, so not in this table (1)" in table
 
 
 def test_training_counts_per_item_and_the_cold_slice_follow_the_inter_file(tmp_path):
