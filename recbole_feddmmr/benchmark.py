@@ -446,7 +446,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             print(f"finished {label} seed {seed} ({len(done)} of {len(cells)})", flush=True)
     report["runs"] = [done[cell] for cell in sorted(done, key=lambda cell: (args.models.index(cell[0]), cell[1]))]
-    if not report["runs"]:
+    if not report["runs"] and args.no_train:
+        raise ConfigError(f"--no-train: no finished run of these models and seeds in {folder / 'runs'}")
+    if not report["runs"]:  # the errors are kept where the message points
+        (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
         raise ConfigError(f"no run finished; see the errors in {folder / 'report.json'}")
     report["summary"] = summarize(report["runs"])
     if baselines:  # the cost table's seconds per epoch are also shown as ratios against it
