@@ -67,7 +67,7 @@ from recbole_feddmmr.report import (
     read_results,
     test_cells,
 )
-from recbole_feddmmr.utils import get_trainer, git_commit, usable_cpus
+from recbole_feddmmr.utils import get_trainer, git_commit, machine_description, usable_cpus
 
 REPORTED = ("hit@10", "ndcg@10", "mrr@10")
 
@@ -326,7 +326,7 @@ def run_cell(
     settings = {**overrides, **run_overrides, "seed": seed}
     result = {"label": label, "seed": seed, "settings": settings, **run_model(model, dataset, settings)}
     # a cell's own provenance: a table can gather cells trained by several commands (resumed, --no-train)
-    result |= {"commit": git_commit(), "torch_threads": torch.get_num_threads()}
+    result |= {"commit": git_commit(), "machine": machine_description(), "torch_threads": torch.get_num_threads()}
     partial = Path(f"{path}.partial")
     partial.write_text(json.dumps(result, indent=1, default=str))
     partial.replace(path)

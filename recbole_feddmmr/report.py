@@ -113,7 +113,13 @@ def format_results(report: dict[str, Any]) -> str:
     if "runs" in report:
         return benchmark.format_report(report)
     if "test_full" in report:  # one run's file (federated.study writes one per run)
-        return benchmark.format_report({"runs": [report], "command": report.get("command", "?")})
+        # a benchmark cell carries its own commit and machine; cells trained before the machine was recorded
+        # carry their torch threads only
+        machine = report.get("machine") or (
+            f"not recorded; {report['torch_threads']} torch threads" if "torch_threads" in report else "?"
+        )
+        cell = {"runs": [report], "command": report.get("command", "?"), "commit": report.get("commit", "?")}
+        return benchmark.format_report(cell | {"machine": machine})
     raise DataFileError(f"not a results file of recbole_feddmmr (its keys: {', '.join(list(report)[:8])})")
 
 

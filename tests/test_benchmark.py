@@ -73,6 +73,8 @@ def test_a_saved_checkpoint_evaluates_to_the_runs_own_test_figures(tmp_path):
 def test_seeds_are_summarised_compared_in_pairs_tabulated_plotted_and_resumed(tmp_path, capsys):
     from statistics import mean, stdev
 
+    from recbole_feddmmr.report import format_results, read_results
+
     settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"))
     settings.pop("epochs")
     overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
@@ -111,6 +113,9 @@ def test_seeds_are_summarised_compared_in_pairs_tabulated_plotted_and_resumed(tm
         main([*arguments, "--set", *overrides, "hidden_size=32"])  # another benchmark into the same folder
     # --no-train: a table of the cells there are, the missing ones listed and left untrained
     assert all(run["commit"] == report["commit"] for run in report["runs"])  # each cell keeps its provenance
+    assert all(f"{run['torch_threads']} torch threads" in run["machine"] for run in report["runs"])
+    cell = format_results(read_results(folder / "runs" / "SASRec-seed2021.json")).splitlines()[-1]
+    assert cell.endswith(f"commit {report['commit']}; machine: {runs[('SASRec', 2021)]['machine']}")
     (folder / "runs" / "SASRec-seed2021.json").unlink()
     partial = main([*arguments, "--set", *overrides, *sasrec, "--no-train"])
     assert not (folder / "runs" / "SASRec-seed2021.json").exists() and partial["missing"] == ["SASRec seed 2021"]
