@@ -67,7 +67,7 @@ from recbole_feddmmr.report import (
     read_results,
     test_cells,
 )
-from recbole_feddmmr.utils import get_trainer, git_commit, machine_description, usable_cpus
+from recbole_feddmmr.utils import get_trainer, usable_cpus
 
 REPORTED = ("hit@10", "ndcg@10", "mrr@10")
 
@@ -314,10 +314,17 @@ def cell_name(label: str, seed: int) -> str:
 
 
 def run_cell(
-    label: str, dataset: str, overrides: dict[str, Any], seed: int, path: str, threads: int | None = None
+    label: str,
+    dataset: str,
+    overrides: dict[str, Any],
+    seed: int,
+    path: str,
+    threads: int | None = None,
+    benchmark_argv: list[str] | None = None,
 ) -> dict[str, Any]:
     """One (model label, seed) run, written to ``path`` (to a temporary name, then renamed); ``threads``: torch's
-    CPU threads (``--jobs`` runs side by side share the cores instead of each taking all of them)."""
+    CPU threads (``--jobs`` runs side by side share the cores instead of each taking all of them);
+    ``benchmark_argv``: the arguments of the benchmark that started it, recorded as the cell's command."""
     logging.basicConfig(level=logging.INFO)
     if threads:
         torch.set_num_threads(threads)
@@ -326,7 +333,7 @@ def run_cell(
     settings = {**overrides, **run_overrides, "seed": seed}
     result = {"label": label, "seed": seed, "settings": settings, **run_model(model, dataset, settings)}
     # a cell's own provenance: a table can gather cells trained by several commands (resumed, --no-train)
-    result |= {"commit": git_commit(), "machine": machine_description(), "torch_threads": torch.get_num_threads()}
+    result |= new_report("recbole_feddmmr.benchmark", benchmark_argv or [], torch_threads=torch.get_num_threads())
     partial = Path(f"{path}.partial")
     partial.write_text(json.dumps(result, indent=1, default=str))
     partial.replace(path)
@@ -431,7 +438,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context, max_tasks_per_child=1) as pool:
         futures = {
             pool.submit(
-                run_cell, label, args.dataset, overrides, seed, str(folder / "runs" / cell_name(label, seed)), threads
+                run_cell,
+                label,
+                args.dataset,
+                overrides,
+                seed,
+                str(folder / "runs" / cell_name(label, seed)),
+                threads,
+                sys.argv[1:] if argv is None else argv,
             ): (label, seed)
             for label, seed in todo
         }

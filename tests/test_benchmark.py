@@ -113,9 +113,11 @@ def test_seeds_are_summarised_compared_in_pairs_tabulated_plotted_and_resumed(tm
         main([*arguments, "--set", *overrides, "hidden_size=32"])  # another benchmark into the same folder
     # --no-train: a table of the cells there are, the missing ones listed and left untrained
     assert all(run["commit"] == report["commit"] for run in report["runs"])  # each cell keeps its provenance
+    assert all(run["command"] == report["command"] for run in report["runs"])  # the benchmark that trained it
     assert all(f"{run['torch_threads']} torch threads" in run["machine"] for run in report["runs"])
-    cell = format_results(read_results(folder / "runs" / "SASRec-seed2021.json")).splitlines()[-1]
-    assert cell.endswith(f"commit {report['commit']}; machine: {runs[('SASRec', 2021)]['machine']}")
+    cell = format_results(read_results(folder / "runs" / "SASRec-seed2021.json"))
+    machine = runs[("SASRec", 2021)]["machine"]
+    assert cell.endswith(f"\ncommand: `{report['command']}`; commit {report['commit']}; machine: {machine}")
     (folder / "runs" / "SASRec-seed2021.json").unlink()
     partial = main([*arguments, "--set", *overrides, *sasrec, "--no-train"])
     assert not (folder / "runs" / "SASRec-seed2021.json").exists() and partial["missing"] == ["SASRec seed 2021"]
