@@ -163,6 +163,13 @@ def format_table(report: dict[str, Any]) -> str:
     commits = Counter(run.get("commit", "not recorded") for run in report["runs"])
     if set(commits) != {report.get("commit")}:  # cells trained by earlier commands than this table's
         lines.append("\nCells trained at commit: " + ", ".join(f"{c} ({n})" for c, n in commits.items()))
+    machines = Counter(run.get("machine", "not recorded") for run in report["runs"])
+    if set(machines) != {report.get("machine")}:  # seconds and memory compare only between cells of one machine
+        lines.append(
+            "\nCells trained on: "
+            + "; ".join(f"{m} ({n})" for m, n in machines.items())
+            + (" (the costs above mix these machines)" if len(machines) > 1 else "")
+        )
     threads = report.get("threads_per_run")
     lines.append(
         provenance(report)

@@ -193,6 +193,14 @@ def test_the_cost_table_gives_seconds_per_epoch_and_their_ratio_to_the_speed_bas
     assert "| SASRec | 10 | 1 | 1 | 27.5 | 1.00 | 1 |" in table and "| Other | 10 | 1 | 1 | 2.5 | 0.09 | 1 |" in table
     del report["speed_baseline"], report["summary"]["SASRec"]  # no SASRec in the table: no ratio
     assert "| Other | 10 | 1 | 1 | 2.5 | - | 1 |" in format_table(report)
+    assert "\nCells trained on: not recorded (4)\n" in format_table(report)  # one machine: its costs compare
+    runs[0]["machine"] = "CPU A"  # cells of two machines: the table says which, and that its costs mix them
+    mixed = "\nCells trained on: CPU A (1); not recorded (3) (the costs above mix these machines)\n"
+    assert mixed in format_table(report)
+    report["machine"] = "CPU A"
+    for cell in runs:
+        cell["machine"] = "CPU A"
+    assert "Cells trained on" not in format_table(report)  # every cell on the table's own machine
 
 
 def test_a_federated_runs_throughput_counts_the_samples_its_rounds_trained():
