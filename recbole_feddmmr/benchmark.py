@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--evaluate", nargs="+", metavar="CHECKPOINT", help="only evaluate saved checkpoints on test (to --out)"
     )
+    argv = sys.argv[1:] if argv is None else argv  # the command every report and cell records
     args = parser.parse_args(argv)
     if args.evaluate:
         out = Path(args.out or "results/benchmark.json")
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 seed,
                 str(folder / "runs" / cell_name(label, seed)),
                 threads,
-                sys.argv[1:] if argv is None else argv,
+                argv,
             ): (label, seed)
             for label, seed in todo
         }
