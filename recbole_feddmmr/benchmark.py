@@ -107,8 +107,12 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
     """Train ``model`` with early stopping, evaluate its best checkpoint on test (full and uni100)."""
     config, (train_data, valid_data, test_data), model_instance = prepare_run(model, dataset, config_dict=overrides)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"], config["federated"])(config, model_instance)
-    epoch_seconds: list[float] = []
-    memory_epochs: list[dict[str, float]] = []
+    # kept by the trainer, so that a killed cell resumed by the same command (resumable.py) keeps the epochs
+    # its earlier processes trained: seconds per epoch, memory statistics and memory seconds per epoch, and
+    # the validation curve as (epoch or round, validation NDCG@10, seconds of fit until then)
+    records = trainer.run_records
+    for name in ("epoch_seconds", "memory_epochs", "memory_epoch_seconds", "curve"):
+        records[name] = []
     memory = getattr(model_instance, "memory", None)
     memory_seconds = time_memory_calls(memory) if hasattr(memory, "add_batch") else None
     train_epoch = trainer._train_epoch
@@ -116,28 +120,29 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
     def timed_train_epoch(*args, **kwargs):
         if memory_seconds is not None:
             memory_seconds["training"] = True
+            memory_before = memory_seconds["seconds"]
         started = time.perf_counter()
         result = train_epoch(*args, **kwargs)
-        epoch_seconds.append(time.perf_counter() - started)
+        records["epoch_seconds"].append(time.perf_counter() - started)
         if memory_seconds is not None:
             memory_seconds["training"] = False
-            memory_epochs.append(memory.stats())
+            records["memory_epochs"].append(memory.stats())
+            records["memory_epoch_seconds"].append(memory_seconds["seconds"] - memory_before)
         return result
 
     trainer._train_epoch = timed_train_epoch
-    curve: list[tuple[int, float, float]] = []  # (epoch or round, validation NDCG@10, seconds since the start)
     on_cuda = config["device"].type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    fit_started = time.perf_counter()
 
     def record_validation(epoch_idx: int, valid_score: float) -> None:
-        curve.append((int(epoch_idx), float(valid_score), time.perf_counter() - fit_started))
+        records["curve"].append((int(epoch_idx), float(valid_score), trainer.fit_elapsed()))
 
     best_valid_score, best_valid = trainer.fit(
         train_data, valid_data, saved=True, show_progress=False, callback_fn=record_validation
     )
-    fit_seconds = time.perf_counter() - fit_started  # training and validation, as a user waits for them
+    fit_seconds = trainer.fit_elapsed()  # training and validation, as a user waits for them
+    epoch_seconds, curve = records["epoch_seconds"], records["curve"]
     test_full = trainer.evaluate(test_data, load_best_model=True)
     cold = cold_item_slice(config, train_data, test_data)
     test_cold = trainer.evaluate(cold, load_best_model=False) if cold is not None else {}
@@ -185,8 +190,10 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
         result["bytes_up_total"] = sum(report["bytes_up"] for report in rounds)
         result["bytes_down_total"] = sum(report["bytes_down"] for report in rounds)
     elif memory_seconds is not None:
-        result["memory_per_epoch"] = memory_epochs
-        result["memory_share_of_train_time"] = memory_seconds["seconds"] / sum(epoch_seconds)
+        result["memory_per_epoch"] = records["memory_epochs"]
+        result["memory_share_of_train_time"] = sum(records["memory_epoch_seconds"]) / sum(epoch_seconds)
+    if len(trainer.segments) > 1:  # resumed: where each process took over, with its commit and machine
+        result["segments"] = trainer.segments
     return result
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from recbole_feddmmr.compat import TrustedCheckpointMixin
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.model.ur4rec_v2_moe import TrainingLoss
+from recbole_feddmmr.resumable import ResumableFitMixin
 
 
 def train_steps(
@@ -79,7 +80,7 @@ def train_steps(
     return total_loss
 
 
-class UR4RecV2MoETrainer(TrustedCheckpointMixin, Trainer):
+class UR4RecV2MoETrainer(ResumableFitMixin, TrustedCheckpointMixin, Trainer):
     """RecBole Trainer whose training epochs use :class:`SequenceWindows` and ``model.calculate_window_loss``."""
 
     def __init__(self, config, model) -> None:

@@ -13,7 +13,7 @@ from recbole.utils import ModelType
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
 
-from recbole_feddmmr.compat import keep_anomaly_mode, with_trusted_checkpoints
+from recbole_feddmmr.compat import keep_anomaly_mode
 from recbole_feddmmr.errors import ConfigError, MissingFileError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -56,8 +56,11 @@ def get_trainer(model_type: ModelType, model_name: str, federated: bool = False)
     the plugin's FederatedTrainer, for any model that trains through a window loss
     (``calculate_window_loss``, e.g. UR4RecV2MoE).
 
-    Either way the class can reload RecBole checkpoints on torch >= 2.6.
+    Either way the class can reload RecBole checkpoints on torch >= 2.6, and a killed run that saves
+    checkpoints resumes where it stopped when the same command runs again (:mod:`recbole_feddmmr.resumable`).
     """
+    from recbole_feddmmr.resumable import with_resumable_fit  # resumable reads config, which imports this module
+
     if federated:
         if not hasattr(get_model(model_name), "calculate_window_loss"):
             raise ConfigError(
@@ -71,7 +74,7 @@ def get_trainer(model_type: ModelType, model_name: str, federated: bool = False)
     trainer_class = getattr(plugin_trainers, f"{model_name}Trainer", None)
     if trainer_class is None:
         trainer_class = recbole_get_trainer(model_type, model_name)
-    return with_trusted_checkpoints(trainer_class)
+    return with_resumable_fit(trainer_class)
 
 
 def usable_cpus() -> int:

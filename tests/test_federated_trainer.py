@@ -62,7 +62,8 @@ def test_a_run_killed_mid_training_and_resumed_matches_an_uninterrupted_run(tmp_
         crash_rounds_after(patch, 1)
         run(tmp_path / "b", rounds=4, **server)
     trainer, resumed = run(tmp_path / "b", rounds=4, **server)  # the same command again
-    assert [report.round_idx for report in trainer.round_reports] == [2, 3]
+    assert [segment["from_epoch"] for segment in trainer.segments] == [0, 2]  # rounds 0 and 1 not run again
+    assert [report.round_idx for report in trainer.round_reports] == [0, 1, 2, 3]  # the killed process's too
     assert resumed == uninterrupted
     assert trainer.best_epoch == straight.best_epoch is not None  # the round of the best checkpoint, too
     # the client state store came back exactly: every client's private rows equal the uninterrupted run's

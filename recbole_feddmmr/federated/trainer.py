@@ -14,10 +14,6 @@ configuration is refused), and a finished run removes it.
 from __future__ import annotations
 
 import importlib.util
-import os
-import random
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +21,6 @@ from recbole.utils import early_stopping, set_color
 from tqdm import tqdm
 
 from recbole_feddmmr.compat import read_checkpoint
-from recbole_feddmmr.config import config_fingerprint
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.errors import CheckpointError, ConfigError
 from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend, default_chunk_targets
@@ -33,6 +28,7 @@ from recbole_feddmmr.federated.client import FedMemClient, shared_parameters
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
 from recbole_feddmmr.federated.server import FedMemServer, RoundReport
 from recbole_feddmmr.federated.strategy import FedMemStrategy, LocalSettings, ServerOptimizer
+from recbole_feddmmr.resumable import restore_rng_states, rng_states, save_atomically
 from recbole_feddmmr.trainer import UR4RecV2MoETrainer
 from recbole_feddmmr.utils import usable_cpus
 
@@ -75,12 +71,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             ),
             seed=config["seed"],
         )
-        # named by the fingerprint: runs of other settings (e.g. side by side in a benchmark) never share one
-        self.run_fingerprint = config_fingerprint(config)
-        name = f"{config['model']}-{config['dataset']}-federated-seed{config['seed']}-{self.run_fingerprint}.resume.pth"
-        self.resume_file = Path(config["checkpoint_dir"]) / name
-        self.round_reports: list[RoundReport] = []
-        self.elapsed_before_resume = 0.0
+        self.round_reports: list[RoundReport] = []  # resume_file, run_fingerprint: ResumableFitMixin's
 
     # --------------------------------------------------------------- the run
     def build_server(self, train_data) -> FedMemServer:
@@ -176,6 +167,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
 
     def _fit(self, server: FedMemServer, valid_data, verbose, saved, show_progress, callback_fn):
         self._resume_if_interrupted(server)
+        self._start_segment()
         self.logger.info(
             f"federated: {len(server.clients)} clients ({self.config['partition']} partition), "
             f"{self.rounds} rounds, local epochs {self.settings.local_epochs}, backend {server.backend.name}"
@@ -183,7 +175,6 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         rounds = range(self.start_epoch, self.rounds)
         iterator = tqdm(rounds, desc=set_color("Rounds", "pink"), ncols=100) if show_progress else rounds
         budget = self.config["time_budget_s"]
-        started = time.perf_counter() - self.elapsed_before_resume
         last_resume_save = self.elapsed_before_resume
         for round_idx in iterator:
             report = server.run_round(round_idx)
@@ -214,7 +205,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
                         self._save_checkpoint(round_idx, verbose=verbose)
                 if callback_fn:  # as RecBole's fit: e.g. a Ray Tune trial reporting each validation
                     callback_fn(round_idx, valid_score)
-            report.elapsed_seconds = time.perf_counter() - started
+            report.elapsed_seconds = self.fit_elapsed()
             if budget and report.elapsed_seconds >= budget and not stop:
                 self.logger.info(f"time budget of {budget} s spent after round {round_idx}: stopping")
                 stop = True
@@ -243,17 +234,16 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             "best_valid_result": self.best_valid_result,
             "saved_model_file": self.saved_model_file,
             "best_epoch": self.best_epoch,  # the round of that checkpoint
+            "train_loss_dict": self.train_loss_dict,
+            "round_reports": self.round_reports,
+            "run_records": self.run_records,  # ResumableFitMixin's, as a centralised run keeps them
+            "segments": self.segments,
             # shared parameters and global prototypes; the users' private rows are in the client state store
             "state_dict": self.server.store.shared_state(self.model),
             "client_states": self.server.store.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_states(self.device),
         }
-        if self.device.type == "cuda":  # dropout on CUDA draws from the CUDA generators
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        self.resume_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.resume_file.with_name(self.resume_file.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.resume_file)  # never a half-written resume file
+        save_atomically(state, self.resume_file)  # never a half-written resume file
 
     def _resume_if_interrupted(self, server: FedMemServer) -> None:
         if not self.resume_file.exists():
@@ -275,9 +265,9 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         self.cur_step, self.best_valid_score = state["cur_step"], state["best_valid_score"]
         self.best_valid_result, self.saved_model_file = state["best_valid_result"], state["saved_model_file"]
         self.best_epoch = state.get("best_epoch")
-        torch.set_rng_state(state["rng"]["torch"].cpu())  # RNG states are CPU byte tensors, whatever map_location
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state_all([rng.cpu() for rng in state["rng"]["cuda"]])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        self.train_loss_dict, self.round_reports = state["train_loss_dict"], state["round_reports"]
+        self.run_records.clear()
+        self.run_records.update(state["run_records"])
+        self.segments = state["segments"]
+        restore_rng_states(state["rng"], self.device)
         self.logger.info(f"resuming the interrupted federated run from round {self.start_epoch} ({self.resume_file})")
