@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run
+from conftest import TINY_CONFIG, tiny_run
 
 from recbole_feddmmr.errors import CheckpointError
 from recbole_feddmmr.resumable import ResumableFitMixin
@@ -112,3 +112,33 @@ def test_runs_without_checkpoints_neither_write_nor_read_resume_state(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(splits[0], splits[1], saved=False)
     assert not trainer.resume_file.exists()
+
+
+def test_a_benchmark_cell_killed_mid_training_resumes_with_its_earlier_epochs(tmp_path):
+    """The cell's epoch times, curve and metrics cover the killed process's epochs, and it says where it resumed."""
+    from recbole.trainer import Trainer
+
+    from recbole_feddmmr.benchmark import run_model
+
+    def settings(folder: str) -> dict:
+        return {**TINY_CONFIG, "checkpoint_dir": str(tmp_path / folder), **RUN, "epochs": 3}
+
+    straight = run_model("SASRec", "tiny", settings("a"))
+    real_epoch = Trainer._train_epoch
+
+    def crashing_epoch(self, train_data, epoch_idx, *args, **kwargs):
+        if epoch_idx > 0:
+            raise KeyboardInterrupt("killed")
+        return real_epoch(self, train_data, epoch_idx, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(Trainer, "_train_epoch", crashing_epoch)
+        run_model("SASRec", "tiny", settings("b"))
+    resumed = run_model("SASRec", "tiny", settings("b"))
+    assert [segment["from_epoch"] for segment in resumed["segments"]] == [0, 1]
+    assert "segments" not in straight
+    assert resumed["epochs_trained"] == straight["epochs_trained"] == 3
+    assert resumed["valid_curve"] == straight["valid_curve"]
+    for split in ("test_full", "test_uni100", "test_cold"):
+        assert resumed[split] == straight[split], split
+    assert resumed["best_epoch"] == straight["best_epoch"]
