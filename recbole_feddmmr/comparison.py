@@ -48,7 +48,8 @@ def metric_of(run: dict[str, Any], column: str) -> float | None:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """label -> {column: [mean, std over seeds (0 for one seed)], "seeds": n}, labels in first-seen order."""
+    """label -> {column: [mean, std over seeds (None for one seed: one value has no spread)], "seeds": n}, labels
+    in first-seen order."""
     labels = list(dict.fromkeys(run["label"] for run in runs))
     summary = {}
     for label in labels:
@@ -57,7 +58,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for column in [*METRICS, *COSTS]:
             values = [value for run in mine if (value := metric_of(run, column)) is not None]
             if values:
-                row[column] = [mean(values), stdev(values) if len(values) > 1 else 0.0]
+                row[column] = [mean(values), stdev(values) if len(values) > 1 else None]
         summary[label] = row
     return summary
 
@@ -96,7 +97,7 @@ def _cell(value: list[float] | None, digits: int = 4) -> str:
     if value is None:
         return "-"
     average, spread = value
-    return f"{average:.{digits}f} ± {spread:.{digits}f}"
+    return f"{average:.{digits}f}" if spread is None else f"{average:.{digits}f} ± {spread:.{digits}f}"
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -213,7 +214,7 @@ def plot(folder: Path, report: dict[str, Any]) -> list[Path]:
     labels = list(summary)
     figure, axes = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.5))
     averages = [summary[label]["ndcg@10"][0] for label in labels]
-    spreads = [summary[label]["ndcg@10"][1] for label in labels]
+    spreads = [summary[label]["ndcg@10"][1] or 0.0 for label in labels]  # no bar for a one-seed row
     axes.barh(labels, averages, xerr=spreads, capsize=3)
     axes.set(xlabel="test NDCG@10 (mean ± std over seeds)")
     axes.invert_yaxis()

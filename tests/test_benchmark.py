@@ -125,6 +125,8 @@ def test_seeds_are_summarised_compared_in_pairs_tabulated_plotted_and_resumed(tm
     assert partial["paired"]["seeds"] == [2020]  # only the seeds both models have are paired
     table = (folder / "table.md").read_text()
     assert "over each row's seeds of [2020, 2021]" in table and "Not trained yet, so not in this table (1)" in table
+    sasrec_ndcg = f"{ndcg[('SASRec', 2020)]:.4f}"
+    assert f"| {sasrec_ndcg} |" in table and f"{sasrec_ndcg} ±" not in table  # one seed: a value, no spread
     with pytest.raises(ConfigError, match="--no-train: no finished run of these models and seeds"):
         main([*arguments[:-1], "empty", "--set", *overrides, *sasrec, "--no-train"])
 
