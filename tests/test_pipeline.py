@@ -164,3 +164,29 @@ def test_a_run_refuses_to_evaluate_a_checkpoint_another_run_wrote(tmp_path):
     other.saved_model_file = first.saved_model_file  # as if both had been given one name
     with pytest.raises(RuntimeError, match="not written by this run"):
         other.evaluate(test_data, load_best_model=True)
+
+
+def test_run_folders_exist_before_recbole_checks_for_them_so_parallel_runs_cannot_race(tmp_path, monkeypatch):
+    import os
+
+    from recbole.utils import init_logger
+
+    from recbole_feddmmr.quick_start import make_run_dirs
+
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path)
+
+    def lose_the_race(*args, **kwargs):  # what a run sees when a sibling created the folder after its check
+        raise FileExistsError(args[0])
+
+    monkeypatch.setattr(os, "makedirs", lose_the_race)
+    with pytest.raises(FileExistsError):  # RecBole alone: check, then create
+        init_logger(config)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    make_run_dirs(config)
+    make_run_dirs(config)  # a second run finding the folders made is fine
+    assert (tmp_path / "log" / "UR4RecV2MoE").is_dir() and Path(config["checkpoint_dir"]).is_dir()
+    monkeypatch.setattr(os, "makedirs", lose_the_race)
+    init_logger(config)  # finds both folders, creates nothing
+    assert (tmp_path / "log" / "UR4RecV2MoE").is_dir() and any((tmp_path / "log" / "UR4RecV2MoE").iterdir())
