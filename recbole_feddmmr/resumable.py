@@ -108,17 +108,14 @@ class ResumableFitMixin:
         self.segments.append({"from_epoch": self.start_epoch, "commit": git_commit(), "machine": machine_description()})
         self._fit_started = time.perf_counter()
 
-    def _save_resume_state(self, epoch_idx: int, train_data) -> None:
-        # RecBole stops once cur_step passes stopping_step, or after the last epoch
-        finished = self.cur_step > self.stopping_step or epoch_idx + 1 >= self.epochs
-        state = {
+    # ------------------------------------------------------------ the state every resumable loop shares
+    def _progress_state(self, epoch_idx: int) -> dict[str, Any]:
+        """Where training stands after ``epoch_idx`` (an epoch, or a federated round): early stopping, the best
+        checkpoint, the records, the time spent and the global random generators. Each loop adds its weights."""
+        return {
             "fingerprint": self.run_fingerprint,
             "epoch": epoch_idx,
-            "finished": finished,
-            "elapsed_seconds": self.fit_elapsed(),
-            "state_dict": self.model.state_dict(),
-            "other_parameter": self.model.other_parameter(),
-            "optimizer": self.optimizer.state_dict(),
+            "elapsed_seconds": self.fit_elapsed(),  # so a resumed run keeps its time budget and throughput
             "cur_step": self.cur_step,
             "best_valid_score": self.best_valid_score,
             "best_valid_result": self.best_valid_result,
@@ -128,26 +125,25 @@ class ResumableFitMixin:
             "run_records": self.run_records,
             "segments": self.segments,
             "rng": rng_states(self.device),
-            # RecBole's training dataloader shuffles with a generator of its own
-            "loader_rng": train_data.generator.get_state() if hasattr(train_data, "generator") else None,
         }
-        save_atomically(state, self.resume_file)
 
-    def _resume_fit_if_interrupted(self, train_data) -> bool:
-        """Restore the resume state if there is one. -> whether that run had already finished training."""
+    def _read_resume_state(self, weights_key: str) -> dict[str, Any] | None:
+        """The resume file's state (tensors on this run's device), None when there is none. Refused when another
+        configuration or another kind of loop (no ``weights_key``) wrote it, or its best checkpoint is gone."""
         if not self.resume_file.exists():
-            return False
+            return None
         state = read_checkpoint(self.resume_file, map_location=self.device)
-        if state.get("fingerprint") != self.run_fingerprint or "optimizer" not in state:
+        if state.get("fingerprint") != self.run_fingerprint or weights_key not in state or "epoch" not in state:
             raise CheckpointError(f"{self.resume_file} belongs to a run with other settings: delete it to start afresh")
         if state["best_epoch"] is not None and not os.path.exists(state["saved_model_file"]):
             raise CheckpointError(
                 f"{self.resume_file} resumes a run whose best checkpoint {state['saved_model_file']} is gone: "
                 "delete the resume file to start afresh"
             )
-        self.model.load_state_dict(state["state_dict"])
-        self.model.load_other_parameter(state["other_parameter"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        return state
+
+    def _restore_progress_state(self, state: dict[str, Any]) -> None:
+        """Undo :meth:`_progress_state`: training goes on with the epoch (or round) after the saved one."""
         self.start_epoch = state["epoch"] + 1
         self.cur_step, self.best_valid_score = state["cur_step"], state["best_valid_score"]
         self.best_valid_result, self.best_epoch = state["best_valid_result"], state["best_epoch"]
@@ -157,6 +153,30 @@ class ResumableFitMixin:
         self.segments = state["segments"]
         self.elapsed_before_resume = state["elapsed_seconds"]
         restore_rng_states(state["rng"], self.device)
+
+    # ------------------------------------------------------------ RecBole's epoch loop
+    def _save_resume_state(self, epoch_idx: int, train_data) -> None:
+        state = self._progress_state(epoch_idx)
+        state.update(
+            # RecBole stops once cur_step passes stopping_step, or after the last epoch
+            finished=self.cur_step > self.stopping_step or epoch_idx + 1 >= self.epochs,
+            state_dict=self.model.state_dict(),
+            other_parameter=self.model.other_parameter(),
+            optimizer=self.optimizer.state_dict(),
+            # RecBole's training dataloader shuffles with a generator of its own
+            loader_rng=train_data.generator.get_state() if hasattr(train_data, "generator") else None,
+        )
+        save_atomically(state, self.resume_file)
+
+    def _resume_fit_if_interrupted(self, train_data) -> bool:
+        """Restore the resume state if there is one. -> whether that run had already finished training."""
+        state = self._read_resume_state("optimizer")
+        if state is None:
+            return False
+        self.model.load_state_dict(state["state_dict"])
+        self.model.load_other_parameter(state["other_parameter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._restore_progress_state(state)
         if state["loader_rng"] is not None:
             train_data.generator.set_state(state["loader_rng"].cpu())
         self.logger.info(f"resuming the interrupted run from epoch {self.start_epoch} ({self.resume_file})")

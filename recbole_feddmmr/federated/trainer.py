@@ -20,7 +20,6 @@ import torch
 from recbole.utils import early_stopping, set_color
 from tqdm import tqdm
 
-from recbole_feddmmr.compat import read_checkpoint
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.errors import CheckpointError, ConfigError
 from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend, default_chunk_targets
@@ -28,7 +27,7 @@ from recbole_feddmmr.federated.client import FedMemClient, shared_parameters
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
 from recbole_feddmmr.federated.server import FedMemServer, RoundReport
 from recbole_feddmmr.federated.strategy import FedMemStrategy, LocalSettings, ServerOptimizer
-from recbole_feddmmr.resumable import restore_rng_states, rng_states, save_atomically
+from recbole_feddmmr.resumable import save_atomically
 from recbole_feddmmr.trainer import UR4RecV2MoETrainer
 from recbole_feddmmr.utils import usable_cpus
 
@@ -212,7 +211,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             # the resume state holds every user's memory, so its size grows with all users: written at most
             # every resume_every_s seconds (a crash loses at most that much), not after every cheap round
             if report.elapsed_seconds - last_resume_save >= (self.config["resume_every_s"] or 0):
-                self._save_resume_state(round_idx, report.elapsed_seconds)
+                self._save_resume_state(round_idx)
                 last_resume_save = report.elapsed_seconds
             if stop:
                 break
@@ -223,51 +222,27 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         return self.best_valid_score, self.best_valid_result
 
     # ------------------------------------------------------------ resumption
-    def _save_resume_state(self, round_idx: int, elapsed_seconds: float = 0.0) -> None:
-        state = {
-            "fingerprint": self.run_fingerprint,
-            "round": round_idx,
-            "elapsed_seconds": elapsed_seconds,  # wall time so far, so a resumed run keeps its time budget
-            "server_optimizer": self.server.strategy.server_optimizer.state_dict(),  # momenta of FedAvgM/Adam/Yogi
-            "cur_step": self.cur_step,
-            "best_valid_score": self.best_valid_score,
-            "best_valid_result": self.best_valid_result,
-            "saved_model_file": self.saved_model_file,
-            "best_epoch": self.best_epoch,  # the round of that checkpoint
-            "train_loss_dict": self.train_loss_dict,
-            "round_reports": self.round_reports,
-            "run_records": self.run_records,  # ResumableFitMixin's, as a centralised run keeps them
-            "segments": self.segments,
+    def _save_resume_state(self, round_idx: int, train_data=None) -> None:
+        state = self._progress_state(round_idx)  # best_epoch: the round of the best checkpoint
+        state.update(
+            server_optimizer=self.server.strategy.server_optimizer.state_dict(),  # momenta of FedAvgM/Adam/Yogi
+            round_reports=self.round_reports,
             # shared parameters and global prototypes; the users' private rows are in the client state store
-            "state_dict": self.server.store.shared_state(self.model),
-            "client_states": self.server.store.state_dict(),
-            "rng": rng_states(self.device),
-        }
+            state_dict=self.server.store.shared_state(self.model),
+            client_states=self.server.store.state_dict(),
+        )
         save_atomically(state, self.resume_file)  # never a half-written resume file
 
     def _resume_if_interrupted(self, server: FedMemServer) -> None:
-        if not self.resume_file.exists():
+        state = self._read_resume_state("server_optimizer")
+        if state is None:
             return
-        # written by this trainer; tensors onto this run's device (the file may come from a run on another)
-        state = read_checkpoint(self.resume_file, map_location=self.device)
-        if state.get("fingerprint") != self.run_fingerprint:
-            raise CheckpointError(
-                f"{self.resume_file} belongs to a federated run with other settings: delete it to start afresh"
-            )
         missing, unexpected = self.model.load_state_dict(state["state_dict"], strict=False)
         if set(missing) != set(server.store.names) or unexpected:
             raise CheckpointError(f"{self.resume_file} does not fit this model: missing {missing}, extra {unexpected}")
         server.store.load_state_dict(state["client_states"])
         server.global_params = shared_parameters(self.model)
         server.strategy.server_optimizer.load_state_dict(state["server_optimizer"])
-        self.elapsed_before_resume = state["elapsed_seconds"]
-        self.start_epoch = state["round"] + 1
-        self.cur_step, self.best_valid_score = state["cur_step"], state["best_valid_score"]
-        self.best_valid_result, self.saved_model_file = state["best_valid_result"], state["saved_model_file"]
-        self.best_epoch = state.get("best_epoch")
-        self.train_loss_dict, self.round_reports = state["train_loss_dict"], state["round_reports"]
-        self.run_records.clear()
-        self.run_records.update(state["run_records"])
-        self.segments = state["segments"]
-        restore_rng_states(state["rng"], self.device)
+        self._restore_progress_state(state)
+        self.round_reports = state["round_reports"]
         self.logger.info(f"resuming the interrupted federated run from round {self.start_epoch} ({self.resume_file})")
