@@ -116,6 +116,9 @@ class TrustedCheckpointMixin:
     def __init__(self, config, model) -> None:
         from recbole.utils import get_local_time
 
+        # RecBole's trainer creates the folder by check-then-create, which two runs started side by side (the
+        # benchmarks' process pools) can race into a FileExistsError; created here first, that cannot happen
+        os.makedirs(config["checkpoint_dir"], exist_ok=True)
         super().__init__(config, model)
         kind = "-federated" if config["federated"] else ""
         stem = f"{config['model']}-{config['dataset']}{kind}-{get_local_time()}-{uuid.uuid4().hex[:8]}"

@@ -27,7 +27,9 @@ def prepare_run(model: str | None = None, dataset: str | None = None, config_fil
     """Config, datasets and model of one run -> (config, (train, valid, test), model)."""
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
-    make_run_dirs(config)
+    # RecBole's init_logger creates log/<model>/ by check-then-create, which runs started side by side (the
+    # benchmarks' process pools) can race into a FileExistsError; exist_ok makes the creation race-free
+    os.makedirs(os.path.join("log", config["model"]), exist_ok=True)
     init_logger(config)
     logger = logging.getLogger()
     logger.info(" ".join(sys.orig_argv))
@@ -42,14 +44,6 @@ def prepare_run(model: str | None = None, dataset: str | None = None, config_fil
     splits, model_instance = splits_and_model(config, full_dataset)
     logger.info(model_instance)
     return config, splits, model_instance.to(config["device"])
-
-
-def make_run_dirs(config) -> None:
-    """Create the folders RecBole writes into. RecBole's own ``ensure_dir`` checks, then creates, so two runs
-    started side by side (the benchmarks' process pools) can both see a folder missing and one then fails
-    with FileExistsError; ``exist_ok`` makes the creation race-free."""
-    for folder in (os.path.join("log", config["model"]), config["checkpoint_dir"]):
-        os.makedirs(folder, exist_ok=True)
 
 
 def splits_and_model(config, dataset) -> tuple[tuple, Any]:

@@ -166,27 +166,26 @@ def test_a_run_refuses_to_evaluate_a_checkpoint_another_run_wrote(tmp_path):
         other.evaluate(test_data, load_best_model=True)
 
 
-def test_run_folders_exist_before_recbole_checks_for_them_so_parallel_runs_cannot_race(tmp_path, monkeypatch):
+def test_a_run_started_beside_another_never_loses_the_race_to_create_its_folders(tmp_path, monkeypatch):
     import os
 
     from recbole.utils import init_logger
 
-    from recbole_feddmmr.quick_start import make_run_dirs
+    from recbole_feddmmr.quick_start import prepare_run
+
+    real_makedirs = os.makedirs
+
+    def sibling_creates_it_first(name, mode=0o777, exist_ok=False):  # between this run's check and its create
+        real_makedirs(name, mode, exist_ok=True)
+        if not exist_ok:
+            raise FileExistsError(name)
 
     monkeypatch.chdir(tmp_path)
-    config = tiny_config(tmp_path)
-
-    def lose_the_race(*args, **kwargs):  # what a run sees when a sibling created the folder after its check
-        raise FileExistsError(args[0])
-
-    monkeypatch.setattr(os, "makedirs", lose_the_race)
+    monkeypatch.setattr(os, "makedirs", sibling_creates_it_first)
     with pytest.raises(FileExistsError):  # RecBole alone: check, then create
-        init_logger(config)
-    monkeypatch.undo()
-    monkeypatch.chdir(tmp_path)
-    make_run_dirs(config)
-    make_run_dirs(config)  # a second run finding the folders made is fine
-    assert (tmp_path / "log" / "UR4RecV2MoE").is_dir() and Path(config["checkpoint_dir"]).is_dir()
-    monkeypatch.setattr(os, "makedirs", lose_the_race)
-    init_logger(config)  # finds both folders, creates nothing
+        init_logger(tiny_config(tmp_path / "recbole"))
+    settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"))
+    config, _, model = prepare_run("UR4RecV2MoE", "tiny", config_dict=settings)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     assert (tmp_path / "log" / "UR4RecV2MoE").is_dir() and any((tmp_path / "log" / "UR4RecV2MoE").iterdir())
+    assert Path(trainer.checkpoint_dir) == tmp_path / "saved" and (tmp_path / "saved").is_dir()
