@@ -12,7 +12,8 @@ writes nor reads it: without the best checkpoint, a resumed run could not evalua
 
 Why after each validation: a centralised epoch is long beside the save (ml-100k on a 2-core CPU: 20-180 s
 per epoch, a few MB of state, or ~85 MB with UR4RecV2MoE's memory of every user), and early stopping's
-state only changes there. The federated trainer keeps its own loop and uses the same file and generators.
+state only changes there. The federated trainer keeps its own loop and uses the same file, the same progress
+state (:meth:`ResumableFitMixin._progress_state`) and the same generators, adding only its server's state.
 """
 
 from __future__ import annotations

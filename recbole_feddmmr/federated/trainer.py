@@ -222,7 +222,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         return self.best_valid_score, self.best_valid_result
 
     # ------------------------------------------------------------ resumption
-    def _save_resume_state(self, round_idx: int, train_data=None) -> None:
+    def _save_resume_state(self, round_idx: int) -> None:
         state = self._progress_state(round_idx)  # best_epoch: the round of the best checkpoint
         state.update(
             server_optimizer=self.server.strategy.server_optimizer.state_dict(),  # momenta of FedAvgM/Adam/Yogi
