@@ -14,25 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recbole_feddmmr.errors import ConfigError, run_cli
-
-
-def recbole_overrides(arguments: list[str]) -> list[str]:
-    """The ``--key=value`` overrides RecBole's Config reads, from ``--key=value`` or ``--key value`` items."""
-    overrides, pending = [], None
-    for argument in arguments:
-        if pending is not None:
-            overrides.append(f"{pending}={argument}")
-            pending = None
-        elif argument.startswith("--") and "=" in argument:
-            overrides.append(argument)
-        elif argument.startswith("--") and len(argument) > 2:
-            pending = argument
-        else:
-            raise ConfigError(f"unexpected argument '{argument}': settings are given as --key=value")
-    if pending is not None:
-        raise ConfigError(f"{pending} has no value: write {pending}=VALUE")
-    return overrides
+from recbole_feddmmr.config import parse_overrides
+from recbole_feddmmr.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,14 +23,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("-m", "--model", default="UR4RecV2MoE", help="model name (plugin first, then RecBole)")
     parser.add_argument("-d", "--dataset", default="ml-100k", help="dataset name under dataset_atomic/")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files")
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    # RecBole's Config reads --key=value from sys.argv and calls anything else unused: it sees only the
-    # overrides, the plugin's own arguments having been consumed above
-    sys.argv = [sys.argv[0], *recbole_overrides(rest)]
+    args, settings = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    parse_overrides(settings)  # a malformed setting fails here, before RecBole's stack is imported
     from recbole_feddmmr.quick_start import run_recbole_feddmmr
 
     config_files = args.config_files.split() if args.config_files else None
-    return run_recbole_feddmmr(model=args.model, dataset=args.dataset, config_file_list=config_files)
+    return run_recbole_feddmmr(model=args.model, dataset=args.dataset, config_file_list=config_files, cmd_args=settings)
 
 
 def cli() -> None:

@@ -1,49 +1,114 @@
-"""Config: RecBole's Config plus the plugin's yaml layers and data folder."""
+"""Config: RecBole's Config plus the plugin's yaml layers and data folder, and the command-line syntax of settings.
+
+Every command of the plugin takes settings as ``--key=value`` (or ``--key value``); :func:`parse_overrides`
+reads them, each value by :func:`setting_value`, and the main command hands them to :class:`Config` as its
+``cmd_args`` (RecBole's Config would read ``sys.argv`` itself; this one never does).
+"""
 
 from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
-import json
 import os
 from pathlib import Path
+from typing import Any
 
 import recbole
 import yaml
 from recbole.config import Config as RecBoleConfig
 
 from recbole_feddmmr.compat import apply_numpy_aliases
-from recbole_feddmmr.errors import ConfigError
-from recbole_feddmmr.utils import get_model, properties_dir
+from recbole_feddmmr.errors import ConfigError, MissingFileError
+from recbole_feddmmr.registry import get_model
 
 # settings RecBole reads without a yaml default, and the plugin's former name of MAX_ITEM_LIST_LENGTH
 UNLISTED_SETTINGS = frozenset({"model", "dataset", "config_files", "max_seq_len"})
-# settings a federated run cannot honour: its clients' local steps are plain SGD/Adam steps in float32
-FEDERATED_UNSUPPORTED = {
-    "clip_grad_norm": "local steps do not clip gradients",
-    "weight_decay": "local optimizers have no weight decay",
-    "enable_amp": "local steps run in float32",
-}
+
+
+def properties_dir() -> Path:
+    """The plugin's yaml folder: inside the installed package, or ``properties/`` of a source checkout."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir / "properties", package_dir.parent / "properties"):
+        if (candidate / "overall.yaml").is_file():
+            return candidate
+    raise MissingFileError(
+        f"recbole_feddmmr properties not found next to {package_dir}; reinstall with `bash scripts/install.sh`"
+    )
+
+
+def setting_value(text: str) -> Any:
+    """A setting's value as written on a command line: YAML (``true``, ``null``, ``[1, 2]``, ``{mode: full}``),
+    Python's ``None``, and numbers PyYAML reads as text (``1e-3``); anything else stays the text itself."""
+    if text in ("None", "none"):
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("inf", "nan", "infinity") else value
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(arguments: list[str]) -> dict[str, Any]:
+    """``--key=value`` or ``--key value`` items -> {key: value} (values by :func:`setting_value`); anything else
+    is a :class:`ConfigError`, as is a key given twice with different values."""
+    overrides: dict[str, Any] = {}
+    pending = None
+    for argument in [*arguments, None]:
+        if pending is not None:
+            if argument is None or (argument.startswith("--") and len(argument) > 2):
+                raise ConfigError(f"{pending} has no value: write {pending}=VALUE")
+            key, text = pending[2:], argument
+            pending = None
+        elif argument is None:
+            break
+        elif argument.startswith("--") and "=" in argument:
+            key, text = argument[2:].split("=", 1)
+        elif argument.startswith("--") and len(argument) > 2:
+            pending = argument
+            continue
+        else:
+            raise ConfigError(f"unexpected argument '{argument}': settings are given as --key=value")
+        value = setting_value(text)
+        if key in overrides and overrides[key] != value:
+            raise ConfigError(f"--{key} is given twice with different values ({overrides[key]!r}, {value!r})")
+        overrides[key] = value
+    return overrides
 
 
 class Config(RecBoleConfig):
     """RecBole's Config that also knows the plugin's models, yaml files and ``dataset_atomic/``.
 
     Priority, lowest first: RecBole's internal yaml, the plugin's ``overall.yaml``, ``federated.yaml``,
-    ``model/<Model>.yaml``, ``dataset/<dataset>.yaml``, then (as in RecBole) config
-    files, config dict and ``--key=value`` command-line arguments.
+    ``model/<Model>.yaml``, ``dataset/<dataset>.yaml``, the dataset folder's own
+    ``<data_path>/<dataset>/<dataset>.yaml``, then (as in RecBole) config files, config dict and the
+    command line's ``--key=value`` settings (``cmd_args``).
     """
 
-    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None) -> None:
+    def __init__(
+        self,
+        model=None,
+        dataset=None,
+        config_file_list: list[str] | None = None,
+        config_dict: dict[str, Any] | None = None,
+        cmd_args: list[str] | None = None,
+    ) -> None:
+        """``cmd_args``: the command line's ``--key=value`` settings (:func:`parse_overrides`), which win over
+        everything else, as RecBole's command-line settings do; ``sys.argv`` is never read."""
         for path in config_file_list or []:
             if not os.path.isfile(path):
                 raise ConfigError(f"config file {path} does not exist (--config_files takes existing yaml files)")
+        self._cmd_args = list(cmd_args or [])
         super().__init__(model, dataset, config_file_list, config_dict)
         self._single_sequence_length()
-        if self.final_config_dict.get("federated"):
-            check_federated_settings(self.final_config_dict)
         self.setting_warnings = unknown_setting_warnings(self)
+
+    def _load_cmd_line(self) -> dict[str, Any]:
+        return parse_overrides(self._cmd_args)
 
     def _init_device(self) -> None:
         super()._init_device()
@@ -88,6 +153,11 @@ class Config(RecBoleConfig):
         ):
             if path.is_file():
                 self._update_internal_config_dict(str(path))
+        # a dataset folder may carry its own settings (its columns, its feature sizes) next to its atomic files
+        data_root = self.external_config_dict.get("data_path") or self.internal_config_dict["data_path"]
+        own = Path(data_root) / dataset / f"{dataset}.yaml"
+        if own.is_file():
+            self._update_internal_config_dict(str(own))
 
     def _set_default_parameters(self) -> None:
         data_root = self.final_config_dict["data_path"]
@@ -96,42 +166,6 @@ class Config(RecBoleConfig):
         # dataset_atomic/<dataset>/ for every dataset (that is where the .itememb lives).
         # Absolute, so a checkpoint's config finds its data from any working directory (load_checkpoint).
         self.final_config_dict["data_path"] = os.path.abspath(os.path.join(data_root, self.dataset))
-
-
-# settings that do not change what a run computes (where it writes, how it shows progress, which device and
-# how fast it evaluates); every other config entry is part of a run's fingerprint. The federated backend is
-# part of it: its dropout masks differ.
-NOT_IN_FINGERPRINT = frozenset(
-    {
-        "show_progress", "state", "checkpoint_dir", "eval_batch_size",
-        "vectorized_chunk_targets", "device", "gpu_id", "use_gpu", "local_rank", "nproc", "world_size", "offset",
-        "ip", "port", "worker", "log_wandb", "wandb_project", "eval_user_chunk", "ray_address",
-    }
-)  # fmt: skip
-
-
-def config_fingerprint(config) -> str:
-    """A hash of every config entry that defines the run (the same command gives the same fingerprint)."""
-    settings = {key: value for key, value in config.final_config_dict.items() if key not in NOT_IN_FINGERPRINT}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def check_federated_settings(settings: dict) -> None:
-    """Refuse settings a federated run would otherwise ignore silently."""
-    for key, reason in FEDERATED_UNSUPPORTED.items():
-        if settings.get(key):
-            raise ConfigError(f"{key}={settings[key]} is not supported with federated=True ({reason}): unset it")
-    prototypes = settings.get("enable_prototype_aggregation")
-    if prototypes and settings.get("memory_type") == "history":
-        raise ConfigError(
-            "memory_type=history has no memory to summarise into prototypes: "
-            "set enable_prototype_aggregation=False (or memory_type=dynamic)"
-        )
-    if prototypes and (settings.get("num_memory_prototypes") or 0) < 1:
-        raise ConfigError(
-            f"num_memory_prototypes={settings.get('num_memory_prototypes')}: at least 1 prototype per client, "
-            "or enable_prototype_aggregation=False"
-        )
 
 
 @functools.cache

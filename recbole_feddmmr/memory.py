@@ -9,6 +9,7 @@ sequences and feature tables.
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import torch
@@ -194,15 +195,18 @@ class LocalDynamicMemory(nn.Module):
 
     # ------------------------------------------------------------------ stats
     def reset_stats(self) -> None:
-        """Start counting offered / written interactions and their surprise (e.g. per epoch)."""
-        self.offered, self.written, self.surprise_sum = 0, 0, 0.0
+        """Start counting offered / written interactions, their surprise and the seconds spent in reads and
+        writes (e.g. per epoch)."""
+        self.offered, self.written, self.surprise_sum, self.seconds = 0, 0, 0.0, 0.0
 
     def stats(self) -> dict[str, float]:
-        """Fill rate (occupied slots / all slots), write rate and mean surprise since :meth:`reset_stats`."""
+        """Fill rate (occupied slots / all slots), write rate, mean surprise and seconds of reads and writes
+        (host time: on CUDA, what the calls took to enqueue) since :meth:`reset_stats`."""
         return {
             "fill_rate": float((self.item_ids >= 0).float().mean()),
             "write_rate": self.written / self.offered if self.offered else 0.0,
             "mean_surprise": self.surprise_sum / self.offered if self.offered else 0.0,
+            "seconds": self.seconds,
         }
 
     # ------------------------------------------------------------------ utility
@@ -236,6 +240,19 @@ class LocalDynamicMemory(nn.Module):
         (default: one past the last step). A user's writes are applied in the given order, so one call equals
         the same writes made one by one at the same step.
         """
+        started = time.perf_counter()
+        try:
+            return self._add_batch(
+                user_ids, item_ids, surprises, visual_features, text_features, positions,
+                visual_available, text_available, step,
+            )  # fmt: skip
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _add_batch(
+        self, user_ids, item_ids, surprises, visual_features, text_features, positions,
+        visual_available, text_available, step,
+    ) -> int:  # fmt: skip
         with torch.no_grad():
             self.step.fill_(int(self.step) + 1 if step is None else step)
             self.offered += int(user_ids.numel())
@@ -382,6 +399,7 @@ class LocalDynamicMemory(nn.Module):
         -> features [B, K + G, Fv] / [B, K + G, Ft] (``None`` for a modality not stored), masks [B, K + G];
         K = min(top_k, C).
         """
+        started = time.perf_counter()
         utility = self.utility(user_ids)  # [B, C]
         if before is not None:
             utility = utility.masked_fill(self.time[user_ids] >= before.to(self.time.dtype)[:, None], float("-inf"))
@@ -394,12 +412,14 @@ class LocalDynamicMemory(nn.Module):
         def with_prototypes(user_slots: Tensor, prototypes: Tensor) -> Tensor:
             return torch.cat([user_slots, prototypes.expand(batch, -1, -1)], dim=1)  # [B, K + G, F]
 
-        return MemoryReadout(
+        readout = MemoryReadout(
             visual=with_prototypes(self.visual[rows, slots], self.prototype_visual) if self.store_visual else None,
             visual_mask=torch.cat([visible & self.visual_valid[rows, slots], prototype_mask & self.store_visual], 1),
             text=with_prototypes(self.text[rows, slots], self.prototype_text) if self.store_text else None,
             text_mask=torch.cat([visible & self.text_valid[rows, slots], prototype_mask & self.store_text], 1),
         )
+        self.seconds += time.perf_counter() - started
+        return readout
 
     def user_table(self, user_id: int) -> dict[str, Tensor]:
         """One user's occupied slots as columns (item_id, utility, count, time, surprise, last_write), by utility."""

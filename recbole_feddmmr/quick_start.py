@@ -1,7 +1,9 @@
-"""Entry points: one training + evaluation run, and the objective a hyperparameter search calls.
+"""Entry points: one training + evaluation run, and loading a trained model back.
 
 Deliberately free of ``ray`` (``recbole.quick_start`` imports it at import time),
-so a training run needs no Ray installation.
+so a training run needs no Ray installation. Both public functions install the RecBole compatibility
+patches (:func:`recbole_feddmmr.compat.install`) and the plugin's training modes (the federated rounds)
+before anything else.
 """
 
 from __future__ import annotations
@@ -17,15 +19,26 @@ from typing import Any
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_logger, init_seed
 
+from recbole_feddmmr import compat
+from recbole_feddmmr import federated as _federated  # noqa: F401  (registers the federated training mode)
+from recbole_feddmmr.checkpoints import read_checkpoint
 from recbole_feddmmr.config import Config
 from recbole_feddmmr.datasets import check_atomic_files, check_item_features, ensure_dataset
 from recbole_feddmmr.errors import CheckpointError, ConfigError
-from recbole_feddmmr.utils import get_model, get_trainer, git_commit
+from recbole_feddmmr.provenance import git_commit
+from recbole_feddmmr.registry import get_model, get_trainer
 
 
-def prepare_run(model: str | None = None, dataset: str | None = None, config_file_list=None, config_dict=None):
+def prepare_run(
+    model: str | None = None,
+    dataset: str | None = None,
+    config_file_list: list[str] | None = None,
+    config_dict: dict[str, Any] | None = None,
+    cmd_args: list[str] | None = None,
+):
     """Config, datasets and model of one run -> (config, (train, valid, test), model)."""
-    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    compat.install()
+    config = Config(model, dataset, config_file_list, config_dict, cmd_args)
     init_seed(config["seed"], config["reproducibility"])
     # RecBole's init_logger creates log/<model>/ by check-then-create, which runs started side by side (the
     # benchmarks' process pools) can race into a FileExistsError; exist_ok makes the creation race-free
@@ -52,6 +65,12 @@ def splits_and_model(config, dataset) -> tuple[tuple, Any]:
     splits = data_preparation(config, dataset)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     return splits, get_model(config["model"])(config, splits[0]._dataset)
+
+
+def build_trainer(config, model):
+    """The trainer of this run's model and mode (``federated: True`` trains by rounds)."""
+    mode = "federated" if config["federated"] else None
+    return get_trainer(config["MODEL_TYPE"], config["model"], mode)(config, model)
 
 
 def check_topk(config, dataset) -> None:
@@ -96,13 +115,18 @@ def run_recbole_feddmmr(
     config_file_list: list[str] | None = None,
     config_dict: dict[str, Any] | None = None,
     saved: bool = True,
+    cmd_args: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Train with early stopping on validation, then evaluate the best checkpoint on test."""
+    """Train with early stopping on validation, then evaluate the best checkpoint on test.
+
+    Settings, lowest priority first: the plugin's yaml files, ``config_file_list``, ``config_dict``, then
+    ``cmd_args`` (``--key=value`` items, as on the command line).
+    """
     config, (train_data, valid_data, test_data), model_instance = prepare_run(
-        model, dataset, config_file_list, config_dict
+        model, dataset, config_file_list, config_dict, cmd_args
     )
     started = time.perf_counter()
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"], config["federated"])(config, model_instance)
+    trainer = build_trainer(config, model_instance)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
@@ -147,8 +171,7 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> tuple:
     """
     import torch
 
-    from recbole_feddmmr.compat import read_checkpoint
-
+    compat.install()
     state = read_checkpoint(path)
     config = state.get("config")
     if not isinstance(config, Config) or "state_dict" not in state:
@@ -168,8 +191,3 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> tuple:
         raise CheckpointError(f"{path} does not fit {config['model']} on {config['dataset']}: {first}") from None
     model.load_other_parameter(state.get("other_parameter"))
     return config, model.to(config["device"]).eval(), dataset, train_data, valid_data, test_data
-
-
-def objective_function(config_dict=None, config_file_list=None, saved: bool = True) -> dict[str, Any]:
-    """What a hyperparameter search calls for one trial (RecBole's signature)."""
-    return run_recbole_feddmmr(config_dict=config_dict, config_file_list=config_file_list, saved=saved)

@@ -27,10 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from recbole.utils import early_stopping
 
-from recbole_feddmmr.compat import read_checkpoint, with_trusted_checkpoints
-from recbole_feddmmr.config import config_fingerprint
+from recbole_feddmmr.checkpoints import read_checkpoint, with_trusted_checkpoints
 from recbole_feddmmr.errors import CheckpointError
+from recbole_feddmmr.fingerprint import config_fingerprint
+from recbole_feddmmr.provenance import git_commit, machine_description
 
 
 def rng_states(device: torch.device) -> dict[str, Any]:
@@ -63,14 +65,17 @@ class ResumableFitMixin:
     ``best_epoch`` and run-owned checkpoint names it keeps)."""
 
     def __init__(self, config, model) -> None:
+        # what the run records along the way and wants back after a resume: seconds per training epoch
+        # ("epoch_seconds", every epoch this run trained), the trainer's own records (e.g. the memory's
+        # statistics per epoch) and a caller's (e.g. a benchmark's validation curve); set before the trainer
+        # below is built, so that it can record into it
+        self.run_records: dict[str, Any] = {}
         super().__init__(config, model)
         # named by the fingerprint: runs of other settings (e.g. side by side in a benchmark) never share one
         self.run_fingerprint = config_fingerprint(config)
         kind = "-federated" if config["federated"] else ""
         name = f"{config['model']}-{config['dataset']}{kind}-seed{config['seed']}-{self.run_fingerprint}.resume.pth"
         self.resume_file = Path(config["checkpoint_dir"]) / name
-        # what a caller records during fit (e.g. a benchmark's curve and epoch times) and wants back after a resume
-        self.run_records: dict[str, Any] = {}
         # one entry per process that trained this run: the epoch it started at, its commit and machine
         self.segments: list[dict[str, Any]] = []
         self.elapsed_before_resume = 0.0  # seconds of fit spent by the processes before this one
@@ -81,31 +86,60 @@ class ResumableFitMixin:
         return self.elapsed_before_resume + time.perf_counter() - self._fit_started
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        if not saved:
-            return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
-        finished = self._resume_fit_if_interrupted(train_data)
+        """RecBole's ``fit``, resumable (with ``saved``), and always ending with a validated model: when the
+        last epoch trained was not validated (``eval_step`` does not divide ``epochs``, or exceeds it), it is
+        validated after the loop, so the best checkpoint exists and is the best of what was validated."""
+        finished = self._resume_fit_if_interrupted(train_data) if saved else False
         self._start_segment()
         if finished:  # killed between its last validation and the end of fit: nothing is left to train
             self.resume_file.unlink(missing_ok=True)
             return self.best_valid_score, self.best_valid_result
         every = self.config["resume_every_s"] or 0
         last_save = -float("inf")
+        validated: set[int] = set()
 
         def after_validation(epoch_idx: int, valid_score: float) -> None:
             nonlocal last_save
+            validated.add(epoch_idx)
             if callback_fn:  # first, so that what it records is part of the saved state
                 callback_fn(epoch_idx, valid_score)
-            if self.fit_elapsed() - last_save >= every:
+            if saved and self.fit_elapsed() - last_save >= every:
                 self._save_resume_state(epoch_idx, train_data)
                 last_save = self.fit_elapsed()
 
-        result = super().fit(train_data, valid_data, verbose, saved, show_progress, after_validation)
+        self._last_trained_epoch: int | None = None
+        super().fit(train_data, valid_data, verbose, saved, show_progress, after_validation)
+        last = self._last_trained_epoch
+        if valid_data and self.eval_step > 0 and last is not None and last not in validated:
+            self._validate_final_epoch(last, valid_data, saved, verbose, show_progress, callback_fn)
         self.resume_file.unlink(missing_ok=True)  # finished: the same command starts afresh
-        return result
+        return self.best_valid_score, self.best_valid_result
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        started = time.perf_counter()
+        loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        self.run_records.setdefault("epoch_seconds", []).append(time.perf_counter() - started)
+        self._last_trained_epoch = epoch_idx
+        return loss
+
+    def _validate_final_epoch(self, epoch_idx, valid_data, saved, verbose, show_progress, callback_fn) -> None:
+        """Validate ``epoch_idx``, the last one trained, as RecBole's loop validates an epoch."""
+        valid_score, valid_result = self._valid_epoch(valid_data, show_progress=show_progress)
+        self.best_valid_score, self.cur_step, _, improved = early_stopping(
+            valid_score, self.best_valid_score, self.cur_step, max_step=self.stopping_step,
+            bigger=self.valid_metric_bigger,
+        )  # fmt: skip
+        if verbose:
+            self.logger.info(f"epoch {epoch_idx} (the last) evaluating [valid_score: {valid_score:.6f}]")
+        self.tensorboard.add_scalar("Vaild_score", valid_score, epoch_idx)  # RecBole's tag, typo included
+        if improved:
+            if saved:
+                self._save_checkpoint(epoch_idx, verbose=verbose)
+            self.best_valid_result = valid_result
+        if callback_fn:
+            callback_fn(epoch_idx, valid_score)
 
     def _start_segment(self) -> None:
-        from recbole_feddmmr.utils import git_commit, machine_description  # utils builds trainers from this class
-
         self.segments.append({"from_epoch": self.start_epoch, "commit": git_commit(), "machine": machine_description()})
         self._fit_started = time.perf_counter()
 

@@ -1,4 +1,4 @@
-"""Trainer for UR4RecV2MoE: RecBole's Trainer with a fast training data path.
+"""The trainer of UR4RecV2MoE: RecBole's Trainer with a fast training data path.
 
 RecBole trains a sequential model on one augmented sample per training target
 (the target's prefix, up to MAX_ITEM_LIST_LENGTH items), each run through the
@@ -22,9 +22,9 @@ from torch import Tensor
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
-from recbole_feddmmr.compat import TrustedCheckpointMixin
+from recbole_feddmmr.checkpoints import TrustedCheckpointMixin
 from recbole_feddmmr.data import SequenceWindows
-from recbole_feddmmr.model.ur4rec_v2_moe import TrainingLoss
+from recbole_feddmmr.model.losses import TrainingLoss
 from recbole_feddmmr.resumable import ResumableFitMixin
 
 
@@ -52,7 +52,7 @@ def train_steps(
     device_type = next(model.parameters()).device.type
     total_loss = None
     for step, batch in enumerate(batches):
-        if memory_clock is not None and hasattr(model, "set_memory_clock"):
+        if memory_clock is not None:  # a federated client's step (its model has a memory clock)
             model.set_memory_clock(memory_clock + step)
         optimizer.zero_grad()
         with torch.autocast(device_type=device_type, enabled=amp):
@@ -80,7 +80,7 @@ def train_steps(
     return total_loss
 
 
-class UR4RecV2MoETrainer(ResumableFitMixin, TrustedCheckpointMixin, Trainer):
+class WindowTrainer(Trainer):
     """RecBole Trainer whose training epochs use :class:`SequenceWindows` and ``model.calculate_window_loss``."""
 
     def __init__(self, config, model) -> None:
@@ -123,7 +123,16 @@ class UR4RecV2MoETrainer(ResumableFitMixin, TrustedCheckpointMixin, Trainer):
         self.logger.info(
             set_color(f"epoch {epoch_idx} memory", "green")
             + f" [fill rate: {stats['fill_rate']:.3f}, write rate: {stats['write_rate']:.3f}, "
-            f"mean surprise: {stats['mean_surprise']:.3f}]"
+            f"mean surprise: {stats['mean_surprise']:.3f}, seconds: {stats['seconds']:.1f}]"
         )
         for name, value in stats.items():
             self.tensorboard.add_scalar(f"memory/{name}", value, epoch_idx)
+        # kept with the run's records where the trainer has them (resumable runs), so a resumed run keeps them
+        records = getattr(self, "run_records", None)
+        if records is not None:
+            records.setdefault("memory_epochs", []).append(stats)
+
+
+class UR4RecV2MoETrainer(ResumableFitMixin, TrustedCheckpointMixin, WindowTrainer):
+    """The plugin's trainer of UR4RecV2MoE (the registry finds it by name, ``<model>Trainer``): the window data
+    path, resumable runs and checkpoints only this run evaluates."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 
 import torch
 
@@ -19,7 +18,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ml-100k")
     args = parser.parse_args()
-    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line
     from recbole_feddmmr.quick_start import prepare_run
 
     for half in (False, True):

@@ -98,7 +98,7 @@ print("built dataset_atomic/ml-100k")' ||
     for backend in sequential vectorized; do
         cap=$T_SEQUENTIAL
         [[ $backend == vectorized ]] && cap=$T_VECTORIZED
-        step "speed_$backend" "$cap" "$PY" -m recbole_feddmmr.federated.benchmark --dataset ml-100k --speed_only \
+        step "speed_$backend" "$cap" "$PY" -m recbole_feddmmr.experiments.federated_benchmark --dataset ml-100k --speed_only \
             --backends "$backend" --out "$DIR/speed_$backend.json"
     done
     step main_command "$T_MAIN" "$PY" run_recbole_feddmmr.py --dataset ml-100k --epochs=2

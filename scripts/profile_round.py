@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python scripts/profile_round.py --dataset ml-100k --clients 64 --rounds 3 \\
         --out results/profile_round.md
 
-The round runs as in training (properties/federated.yaml's defaults plus --set overrides), after one
+The round runs as in training (properties/federated.yaml's defaults plus any --key=value settings), after one
 warm-up round that is not profiled. The table lists the functions with the largest cumulative time.
 """
 
@@ -16,10 +16,10 @@ import pstats
 import time
 from pathlib import Path
 
-from recbole_feddmmr.benchmark import command_overrides
+from recbole_feddmmr.experiments.runner import command_settings
 from recbole_feddmmr.federated.trainer import FederatedTrainer
+from recbole_feddmmr.provenance import git_commit, machine_description
 from recbole_feddmmr.quick_start import prepare_run
-from recbole_feddmmr.utils import git_commit, machine_description
 
 
 def main() -> None:
@@ -28,10 +28,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64, help="clients per round")
     parser.add_argument("--rounds", type=int, default=3, help="profiled rounds")
     parser.add_argument("--top", type=int, default=25, help="rows of the table")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
-    args = parser.parse_args()
-    overrides = command_overrides(args.set, federated=True, clients_per_round=args.clients, state="WARNING")
+    args, settings = parser.parse_known_args()  # any other --key=value: a setting of the run
+    overrides = command_settings(settings, federated=True, clients_per_round=args.clients)
     overrides["state"] = "WARNING"
     config, (train_data, _, _), model = prepare_run("UR4RecV2MoE", args.dataset, config_dict=overrides)
     server = FederatedTrainer(config, model).build_server(train_data)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import sys
 import time
 
 
@@ -27,13 +26,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
-    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from the command line
     import torch
 
-    from recbole_feddmmr.benchmark import parse_run
-    from recbole_feddmmr.quick_start import prepare_run
+    from recbole_feddmmr.experiments.runner import parse_run
+    from recbole_feddmmr.quick_start import build_trainer, prepare_run
     from recbole_feddmmr.trainer import train_steps
-    from recbole_feddmmr.utils import get_trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,7 +39,7 @@ def main() -> None:
         model_name, overrides = parse_run(run)
         settings = {"state": "ERROR", "show_progress": False, **overrides}
         config, (train_data, _, _), model = prepare_run(model_name, args.dataset, config_dict=settings)
-        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+        trainer = build_trainer(config, model)
         windows = trainer.sequence_windows(train_data)
         optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
         model.train()

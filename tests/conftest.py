@@ -11,31 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 TEST_DATA = Path(__file__).parent / "test_data"
 REPO = Path(__file__).resolve().parents[1]
 
+# the tiny dataset's columns, feature sizes and model sizes are its own yaml's (tests/test_data/tiny/tiny.yaml)
+TINY_YAML = yaml.safe_load((TEST_DATA / "tiny" / "tiny.yaml").read_text())
 TINY_CONFIG = {
     "data_path": str(TEST_DATA),
-    "load_col": {
-        "inter": ["user_id", "item_id", "rating", "timestamp"],
-        "item": ["item_id", "movie_title", "release_year", "class"],
-        "itememb": ["iid", "sbert_emb", "clip_emb"],
-    },
-    "additional_feat_suffix": ["itememb"],
-    "alias_of_item_id": ["iid"],
-    "normalize_all": False,
-    "text_dim": 8,
-    "visual_dim": 6,
-    "item_emb_dim": 8,
-    "user_emb_dim": 4,
-    "sasrec_hidden_dim": 16,
-    "sasrec_inner_dim": 32,
-    "router_hidden_dim": 8,
-    "MAX_ITEM_LIST_LENGTH": 10,
-    "memory_top_k": 4,
-    "train_neg_num": 5,
-    "train_batch_size": 16,
     "epochs": 1,
     "show_progress": False,
     "state": "WARNING",
@@ -80,7 +64,7 @@ def tiny_run(tmp_path: Path, device: str = "cpu", **overrides):
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
-    from recbole_feddmmr.utils import get_model
+    from recbole_feddmmr.registry import get_model
 
     config = tiny_config(tmp_path, device, **overrides)
     init_seed(config["seed"], True)
@@ -98,9 +82,11 @@ def tiny(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path):
-    """RecBole's Config reads ``--key=value`` from sys.argv: keep pytest's own flags out of it.
-    Logs (RecBole writes ./log, ./log_tensorboard) go to the test's temporary folder."""
-    monkeypatch.setattr(sys, "argv", ["pytest"])
+    """Logs (RecBole writes ./log, ./log_tensorboard) go to the test's temporary folder; RecBole runs on
+    today's numpy and pandas (what every entry point installs)."""
+    from recbole_feddmmr import compat
+
+    compat.install()
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
 

@@ -8,8 +8,9 @@ import pytest
 import yaml
 from conftest import TINY_CONFIG
 
-from recbole_feddmmr.benchmark import main, parse_run
 from recbole_feddmmr.errors import ConfigError
+from recbole_feddmmr.experiments.benchmark import main
+from recbole_feddmmr.experiments.runner import parse_run
 
 
 def test_run_specs_parse_into_model_and_yaml_overrides():
@@ -26,11 +27,11 @@ def test_benchmark_reports_each_run_and_ratios_against_the_baseline(tmp_path):
     out = tmp_path / "report.json"
     settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"))
     settings.pop("epochs")
-    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
     runs = ["UR4RecV2MoE", "UR4RecV2MoE[memory_type=history]"]
     arguments = ["--dataset", "tiny", "--models", *runs, "--baseline", runs[1], "--epochs", "2", "--seeds", "1"]
     arguments += ["--out", str(out)]
-    report = main([*arguments, "--set", *overrides])
+    report = main([*arguments, *overrides])
     assert json.loads(out.read_text()) == report
     assert main(["--report", str(out)]) == report  # tables for the README come from the saved file
     dynamic, history = report["runs"]
@@ -58,10 +59,10 @@ def test_a_saved_checkpoint_evaluates_to_the_runs_own_test_figures(tmp_path):
     out = tmp_path / "report.json"
     settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"))
     settings.pop("epochs")
-    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
     arguments = ["--dataset", "tiny", "--models", "UR4RecV2MoE", "--baseline", "UR4RecV2MoE", "--epochs", "2"]
     arguments += ["--seeds", "1"]
-    (run,) = main([*arguments, "--out", str(out), "--set", *overrides])["runs"]
+    (run,) = main([*arguments, "--out", str(out), *overrides])["runs"]
     evaluated = main(["--evaluate", run["checkpoint"], "--out", str(tmp_path / "evaluated.json")])["evaluated"][0]
     assert evaluated["test_full"] == pytest.approx(run["test_full"])
     assert evaluated["test_uni100"] == pytest.approx(run["test_uni100"])
@@ -73,15 +74,15 @@ def test_a_saved_checkpoint_evaluates_to_the_runs_own_test_figures(tmp_path):
 def test_seeds_are_summarised_compared_in_pairs_tabulated_plotted_and_resumed(tmp_path, capsys):
     from statistics import mean, stdev
 
-    from recbole_feddmmr.report import format_results, read_results
+    from recbole_feddmmr.experiments.report import format_results, read_results
 
     settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"))
     settings.pop("epochs")
-    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
     models = ["UR4RecV2MoE", "SASRec"]
-    sasrec = ["hidden_size=16", "inner_size=32"]  # SASRec reads these; UR4RecV2MoE warns and ignores them
+    sasrec = ["--hidden_size=16", "--inner_size=32"]  # SASRec reads these; UR4RecV2MoE warns and ignores them
     arguments = ["--dataset", "tiny", "--models", *models, "--seeds", "2", "--epochs", "1", "--name", "bench"]
-    report = main([*arguments, "--jobs", "2", "--set", *overrides, *sasrec])
+    report = main([*arguments, "--jobs", "2", *overrides, *sasrec])
     folder = tmp_path / "results" / "bench"
     assert sorted(path.name for path in (folder / "runs").iterdir()) == [
         "SASRec-seed2020.json", "SASRec-seed2021.json", "UR4RecV2MoE-seed2020.json", "UR4RecV2MoE-seed2021.json"
@@ -106,11 +107,11 @@ def test_seeds_are_summarised_compared_in_pairs_tabulated_plotted_and_resumed(tm
     assert (folder / "table.csv").read_text().count("\n") == 3  # header and two models
     # a rerun with the same arguments trains nothing and reports the same
     capsys.readouterr()
-    again = main([*arguments, "--set", *overrides, *sasrec])
+    again = main([*arguments, *overrides, *sasrec])
     assert "4 runs (4 already in" in capsys.readouterr().out
     assert again["summary"] == report["summary"]
     with pytest.raises(ConfigError, match="was written with other settings: pass another --name"):
-        main([*arguments, "--set", *overrides, "hidden_size=32"])  # another benchmark into the same folder
+        main([*arguments, *overrides, "--hidden_size=32"])  # another benchmark into the same folder
     # --no-train: a table of the cells there are, the missing ones listed and left untrained
     assert all(run["commit"] == report["commit"] for run in report["runs"])  # each cell keeps its provenance
     assert all(run["command"] == report["command"] for run in report["runs"])  # the benchmark that trained it
@@ -119,7 +120,7 @@ def test_seeds_are_summarised_compared_in_pairs_tabulated_plotted_and_resumed(tm
     machine = runs[("SASRec", 2021)]["machine"]
     assert cell.endswith(f"\ncommand: `{report['command']}`; commit {report['commit']}; machine: {machine}")
     (folder / "runs" / "SASRec-seed2021.json").unlink()
-    partial = main([*arguments, "--set", *overrides, *sasrec, "--no-train"])
+    partial = main([*arguments, *overrides, *sasrec, "--no-train"])
     assert not (folder / "runs" / "SASRec-seed2021.json").exists() and partial["missing"] == ["SASRec seed 2021"]
     assert partial["summary"]["SASRec"]["seeds"] == 1 and partial["summary"]["UR4RecV2MoE"]["seeds"] == 2
     assert partial["paired"]["seeds"] == [2020]  # only the seeds both models have are paired
@@ -128,14 +129,14 @@ def test_seeds_are_summarised_compared_in_pairs_tabulated_plotted_and_resumed(tm
     sasrec_ndcg = f"{ndcg[('SASRec', 2020)]:.4f}"
     assert f"| {sasrec_ndcg} |" in table and f"{sasrec_ndcg} ±" not in table  # one seed: a value, no spread
     with pytest.raises(ConfigError, match="--no-train: no finished run of these models and seeds"):
-        main([*arguments[:-1], "empty", "--set", *overrides, *sasrec, "--no-train"])
+        main([*arguments[:-1], "empty", *overrides, *sasrec, "--no-train"])
 
 
 def test_training_counts_per_item_and_the_cold_slice_follow_the_inter_file(tmp_path):
     import pandas as pd
     from conftest import TEST_DATA, tiny_run
 
-    from recbole_feddmmr.benchmark import cold_item_slice, item_train_counts
+    from recbole_feddmmr.experiments.runner import cold_item_slice, item_train_counts
 
     config, dataset, (train_data, _, test_data), _ = tiny_run(tmp_path)
     inter = pd.read_csv(TEST_DATA / "tiny" / "tiny.inter", sep="\t")
@@ -156,14 +157,14 @@ def test_training_counts_per_item_and_the_cold_slice_follow_the_inter_file(tmp_p
 
 
 def test_quick_writes_a_row_for_every_requested_model_with_one_seed_and_its_short_budget(tmp_path):
-    from recbole_feddmmr.benchmark import QUICK
+    from recbole_feddmmr.experiments.benchmark import QUICK
 
     settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"), hidden_size=16, inner_size=32)
     settings.pop("epochs")
-    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
     federated = "UR4RecV2MoE[federated=True,rounds=2,eval_every=1,clients_per_round=4]"
     models = ["SASRec", "SASRecFText", "UR4RecV2MoE", federated]
-    report = main(["--dataset", "tiny", "--quick", "--models", *models, "--jobs", "2", "--set", *overrides])
+    report = main(["--dataset", "tiny", "--quick", "--models", *models, "--jobs", "2", *overrides])
     assert [run["label"] for run in report["runs"]] == models and report["seeds"] == [2020]
     folder = tmp_path / "results" / "tiny-quick"
     table = (folder / "table.md").read_text()
@@ -178,7 +179,7 @@ def test_quick_writes_a_row_for_every_requested_model_with_one_seed_and_its_shor
 
 
 def test_the_cost_table_gives_seconds_per_epoch_and_their_ratio_to_the_speed_baseline():
-    from recbole_feddmmr.comparison import format_table, summarize
+    from recbole_feddmmr.experiments.comparison import format_table, summarize
 
     def run(label: str, seed: int, train_seconds: float, epochs: int) -> dict:
         metrics = {f"{m}@{k}": 0.1 for m in ("hit", "ndcg", "mrr") for k in (5, 10, 20)}
@@ -206,8 +207,8 @@ def test_the_cost_table_gives_seconds_per_epoch_and_their_ratio_to_the_speed_bas
 
 
 def test_a_federated_runs_throughput_counts_the_samples_its_rounds_trained():
-    from recbole_feddmmr.benchmark import ratios_against
-    from recbole_feddmmr.comparison import metric_of
+    from recbole_feddmmr.experiments.benchmark import ratios_against
+    from recbole_feddmmr.experiments.comparison import metric_of
 
     # 3 rounds of 100 + 120 + 80 targets in 6 s: 50 samples / s, whatever the stored figure says (runs written
     # before the benchmark counted rounds stored the whole training split, 1,000 targets, per round)

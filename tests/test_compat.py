@@ -23,7 +23,7 @@ def test_recbole_model_import_turns_anomaly_detection_on(tmp_path: Path) -> None
 
 def test_the_plugin_imports_recbole_models_with_anomaly_detection_left_off(tmp_path: Path) -> None:
     code = (
-        "import recbole_feddmmr.model; from recbole_feddmmr.utils import get_model; "
+        "import recbole_feddmmr.model; from recbole_feddmmr.registry import get_model; "
         "get_model('SASRec'); get_model('SINE'); get_model('UR4RecV2MoE')"
     )
     assert anomaly_mode_after(tmp_path, code) == "False"

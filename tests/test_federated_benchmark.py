@@ -6,22 +6,20 @@ import json
 
 import pytest
 import yaml
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, TINY_YAML
 
-from recbole_feddmmr.federated.benchmark import main
+from recbole_feddmmr.experiments.federated_benchmark import main
 
 
 def test_federated_benchmark_reports_accuracy_speed_experts_and_bytes(tmp_path):
     out = tmp_path / "federated.json"
     settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"), num_memory_prototypes=2, eval_every=1)
     settings.pop("epochs")
-    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
     runs = ["UR4RecV2MoE[federated=True]", "UR4RecV2MoE[federated=True,feature_id_field=null]", "SASRec"]
     broken = "UR4RecV2MoE[federated=True,loss_type=hinge]"  # fails at once: the other runs must still report
     arguments = ["--dataset", "tiny", "--runs", *runs, broken, "--rounds", "2", "--sasrec_epochs", "1", "--jobs", "2"]
-    report = main(
-        [*arguments, "--chunk_targets", "16", "--sampled_clients", "3", "--out", str(out), "--set", *overrides]
-    )
+    report = main([*arguments, "--chunk_targets", "16", "--sampled_clients", "3", "--out", str(out), *overrides])
     assert json.loads(out.read_text()) == report
     assert main(["--report", str(out)]) == report
 
@@ -50,7 +48,7 @@ def test_federated_benchmark_reports_accuracy_speed_experts_and_bytes(tmp_path):
     assert sequential["clients"] == vectorized["clients"] == 12
     # the same messages, whoever ran the clients, but for how many prototypes each sends: the backends draw
     # dropout masks differently, so memories (and so the clusters big enough to send) may differ
-    prototype_bytes = 2 * (TINY_CONFIG["text_dim"] + TINY_CONFIG["visual_dim"] + 1) * 4  # K = 2 per client
+    prototype_bytes = 2 * (TINY_YAML["text_dim"] + TINY_YAML["visual_dim"] + 1) * 4  # K = 2 per client
     assert abs(sequential["bytes_up"] - vectorized["bytes_up"]) <= 12 * prototype_bytes
     assert speed["vectorized_over_sequential"] == pytest.approx(vectorized["seconds"] / sequential["seconds"])
     epochs = speed["centralised_epoch_seconds"], speed["centralised_epoch_seconds_after"]  # around the rounds
@@ -66,7 +64,7 @@ def test_federated_benchmark_reports_accuracy_speed_experts_and_bytes(tmp_path):
 
 
 def test_payoff_is_the_smallest_client_count_where_a_ray_pool_matches_vectorized():
-    from recbole_feddmmr.federated.benchmark import payoff
+    from recbole_feddmmr.experiments.federated_benchmark import payoff
 
     rows = [("vectorized", 16, 1.0), ("ray:2", 16, 3.0), ("vectorized", 64, 2.0), ("ray:2", 64, 2.0)]
     rows += [("vectorized", 256, 8.0), ("ray:2", 256, 4.0), ("ray:4", 256, 10.0)]
@@ -84,9 +82,9 @@ def rows_of(*rows):
 def test_round_sweep_times_every_backend_at_every_client_count(tmp_path):
     out = tmp_path / "sweep.json"
     settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"), num_memory_prototypes=2)
-    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
     arguments = ["--dataset", "tiny", "--sweep_backends", "vectorized", "ray:2", "--sweep_clients", "4", "0"]
-    report = main([*arguments, "--chunk_targets", "16", "--out", str(out), "--set", *overrides])
+    report = main([*arguments, "--chunk_targets", "16", "--out", str(out), *overrides])
     rows = {(row["backend"], row["clients"]): row["seconds"] for row in report["sweep"]["rounds"]}
     assert set(rows) == {("vectorized", 4), ("vectorized", 12), ("ray:2", 4), ("ray:2", 12)}  # 0 = all 12 users
     assert all(seconds > 0 for seconds in rows.values())

@@ -7,16 +7,13 @@ import pytest
 import torch
 
 from recbole_feddmmr.errors import CheckpointError
+from recbole_feddmmr.federated.aggregation import UpdateAccumulator, sparse_row_updates
+from recbole_feddmmr.federated.client import memory_prototypes
+from recbole_feddmmr.federated.messages import ClientResult
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
-from recbole_feddmmr.federated.strategy import (
-    ClientResult,
-    FedMemStrategy,
-    LocalSettings,
-    ServerOptimizer,
-    UpdateAccumulator,
-    memory_prototypes,
-    sparse_row_updates,
-)
+from recbole_feddmmr.federated.server_optimizer import ServerOptimizer
+from recbole_feddmmr.federated.settings import default_local_settings
+from recbole_feddmmr.federated.strategy import FedMemStrategy
 
 USERS = np.arange(1, 201)
 
@@ -197,7 +194,9 @@ def test_server_optimizer_state_round_trips_and_refuses_another_optimizer():
 def test_configure_fit_selects_and_sets_the_memory_clock_of_each_local_epoch():
     strategy = FedMemStrategy(clients_per_round=4, seed=3)
     params = {"w": torch.zeros(2)}
-    selected, instructions = strategy.configure_fit(3, 10, params, LocalSettings(local_epochs=2), epoch_steps=7)
+    selected, instructions = strategy.configure_fit(
+        3, 10, params, default_local_settings(local_epochs=2), epoch_steps=7
+    )
     assert np.array_equal(selected, strategy.select_clients(3, 10))
     assert instructions.parameters is params and instructions.round_idx == 3
     # round 3 of 2 local epochs of 7 steps: epochs 0..5 came before; the second local epoch starts one later

@@ -13,8 +13,10 @@ from conftest import tiny_run
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend
 from recbole_feddmmr.federated.client import FedMemClient, client_generator, shared_parameters
+from recbole_feddmmr.federated.messages import ClientResult
 from recbole_feddmmr.federated.server import FedMemServer
-from recbole_feddmmr.federated.strategy import ClientResult, FedMemStrategy, LocalSettings
+from recbole_feddmmr.federated.settings import default_local_settings
+from recbole_feddmmr.federated.strategy import FedMemStrategy
 from recbole_feddmmr.trainer import UR4RecV2MoETrainer
 
 
@@ -29,8 +31,11 @@ def test_one_client_with_all_users_and_one_local_epoch_equals_one_centralised_ep
     _, _, _, federated = tiny_run(tmp_path)  # same seed: same initial weights
     windows = SequenceWindows(train_data, federated, config["train_batch_size"], torch.device("cpu"), config["seed"])
     everyone = FedMemClient(0, windows.user_ids.unique(), windows)
-    settings = LocalSettings(
-        local_batch_size=config["train_batch_size"], local_lr=config["learning_rate"], seed=config["seed"]
+    settings = default_local_settings(  # the centralised trainer's optimizer, batch size and learning rate
+        local_optimizer="adam",
+        local_batch_size=config["train_batch_size"],
+        local_lr=config["learning_rate"],
+        seed=config["seed"],
     )
     server = FedMemServer(federated, [everyone], windows, FedMemStrategy(seed=1), settings)
     torch.manual_seed(7)
@@ -53,7 +58,7 @@ def _recorded_round(tmp_path, min_entries: int = 5, round_idx: int = 0, **overri
     windows = SequenceWindows(train_data, model, 16, torch.device("cpu"), config["seed"])
     clients = [FedMemClient(i, user[None], windows) for i, user in enumerate(windows.user_ids.unique())]
     sent: list[ClientResult] = []
-    settings = LocalSettings(num_prototypes=2, prototype_min_entries=min_entries)
+    settings = default_local_settings(num_prototypes=2, prototype_min_entries=min_entries)
     server = FedMemServer(model, clients, windows, FedMemStrategy(num_prototypes=2), settings)
     run = server.backend.run
 
@@ -113,7 +118,7 @@ def _one_user_clients(tmp_path, backend, device="cpu", *, float64=True, dropout=
         model.double()
     windows = SequenceWindows(train_data, model, 16, torch.device(device), config["seed"])
     clients = [FedMemClient(i, user[None], windows) for i, user in enumerate(windows.user_ids.unique())]
-    local = LocalSettings(num_prototypes=2, seed=config["seed"], **settings)
+    local = default_local_settings(num_prototypes=2, seed=config["seed"], **settings)
     return model, FedMemServer(model, clients, windows, FedMemStrategy(num_prototypes=2), local, backend=backend)
 
 
@@ -219,7 +224,7 @@ def test_a_sampled_round_touches_only_its_selected_clients_private_state(tmp_pat
     windows = SequenceWindows(train_data, model, 16, torch.device("cpu"), config["seed"])
     clients = [FedMemClient(i, user[None], windows) for i, user in enumerate(windows.user_ids.unique())]
     strategy = FedMemStrategy(num_prototypes=2, clients_per_round=3, seed=5)
-    server = FedMemServer(model, clients, windows, strategy, LocalSettings(num_prototypes=2))
+    server = FedMemServer(model, clients, windows, strategy, default_local_settings(num_prototypes=2))
     server.assemble_private_state()  # the initial private rows, every user's
     before = {name: value.clone() for name, value in model.state_dict().items()}
     selected = strategy.select_clients(0, len(clients))

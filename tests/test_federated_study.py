@@ -9,18 +9,18 @@ import pytest
 import yaml
 from conftest import TINY_CONFIG
 
-from recbole_feddmmr.federated.study import main, run_file
+from recbole_feddmmr.experiments.federated_study import main, run_file
 
 
 def test_study_writes_table_curves_and_the_federated_over_centralised_ratio(tmp_path):
     out = tmp_path / "study"
     settings = dict(TINY_CONFIG, num_memory_prototypes=2)
     settings.pop("epochs")
-    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
     sampled = "UR4RecV2MoE[federated=True,clients_per_round=4,server_optimizer=fedadam,server_lr=0.01]"
     runs = ["UR4RecV2MoE", "UR4RecV2MoE[federated=True]", sampled]
     arguments = ["--dataset", "tiny", "--runs", *runs, "--rounds", "3", "--eval_every", "1", "--epochs", "2"]
-    arguments += ["--jobs", "2", "--out", str(out), "--set", *overrides]
+    arguments += ["--jobs", "2", "--out", str(out), *overrides]
     report = main(arguments)
     assert not report["failed"]
 
@@ -46,7 +46,9 @@ def test_study_writes_table_curves_and_the_federated_over_centralised_ratio(tmp_
     assert accuracy["centralised_test_ndcg10"] == central
     assert accuracy["federated_test_ndcg10"] == federated["test_full"]["ndcg@10"]
     assert accuracy["ratio"] == pytest.approx(federated["test_full"]["ndcg@10"] / central)
-    assert accuracy["command"].startswith("python -m recbole_feddmmr.federated.study") and accuracy["commit"]
+    assert (
+        accuracy["command"].startswith("python -m recbole_feddmmr.experiments.federated_study") and accuracy["commit"]
+    )
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| run | best valid NDCG@10" in (out / "table.md").read_text()
 
@@ -58,7 +60,7 @@ def test_study_writes_table_curves_and_the_federated_over_centralised_ratio(tmp_
 
 
 def test_the_table_compares_runs_at_equal_wall_time():
-    from recbole_feddmmr.federated.study import summary_row
+    from recbole_feddmmr.experiments.federated_study import summary_row
 
     rounds = [
         {"valid_score": 0.02, "elapsed_seconds": 50.0, "bytes_up": 1, "bytes_down": 1},

@@ -6,8 +6,10 @@ import pytest
 import torch
 from conftest import crash_rounds_after, tiny_run
 
-from recbole_feddmmr.federated.trainer import AUTO_RAY_MIN_STEPS, FederatedTrainer, auto_backend
-from recbole_feddmmr.utils import get_trainer, usable_cpus
+from recbole_feddmmr.federated.backends import AUTO_RAY_MIN_STEPS, auto_backend
+from recbole_feddmmr.federated.trainer import FederatedTrainer
+from recbole_feddmmr.provenance import usable_cpus
+from recbole_feddmmr.registry import get_trainer
 
 # every client every round and a validation after each, whatever properties/federated.yaml makes the default
 FEDERATED = {
@@ -24,7 +26,9 @@ FEDERATED = {
 
 def run(tmp_path, **overrides):
     config, _, (train_data, valid_data, test_data), model = tiny_run(tmp_path, **{**FEDERATED, **overrides})
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"], config["federated"])(config, model)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"], "federated" if config["federated"] else None)(
+        config, model
+    )
     assert isinstance(trainer, FederatedTrainer)
     trainer.fit(train_data, valid_data, saved=True)
     return trainer, trainer.evaluate(test_data, load_best_model=True)

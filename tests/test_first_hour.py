@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, TEST_DATA, TINY_CONFIG, command, tiny_config, tiny_run
+from conftest import REPO, TEST_DATA, TINY_CONFIG, TINY_YAML, command, tiny_config, tiny_run
 
 from recbole_feddmmr.errors import CheckpointError, ConfigError, DataFileError
 from recbole_feddmmr.quick_start import load_checkpoint, run_recbole_feddmmr
-from recbole_feddmmr.utils import get_trainer
+from recbole_feddmmr.registry import get_trainer
 
 FEDERATED = {"federated": True, "rounds": 2, "eval_every": 1, "clients_per_round": None, "num_memory_prototypes": 2}
 
@@ -100,7 +100,7 @@ def test_one_sequence_length_setting(tmp_path):
 
 
 def test_report_prints_a_table_for_every_committed_results_file():
-    from recbole_feddmmr.report import format_results, read_results
+    from recbole_feddmmr.experiments.report import format_results, read_results
 
     files = sorted((REPO / "results").rglob("*.json"))
     assert len(files) > 10
@@ -158,7 +158,7 @@ def write_tiny(tmp_path: Path, suffix: str, edit) -> Path:
 )
 def test_malformed_dataset_files_are_refused_with_file_line_and_fix(tmp_path, suffix, edit, message):
     data = write_tiny(tmp_path, suffix, edit)
-    load_col = {**TINY_CONFIG["load_col"], "itememb": ["iid", "text_emb", "image_emb"]}
+    load_col = {**TINY_YAML["load_col"], "itememb": ["iid", "text_emb", "image_emb"]}
     settings = dict(TINY_CONFIG, data_path=str(data), checkpoint_dir=str(tmp_path / "saved"), load_col=load_col)
     with pytest.raises(DataFileError, match=message):
         run_recbole_feddmmr(model="UR4RecV2MoE", dataset="tiny", config_dict=settings)
@@ -185,12 +185,32 @@ def test_a_dataset_without_item_features_trains_the_sequential_expert_with_a_war
         ({"enable_amp": True}, "enable_amp=True is not supported with federated=True"),
         ({"memory_type": "history"}, "memory_type=history has no memory to summarise into prototypes"),
         ({"num_memory_prototypes": 0}, "num_memory_prototypes=0: at least 1 prototype"),
+        ({"server_lr": 0}, "server_lr must be > 0, got 0"),  # once silently 1.0
+        ({"server_optimizer": "fedsgd"}, "server_optimizer must be one of fedavg, fedavgm, fedadam, fedyogi"),
+        ({"local_optimizer": "rmsprop"}, "local_optimizer must be one of adam, sgd, got 'rmsprop'"),
+        ({"eval_every": 0}, "eval_every must be > 0"),  # a run that never validates keeps no model to test
+        ({"partition": "random"}, "partition=random needs num_clients"),
     ],
 )
-def test_settings_a_federated_run_would_ignore_are_refused(tmp_path, overrides, message):
+def test_settings_a_federated_run_cannot_honour_are_refused_before_training(tmp_path, overrides, message):
+    from recbole_feddmmr.federated.settings import FederatedSettings
+
     with pytest.raises(ConfigError, match=message):
-        tiny_config(tmp_path, **{**FEDERATED, **overrides})
-    tiny_config(tmp_path, **{**FEDERATED, "memory_type": "history", "enable_prototype_aggregation": False})
+        FederatedSettings.from_config(tiny_config(tmp_path, **{**FEDERATED, **overrides}))
+    allowed = tiny_config(tmp_path, **{**FEDERATED, "memory_type": "history", "enable_prototype_aggregation": False})
+    assert FederatedSettings.from_config(allowed).local.num_prototypes == 0
+
+
+def test_federated_defaults_come_from_the_yaml_alone(tmp_path):
+    from recbole_feddmmr.federated.settings import FederatedSettings, default_local_settings, yaml_defaults
+
+    settings = FederatedSettings.from_config(tiny_config(tmp_path, **FEDERATED))
+    yaml = yaml_defaults()
+    assert (settings.server_optimizer, settings.server_lr) == (yaml["server_optimizer"], yaml["server_lr"])
+    local = default_local_settings()
+    assert (local.local_optimizer, local.local_lr, local.local_batch_size) == (
+        yaml["local_optimizer"], yaml["local_lr"], yaml["local_batch_size"]
+    )  # fmt: skip
 
 
 def test_more_clients_than_users_is_refused(tmp_path):
@@ -210,7 +230,7 @@ def test_corrupt_or_foreign_checkpoints_and_resume_files_are_named(tmp_path):
         load_checkpoint(tmp_path / "foreign.pth")
 
     config, _, (train_data, valid_data, _), model = tiny_run(tmp_path, **FEDERATED)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"], True)(config, model)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"], "federated")(config, model)
     trainer.resume_file.parent.mkdir(parents=True, exist_ok=True)
     trainer.resume_file.write_bytes(b"\x80\x04truncated")
     with pytest.raises(CheckpointError, match=r"\.resume\.pth is not a readable checkpoint"):

@@ -12,7 +12,7 @@ import torch
 from conftest import crash_rounds_after, tiny_run
 from test_federated_round import BACKEND_SETTINGS, assert_backends_compute_the_same_rounds
 
-from recbole_feddmmr.compat import load_trusted
+from recbole_feddmmr.checkpoints import load_trusted
 from recbole_feddmmr.federated.trainer import FederatedTrainer
 
 pytestmark = pytest.mark.gpu

@@ -23,8 +23,8 @@ def test_installed_package_finds_its_properties_outside_the_source_tree(tmp_path
     ).get("editable"):
         pytest.skip("editable install: the properties come from the source tree")
     probe = (
-        "import recbole_feddmmr, recbole_feddmmr.utils as u, recbole_feddmmr.config as c;"
-        "print(recbole_feddmmr.__file__); print(u.properties_dir());"
+        "import recbole_feddmmr, recbole_feddmmr.config as c;"
+        "print(recbole_feddmmr.__file__); print(c.properties_dir());"
         "cfg = c.Config(model='UR4RecV2MoE', dataset='ml-100k', config_dict={'state': 'WARNING'});"
         "print(cfg['sasrec_hidden_dim'], cfg['valid_metric'], cfg['data_path'])"
     )

@@ -196,7 +196,7 @@ def test_written_out_causal_attention_of_vmap_mode_equals_the_fused_kernel():
 
 
 def test_keyed_dropout_masks_are_a_function_of_key_call_and_element():
-    from recbole_feddmmr.model.layers import KeyedDropout, fast_dropout, keyed_dropout
+    from recbole_feddmmr.model.dropout import KeyedDropout, fast_dropout, keyed_dropout
 
     x = torch.ones(64, 50)
     with keyed_dropout(torch.tensor(7)):
@@ -231,7 +231,7 @@ def test_keyed_dropout_masks_are_a_function_of_key_call_and_element():
 
 
 def test_keyed_bytes_are_splitmix64_and_uniform():
-    from recbole_feddmmr.model.layers import _mix64, keyed_bytes
+    from recbole_feddmmr.model.dropout import _mix64, keyed_bytes
 
     def splitmix64_finaliser(z: int) -> int:  # the reference, in Python's unbounded integers
         full = (1 << 64) - 1

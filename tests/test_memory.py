@@ -43,7 +43,9 @@ def test_threshold_gates_writes_strictly_above_it():
     written = write(memory, 1, [10, 11, 12, 13], [0.2, 0.6, 0.5, 0.9], [1, 2, 3, 4])
     assert written == 2 and stored(memory, 1) == {11, 13}
     assert stored(memory, 0) == set() and stored(memory, 2) == set()
-    assert memory.stats() == pytest.approx(
+    stats = memory.stats()
+    assert stats.pop("seconds") > 0  # the time spent in writes is counted
+    assert stats == pytest.approx(
         {"fill_rate": 2 / (3 * 4), "write_rate": 0.5, "mean_surprise": (0.2 + 0.6 + 0.5 + 0.9) / 4}
     )
 
@@ -203,7 +205,7 @@ def test_recboles_own_trainer_fills_the_memory_too(tmp_path):
 
 
 def test_memory_table_lists_a_users_items_with_titles_by_utility(tmp_path):
-    from recbole_feddmmr.analysis import memory_table
+    from recbole_feddmmr.recommend import memory_table
     from recbole_feddmmr.trainer import UR4RecV2MoETrainer
 
     config, dataset, (train_data, _, _), model = tiny_run(tmp_path, memory_surprise_threshold=-1.0)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TEST_DATA, tiny_run
 
-from recbole_feddmmr.memory import ItemFeatures, MemoryReadout, RecentHistoryMemory
-from recbole_feddmmr.model.ur4rec_v2_moe import bpr_loss, load_balance_loss, sample_negatives, sampled_softmax_loss
+from recbole_feddmmr.memory import ItemFeatures, RecentHistoryMemory
+from recbole_feddmmr.model.losses import bpr_loss, load_balance_loss, sample_negatives, sampled_softmax_loss
 
 
 def _batch(splits, size=8):
@@ -200,39 +200,6 @@ def test_memory_stand_in_holds_recent_history_before_the_prediction_point():
     assert readout.text[0, :, 0].tolist() == [7.0, 6.0, 5.0]  # most recent first, never the target
     assert readout.text_mask.tolist() == [[True, True, True], [True, False, False]]
     assert readout.text[1, 1:].abs().sum() == 0
-
-
-def test_forward_has_the_seed_signature(tiny):
-    _, _, _, model = tiny
-    model.eval()
-    seq = torch.tensor([[3, 4, 5, 0, 0, 0, 0, 0, 0, 0], [7, 8, 0, 0, 0, 0, 0, 0, 0, 0]])
-    targets = torch.tensor([[6, 1, 2], [9, 10, 11]])
-    memory_visual, memory_text = torch.randn(2, 4, 6), torch.randn(2, 4, 8)
-    scores, rec_loss, lb_loss = model(
-        torch.tensor([1, 2]), seq, targets, memory_visual, memory_text, torch.randn(2, 3, 6), torch.randn(2, 3, 8)
-    )
-    assert scores.shape == (2, 3) and rec_loss.ndim == 0 and lb_loss.ndim == 0
-    assert rec_loss.item() == pytest.approx(bpr_loss(scores).item(), rel=1e-6)
-    # target features default to the feature tables; given ones replace them (the candidate's content counts)
-    users, features = torch.tensor([1, 2]), model.item_features
-    from_tables, _, _ = model(users, seq, targets, memory_visual, memory_text)
-    given, _, _ = model(
-        users, seq, targets, memory_visual, memory_text, features.visual[targets], features.text[targets]
-    )
-    torch.testing.assert_close(given, from_tables)
-    other_text = features.text[targets].roll(1, dims=1)
-    assert not torch.allclose(model(users, seq, targets, memory_visual, memory_text, None, other_text)[0], from_tables)
-    # explicit masks: hiding every text slot switches the semantic expert off
-    readout_mask = torch.zeros(2, 4, dtype=torch.bool)
-    scores_masked, _, _ = model(
-        torch.tensor([1, 2]), seq, targets, None, memory_text, None, None, memory_text_mask=readout_mask
-    )
-    seq_only = model.score_candidates(
-        model.encode_sequence(seq, torch.tensor([3, 2]), torch.tensor([1, 2])),
-        MemoryReadout(None, readout_mask, None, readout_mask),
-        targets,
-    )[0]
-    torch.testing.assert_close(scores_masked, seq_only)
 
 
 @pytest.mark.parametrize("backbone_item_features", [False, True])

@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, tiny_config, tiny_run
 
+from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.quick_start import run_recbole_feddmmr
-from recbole_feddmmr.utils import get_model, get_trainer
+from recbole_feddmmr.registry import get_model, get_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = {f"{m}@{k}" for m in ("hit", "ndcg", "mrr") for k in (5, 10, 20)}
@@ -71,7 +72,7 @@ def test_model_and_trainer_lookup_prefers_plugin_and_falls_back_to_recbole():
     from recbole.trainer import Trainer
     from recbole.utils import ModelType
 
-    from recbole_feddmmr.compat import TrustedCheckpointMixin
+    from recbole_feddmmr.checkpoints import TrustedCheckpointMixin
     from recbole_feddmmr.model import UR4RecV2MoE
     from recbole_feddmmr.trainer import UR4RecV2MoETrainer
 
@@ -82,17 +83,26 @@ def test_model_and_trainer_lookup_prefers_plugin_and_falls_back_to_recbole():
     assert issubclass(sasrec_trainer, Trainer) and issubclass(sasrec_trainer, TrustedCheckpointMixin)
     with pytest.raises(ValueError):
         get_model("NoSuchModel")
-    # federated training is chosen by what the model supports (a window loss), not by its name
-    from recbole_feddmmr.federated.trainer import FederatedTrainer
+    # a training mode is what a package registered: the federated package registers its trainer on import
+    from recbole_feddmmr.federated import FederatedTrainer
 
-    assert get_trainer(ModelType.SEQUENTIAL, "UR4RecV2MoE", federated=True) is FederatedTrainer
-    with pytest.raises(ValueError, match="window loss"):
-        get_trainer(ModelType.SEQUENTIAL, "SASRec", federated=True)
+    assert get_trainer(ModelType.SEQUENTIAL, "UR4RecV2MoE", mode="federated") is FederatedTrainer
+    with pytest.raises(ConfigError, match="unknown training mode 'gossip'"):
+        get_trainer(ModelType.SEQUENTIAL, "UR4RecV2MoE", mode="gossip")
+
+
+def test_federated_training_refuses_a_model_without_the_federated_contract(tmp_path):
+    # federated training is chosen by what the model supports (recbole_feddmmr.federated.contracts), not its name
+    from recbole_feddmmr.federated import FederatedTrainer
+
+    config, _, _, sasrec = tiny_run(tmp_path, model="SASRec", federated=True, hidden_size=16, inner_size=32)
+    with pytest.raises(ConfigError, match="window loss"):
+        FederatedTrainer(config, sasrec)
 
 
 def test_config_layers_plugin_yaml_and_reads_dataset_atomic(tmp_path):
     config = tiny_config(tmp_path, learning_rate=0.005)
-    assert config["item_emb_dim"] == 8  # config_dict beats the plugin's model yaml
+    assert config["item_emb_dim"] == 8  # the dataset's own yaml beats the plugin's model yaml
     assert config["load_balance_weight"] == 0.01  # plugin model yaml
     assert config["valid_metric"] == "NDCG@10" and config["topk"] == [5, 10, 20]  # plugin overall.yaml
     assert config["learning_rate"] == 0.005
@@ -128,6 +138,7 @@ def test_sasrec_runs_through_the_plugin_entry_point(tmp_path):
             "tiny",
             load_col,
             "--additional_feat_suffix=None",
+            "--alias_of_item_id=[]",  # the tiny dataset's own yaml aliases the .itememb's iid, not loaded here
             *overrides,
         ],
         cwd=tmp_path,

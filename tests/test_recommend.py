@@ -7,10 +7,9 @@ import json
 import pytest
 from conftest import TINY_CONFIG, command
 
-from recbole_feddmmr.analysis import EXPERTS, user_history
 from recbole_feddmmr.errors import CheckpointError, ConfigError
 from recbole_feddmmr.quick_start import load_checkpoint, run_recbole_feddmmr
-from recbole_feddmmr.recommend import main
+from recbole_feddmmr.recommend import EXPERTS, main, user_history
 
 
 @pytest.fixture(scope="module")

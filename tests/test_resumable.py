@@ -9,8 +9,8 @@ import torch
 from conftest import TINY_CONFIG, tiny_run
 
 from recbole_feddmmr.errors import CheckpointError
+from recbole_feddmmr.registry import get_trainer
 from recbole_feddmmr.resumable import ResumableFitMixin
-from recbole_feddmmr.utils import get_trainer
 
 # four epochs, a validation and a resume-state save after each; no early stop within them
 RUN = {"epochs": 4, "stopping_step": 10, "resume_every_s": 0}
@@ -118,7 +118,7 @@ def test_a_benchmark_cell_killed_mid_training_resumes_with_its_earlier_epochs(tm
     """The cell's epoch times, curve and metrics cover the killed process's epochs, and it says where it resumed."""
     from recbole.trainer import Trainer
 
-    from recbole_feddmmr.benchmark import run_model
+    from recbole_feddmmr.experiments.runner import run_model
 
     def settings(folder: str) -> dict:
         return {**TINY_CONFIG, "checkpoint_dir": str(tmp_path / folder), **RUN, "epochs": 3}

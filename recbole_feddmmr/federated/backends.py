@@ -1,10 +1,12 @@
 """How a round's clients are executed. The strategy never knows which backend ran them.
 
-Both backends yield, client by client, the :class:`ClientResult` each client sends up; the server
+The backends (sequential and vectorized here, Ray in ``ray_backend.py``; :func:`make_backend` builds the
+one a configuration names) yield, client by client, the :class:`ClientResult` each client sends up (Ray: a
+:class:`ShardResult` per shard of clients, pre-aggregated); the server
 folds them into a streaming sum, so memory never grows with the number of clients. Before a client
 trains (sequential) or a chunk of clients (vectorized), the client state store makes exactly their
-private rows resident in the model, and takes them back afterwards. Both draw a
-client's negatives and its dropout masks (:func:`recbole_feddmmr.model.layers.keyed_dropout`) from that
+private rows resident in the model, and takes them back afterwards. All draw a
+client's negatives and its dropout masks (:func:`recbole_feddmmr.model.dropout.keyed_dropout`) from that
 client's own generator (:func:`client_generator`) and give its memory the same clock
 (:meth:`FitInstructions.clock_at`), so they compute the same round up to float summation order (tested in
 float64 without dropout to 1e-4, and in float32 with the default dropout).
@@ -12,6 +14,7 @@ float64 without dropout to 1e-4, and in float32 with the default dropout).
 
 from __future__ import annotations
 
+import importlib.util
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -28,16 +31,19 @@ from recbole_feddmmr.federated.client import (
     load_parameters,
     local_optimizer,
     proximal_term,
+    train_in_turn,
 )
+from recbole_feddmmr.federated.contracts import VectorizableModel
+from recbole_feddmmr.federated.messages import ClientResult, FitInstructions, LocalSettings
 from recbole_feddmmr.federated.state import ClientStateStore
-from recbole_feddmmr.federated.strategy import ClientResult, FitInstructions, LocalSettings, sparse_row_updates
 from recbole_feddmmr.memory import MemoryWrites
+from recbole_feddmmr.provenance import usable_cpus
 from recbole_feddmmr.vmapping import vmap_mode
 
 
 class SequentialBackend:
     """A plain loop over the clients with one model whose weights are reloaded per client: the correctness
-    oracle, and on a CPU close to centralised training in cost (see the README's speed figures)."""
+    oracle, and on a CPU close to centralised training in cost."""
 
     name = "sequential"
 
@@ -49,11 +55,7 @@ class SequentialBackend:
         windows: SequenceWindows,
         store: ClientStateStore,
     ) -> Iterator[ClientResult]:
-        for client in clients:
-            residents = store.load(model, [client])  # the model holds this client's private rows only
-            result = client.fit(model, instructions, windows, residents)
-            store.save(model, [client])
-            yield result
+        return train_in_turn(model, clients, instructions, windows, store)
 
 
 def mapped_dims(points):
@@ -129,7 +131,7 @@ class VectorizedBackend:
         windows: SequenceWindows,
         store: ClientStateStore,
     ) -> Iterator[ClientResult]:
-        if not hasattr(model, "points_loss"):
+        if not isinstance(model, VectorizableModel):
             raise TypeError(
                 f"the vectorized backend needs a model with prediction_points / points_loss (UR4RecV2MoE), "
                 f"not {type(model).__name__}: use federated_backend=sequential"
@@ -152,7 +154,7 @@ class VectorizedBackend:
         residents = store.load(model, chunk)  # the chunk's users' private rows, and only theirs
         # each client's copy of the shared parameters and of the per-user ones (the chunk's resident rows)
         model_params = dict(model.named_parameters())
-        per_user = {name: model_params[name].detach() for name in getattr(model, "per_user_parameters", ())}
+        per_user = {name: model_params[name].detach() for name in model.per_user_parameters}
         params = {
             name: value.expand(count, *value.shape).clone() for name, value in {**global_params, **per_user}.items()
         }  # [n, ...]
@@ -204,18 +206,8 @@ class VectorizedBackend:
         store.save(model, chunk)
         mean_losses = (loss_sum / steps).tolist() if steps else [0.0] * count  # one host sync per chunk
         for index, client in enumerate(chunk):
-            centres, counts = client.prototypes(model, settings, residents)
             update = {name: params[name][index] - value for name, value in global_params.items()}
-            update, changed_rows = sparse_row_updates(update, getattr(model, "per_item_parameters", ()))
-            yield ClientResult(
-                update,
-                client.num_samples,
-                centres,
-                counts,
-                mean_loss=mean_losses[index],
-                client_id=client.client_id,
-                changed_rows=changed_rows,
-            )
+            yield client.result(model, settings, residents, update, mean_losses[index])
 
     @staticmethod
     def _stack(model: nn.Module, batches: list[tuple[Tensor, ...]], generators: list[torch.Generator]):
@@ -261,3 +253,51 @@ class VectorizedBackend:
             }
         )
         return stacked_windows, padded, flattened
+
+
+# auto picks Ray from this many local steps per round: on the 2-core CPU a 16-client ml-100k round (~60
+# steps) already ran faster over two actors than in one process (docs/federated.md, "Execution backends")
+AUTO_RAY_MIN_STEPS = 32
+
+
+def auto_backend(device: torch.device, cpus: int, steps_per_round: float, ray_installed: bool) -> str:
+    """What ``federated_backend: auto`` runs.
+
+    On a CPU with two or more cores, rounds of at least ``AUTO_RAY_MIN_STEPS`` local steps run on ``ray``
+    (one single-threaded actor per core): a one-user client's step is a batch of ~30 targets, too small
+    for torch's threads to share among cores, so separate processes use the cores and one process does
+    not. Smaller rounds do not repay shipping the model's state to the actors, and stay ``sequential``.
+    On CUDA: ``sequential``, until the vectorized path has passed ``scripts/gpu_check.sh`` on a GPU.
+    """
+    if device.type == "cpu" and cpus >= 2 and ray_installed and steps_per_round >= AUTO_RAY_MIN_STEPS:
+        return "ray"
+    return "sequential"
+
+
+def make_backend(
+    name: str,
+    device: torch.device,
+    *,
+    steps_per_round: float = 0.0,
+    cpus: int | None = None,
+    chunk_targets: int | None = None,
+    ray_num_actors: int | None = None,
+    ray_cpus_per_actor: float | None = None,
+    ray_address: str | None = None,
+):
+    """The execution backend ``name`` (auto, sequential, vectorized, ray); ``auto`` decides by
+    :func:`auto_backend` from the device, the usable cores and ``steps_per_round``, the local steps a round
+    is expected to take (0: unknown, sequential)."""
+    cpus = cpus or usable_cpus()
+    if name == "auto":
+        name = auto_backend(device, cpus, steps_per_round, importlib.util.find_spec("ray") is not None)
+    if name == "sequential":
+        return SequentialBackend()
+    if name == "vectorized":
+        return VectorizedBackend(chunk_targets or default_chunk_targets(device))
+    if name == "ray":
+        from recbole_feddmmr.federated.ray_backend import RayBackend  # Ray only where it is asked for
+
+        actors = ray_num_actors or min(cpus, 8)
+        return RayBackend(actors, cpus_per_actor=ray_cpus_per_actor or min(1.0, cpus / actors), address=ray_address)
+    raise ConfigError(f"federated_backend must be auto, sequential, vectorized or ray, got {name!r}")

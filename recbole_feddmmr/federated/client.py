@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
 import torch
+from sklearn.cluster import KMeans
 from torch import Tensor, nn
 
 from recbole_feddmmr.data import SequenceWindows
-from recbole_feddmmr.federated.state import Residents
-from recbole_feddmmr.federated.strategy import (
-    ClientResult,
-    FitInstructions,
-    LocalSettings,
-    memory_prototypes,
-    sparse_row_updates,
-)
+from recbole_feddmmr.federated.aggregation import sparse_row_updates
+from recbole_feddmmr.federated.contracts import FederatedModel
+from recbole_feddmmr.federated.messages import ClientResult, FitInstructions, LocalSettings
+from recbole_feddmmr.federated.state import ClientStateStore, Residents
 from recbole_feddmmr.trainer import train_steps
 
 
@@ -33,11 +31,11 @@ def proximal_term(params: dict[str, Tensor], global_params: dict[str, Tensor], m
     return mu / 2 * sum(((params[name] - value) ** 2).sum() for name, value in global_params.items())
 
 
-def shared_parameters(model: nn.Module) -> dict[str, Tensor]:
+def shared_parameters(model: FederatedModel) -> dict[str, Tensor]:
     """What the server aggregates: the model's trainable parameters (detached copies). Buffers, such as the
     users' memories, and the model's per-user state (e.g. the user embedding, one row per user) are
     private: each client trains its own users' rows, which never leave it (see ``state.py``)."""
-    private = set(getattr(model, "per_user_state", ()))
+    private = set(model.per_user_state)
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad and name not in private}
 
 
@@ -53,6 +51,31 @@ def client_generator(seed: int, round_idx: int, client_id: int, device: torch.de
     (seed, round, client), so every execution backend, in any order, draws the same numbers."""
     state = int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1, dtype=np.uint64)[0])
     return torch.Generator(device=device).manual_seed(state)
+
+
+def memory_prototypes(
+    features: Tensor, num_prototypes: int = 5, seed: int = 0, min_entries: int = 5
+) -> tuple[Tensor, Tensor]:
+    """A client's memory features [n, D] -> (k-means centres [k, D], entries per centre [k]).
+
+    A centre is sent only if it averages at least ``min_entries`` memory entries: k = min(K, n // min_entries)
+    clusters, and a cluster that k-means left with fewer entries is dropped. So no prototype is one item's
+    feature row (which would tell the server an item the user has seen), and a client with fewer than
+    ``min_entries`` entries sends none.
+    """
+    min_entries = max(1, min_entries)
+    clusters = min(num_prototypes, len(features) // min_entries)
+    if clusters == 0:
+        return torch.zeros(0, features.size(1)), torch.zeros(0)
+    if clusters == 1:
+        return features.double().mean(dim=0, keepdim=True).float(), torch.tensor([float(len(features))])
+    # one k-means++ start (scikit-learn's default): every client runs this every round, and a few dozen
+    # memory entries need no restarts (the server's merge, once a round, keeps 4)
+    kmeans = KMeans(n_clusters=clusters, n_init=1, random_state=seed)
+    labels = kmeans.fit_predict(features.double().numpy())
+    counts = torch.bincount(torch.as_tensor(labels), minlength=clusters).float()
+    keep = counts >= min_entries
+    return torch.as_tensor(kmeans.cluster_centers_).float()[keep], counts[keep]
 
 
 class FedMemClient:
@@ -92,18 +115,41 @@ class FedMemClient:
         batches = windows.epoch(epoch_idx, subset=self.window_index, windows_per_batch=per_batch)
         return [(residents.rows(user_ids), *rest) for user_ids, *rest in batches]
 
-    def prototypes(self, model: nn.Module, settings: LocalSettings, residents: Residents) -> tuple[Tensor, Tensor]:
+    def prototypes(self, model: FederatedModel, settings: LocalSettings, residents: Residents) -> tuple[Tensor, Tensor]:
         """k-means centres [k, D] of this client's memory entries and their sizes [k] (empty without a memory)."""
-        memory = getattr(model, "memory", None)
-        if not settings.num_prototypes or not hasattr(memory, "entry_features"):
+        memory = model.prototype_memory()
+        if not settings.num_prototypes or memory is None:
             return torch.zeros(0, 0), torch.zeros(0)
         entries = memory.entry_features(residents.rows(self.user_ids)).cpu()  # [n, Fv + Ft]
         if entries.size(1) == 0:  # the memory stores no feature modality (experts off): nothing to summarise
             return torch.zeros(0, 0), torch.zeros(0)
         return memory_prototypes(entries, settings.num_prototypes, settings.seed, settings.prototype_min_entries)
 
+    def result(
+        self,
+        model: FederatedModel,
+        settings: LocalSettings,
+        residents: Residents,
+        update: dict[str, Tensor],
+        mean_loss: float,
+    ) -> ClientResult:
+        """What this client sends up after training ``model`` (its users resident): the dense update
+        ``update`` (local - global) cut to the changed rows of the item tables, its memory's prototypes,
+        its sample count and loss. Every backend builds a client's message here."""
+        message, changed_rows = sparse_row_updates(update, model.per_item_parameters)
+        centres, counts = self.prototypes(model, settings, residents)
+        return ClientResult(
+            message,
+            self.num_samples,
+            centres,
+            counts,
+            mean_loss=mean_loss,
+            client_id=self.client_id,
+            changed_rows=changed_rows,
+        )
+
     def fit(
-        self, model: nn.Module, instructions: FitInstructions, windows: SequenceWindows, residents: Residents
+        self, model: FederatedModel, instructions: FitInstructions, windows: SequenceWindows, residents: Residents
     ) -> ClientResult:
         """Train ``model`` from the round's global parameters on this client's windows -> its update and
         prototypes.
@@ -131,15 +177,20 @@ class FedMemClient:
         update = {
             name: p.detach() - global_params[name] for name, p in model.named_parameters() if name in global_params
         }
-        update, changed_rows = sparse_row_updates(update, getattr(model, "per_item_parameters", ()))
-        centres, counts = self.prototypes(model, settings, residents)
-        mean_loss = loss_sum / steps if steps else 0.0
-        return ClientResult(
-            update,
-            self.num_samples,
-            centres,
-            counts,
-            mean_loss=mean_loss,
-            client_id=self.client_id,
-            changed_rows=changed_rows,
-        )
+        return self.result(model, settings, residents, update, loss_sum / steps if steps else 0.0)
+
+
+def train_in_turn(
+    model: FederatedModel,
+    clients: list[FedMemClient],
+    instructions: FitInstructions,
+    windows: SequenceWindows,
+    store: ClientStateStore,
+) -> Iterator[ClientResult]:
+    """Train ``clients`` one after another on ``model``, each with only its own private rows resident, and
+    yield each one's result: the sequential backend, and what a Ray actor does with its shard."""
+    for client in clients:
+        residents = store.load(model, [client])  # the model holds this client's private rows only
+        result = client.fit(model, instructions, windows, residents)
+        store.save(model, [client])
+        yield result

@@ -32,9 +32,10 @@ from torch import Tensor, nn
 
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.errors import ConfigError
-from recbole_feddmmr.federated.client import FedMemClient
+from recbole_feddmmr.federated.aggregation import UpdateAccumulator
+from recbole_feddmmr.federated.client import FedMemClient, train_in_turn
+from recbole_feddmmr.federated.messages import FitInstructions, LocalSettings, ShardResult
 from recbole_feddmmr.federated.state import ClientStateStore
-from recbole_feddmmr.federated.strategy import FitInstructions, LocalSettings, ShardResult, UpdateAccumulator
 
 
 class ShardRunner:
@@ -51,13 +52,11 @@ class ShardRunner:
         clients: list[FedMemClient],
         states: dict[int, dict[str, Tensor]],
     ) -> ShardResult:
-        from recbole_feddmmr.federated.backends import SequentialBackend
-
         store = ClientStateStore(self.model, clients)
         store.states = dict(states)  # every client of the shard arrives with its state (initial if new)
         self.model.load_state_dict(shared, strict=False)  # the server's state; per-user tables come with clients
         result = ShardResult(UpdateAccumulator(instructions.aggregation, instructions.row_shapes))
-        for client_result in SequentialBackend().run(self.model, clients, instructions, self.windows, store):
+        for client_result in train_in_turn(self.model, clients, instructions, self.windows, store):
             result.add(client_result)
         store.release(self.model)
         result.states = store.states

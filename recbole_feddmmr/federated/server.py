@@ -6,17 +6,17 @@ Prototypes travel only when clients send them: ``LocalSettings.num_prototypes`` 
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
-
-from torch import nn
 
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.federated.backends import SequentialBackend
 from recbole_feddmmr.federated.client import FedMemClient, load_parameters, shared_parameters
+from recbole_feddmmr.federated.contracts import FederatedModel
+from recbole_feddmmr.federated.messages import LocalSettings
 from recbole_feddmmr.federated.state import ClientStateStore
-from recbole_feddmmr.federated.strategy import FedMemStrategy, LocalSettings
+from recbole_feddmmr.federated.strategy import FedMemStrategy
+from recbole_feddmmr.provenance import peak_rss_mb
 
 
 @dataclass
@@ -33,17 +33,6 @@ class RoundReport:
     elapsed_seconds: float = 0.0  # wall time of the run up to the end of this round (evaluation included)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB (ru_maxrss is in KB on Linux, bytes on macOS); 0 where
-    the ``resource`` module does not exist (Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return 0.0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
-
-
 class FedMemServer:
     """Holds the shared parameters, the server optimizer (in the strategy) and the merged prototypes; every
     round it aggregates what the selected clients send back.
@@ -55,7 +44,7 @@ class FedMemServer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: FederatedModel,
         clients: list[FedMemClient],
         windows: SequenceWindows,
         strategy: FedMemStrategy,
@@ -73,9 +62,7 @@ class FedMemServer:
         self.store.release(model)  # every user's private rows now live in the store, none in the model
         # item-indexed tables among the shared parameters: clients send their changed rows only
         self.row_shapes = {
-            name: self.global_params[name].shape
-            for name in getattr(model, "per_item_parameters", ())
-            if name in self.global_params
+            name: self.global_params[name].shape for name in model.per_item_parameters if name in self.global_params
         }
 
     def run_round(self, round_idx: int) -> RoundReport:
@@ -88,13 +75,13 @@ class FedMemServer:
         results = self.backend.run(self.model, selected, instructions, self.windows, self.store)
         outcome = self.strategy.aggregate_fit(self.global_params, results, self.row_shapes)
         self.store.release(self.model)  # the last clients' rows went back to the store
-        if hasattr(self.model, "set_memory_clock"):  # the round's end, whichever client ran last (or elsewhere)
-            self.model.set_memory_clock(instructions.clock_at(self.settings.local_epochs))
+        # the round's end, whichever client ran last (or elsewhere)
+        self.model.set_memory_clock(instructions.clock_at(self.settings.local_epochs))
         self.global_params = outcome.parameters
         load_parameters(self.model, self.global_params)
         bytes_down = sum(p.numel() * p.element_size() for p in self.global_params.values()) * len(selected)
-        memory = getattr(self.model, "memory", None)
-        if outcome.prototypes is not None and hasattr(memory, "set_global_prototypes"):
+        memory = self.model.prototype_memory()
+        if outcome.prototypes is not None and memory is not None:
             memory.set_global_prototypes(outcome.prototypes)
             bytes_down += outcome.prototypes.numel() * outcome.prototypes.element_size() * len(selected)
         return RoundReport(

@@ -40,18 +40,26 @@ def model_tensor(model: nn.Module, name: str) -> Tensor:
     """The parameter or buffer ``name`` (a state-dict key) of ``model``."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
-    return module._parameters[leaf] if leaf in module._parameters else module._buffers[leaf]
+    parameters = dict(module.named_parameters(recurse=False))
+    return parameters[leaf] if leaf in parameters else module.get_buffer(leaf)
 
 
 def replace_tensor(model: nn.Module, name: str, value: Tensor) -> None:
     """Swap the parameter or buffer ``name`` for ``value`` (of any number of rows); a parameter stays a
-    parameter with the same ``requires_grad``."""
+    parameter with the same ``requires_grad``, a buffer stays a (persistent: it is a state-dict entry) buffer.
+
+    The one place the federated package changes a model's tensors rather than their values: a round makes
+    resident exactly its clients' rows, so the model's per-user tables change their number of rows
+    (see the module docstring). Done with ``register_parameter`` / ``register_buffer``, which replace an
+    existing entry of that name.
+    """
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=module._parameters[leaf].requires_grad)
+    parameters = dict(module.named_parameters(recurse=False))
+    if leaf in parameters:
+        module.register_parameter(leaf, nn.Parameter(value, requires_grad=parameters[leaf].requires_grad))
     else:
-        module._buffers[leaf] = value
+        module.register_buffer(leaf, value)
 
 
 class Residents:
@@ -74,7 +82,7 @@ class ClientStateStore:
 
     def __init__(self, model: nn.Module, clients: Sequence[Client]) -> None:
         self.users = {client.client_id: client.user_ids for client in clients}  # client id -> [u] its users
-        self.names: tuple[str, ...] = tuple(getattr(model, "per_user_state", ()))
+        self.names: tuple[str, ...] = tuple(model.per_user_state)
         self.num_users = model_tensor(model, self.names[0]).size(0) if self.names else 0
         # a new client's starting rows: a table whose rows all start equal (an empty memory) is kept as one row
         self.initial: dict[str, Tensor] = {}

@@ -13,8 +13,6 @@ configuration is refused), and a finished run removes it.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import torch
 from recbole.utils import early_stopping, set_color
@@ -22,65 +20,48 @@ from tqdm import tqdm
 
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.errors import CheckpointError, ConfigError
-from recbole_feddmmr.federated.backends import SequentialBackend, VectorizedBackend, default_chunk_targets
+from recbole_feddmmr.federated.backends import make_backend
 from recbole_feddmmr.federated.client import FedMemClient, shared_parameters
+from recbole_feddmmr.federated.contracts import FederatedModel
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
 from recbole_feddmmr.federated.server import FedMemServer, RoundReport
-from recbole_feddmmr.federated.strategy import FedMemStrategy, LocalSettings, ServerOptimizer
+from recbole_feddmmr.federated.server_optimizer import ServerOptimizer
+from recbole_feddmmr.federated.settings import FederatedSettings
+from recbole_feddmmr.federated.strategy import FedMemStrategy
 from recbole_feddmmr.resumable import save_atomically
 from recbole_feddmmr.trainer import UR4RecV2MoETrainer
-from recbole_feddmmr.utils import usable_cpus
-
-# auto picks Ray from this many local steps per round: on the 2-core CPU a 16-client ml-100k round (~60
-# steps) already ran faster over two actors than in one process (README, "Execution backends")
-AUTO_RAY_MIN_STEPS = 32
-
-
-def auto_backend(device: torch.device, cpus: int, steps_per_round: float, ray_installed: bool) -> str:
-    """What ``federated_backend: auto`` runs.
-
-    On a CPU with two or more cores, rounds of at least ``AUTO_RAY_MIN_STEPS`` local steps run on ``ray``
-    (one single-threaded actor per core): a one-user client's step is a batch of ~30 targets, too small
-    for torch's threads to share among cores, so separate processes use the cores and one process does
-    not. Smaller rounds do not repay shipping the model's state to the actors, and stay ``sequential``.
-    On CUDA: ``sequential``, until the vectorized path has passed ``scripts/gpu_check.sh`` on a GPU.
-    """
-    if device.type == "cpu" and cpus >= 2 and ray_installed and steps_per_round >= AUTO_RAY_MIN_STEPS:
-        return "ray"
-    return "sequential"
 
 
 class FederatedTrainer(UR4RecV2MoETrainer):
+    """Rounds of :class:`FedMemServer` over the clients instead of epochs (see the module docstring)."""
+
     def __init__(self, config, model) -> None:
+        if not isinstance(model, FederatedModel):
+            raise ConfigError(
+                f"federated training needs a model with a window loss, per-user and per-item tables and a memory "
+                f"clock (recbole_feddmmr.federated.contracts.FederatedModel), which {type(model).__name__} has "
+                "not: use UR4RecV2MoE (a plain SASRec = UR4RecV2MoE with --feature_id_field=None)"
+            )
+        self.federated = FederatedSettings.from_config(config)  # checked before anything is built
         super().__init__(config, model)
-        self.rounds = config["rounds"]
-        self.eval_every = config["eval_every"] or 1
-        self.settings = LocalSettings(
-            local_epochs=config["local_epochs"],
-            local_batch_size=config["local_batch_size"] or config["train_batch_size"],
-            local_lr=config["local_lr"] or config["learning_rate"],
-            local_optimizer=config["local_optimizer"] or "adam",
-            fedprox_mu=config["fedprox_mu"] or 0.0,
-            num_prototypes=config["num_memory_prototypes"] if config["enable_prototype_aggregation"] else 0,
-            # a missing setting keeps the safe default: a lower floor would let prototypes reveal single items
-            prototype_min_entries=(
-                LocalSettings.prototype_min_entries
-                if config["prototype_min_entries"] is None
-                else config["prototype_min_entries"]
-            ),
-            seed=config["seed"],
-        )
+        self.rounds = self.federated.rounds
+        self.eval_every = self.federated.eval_every
+        self.settings = self.federated.local
         self.round_reports: list[RoundReport] = []  # resume_file, run_fingerprint: ResumableFitMixin's
 
     # --------------------------------------------------------------- the run
-    def build_server(self, train_data) -> FedMemServer:
+    def build_server(self, train_data, settings: FederatedSettings | None = None, backend=None) -> FedMemServer:
+        """The simulation's server over ``train_data``'s users: clients, strategy and backend of ``settings``
+        (default: this run's); ``backend``: an execution backend to use instead of the configured one (e.g. a
+        benchmark timing several on one model)."""
         config = self.config
         windows = self.sequence_windows(train_data)
         users = windows.user_ids.unique().cpu().numpy()
+        federated = settings or self.federated
         labels = None
-        if config["partition"] == "dirichlet":
+        if federated.partition == "dirichlet":
             dataset = train_data._dataset
-            field = config["partition_label_field"]
+            field = federated.partition_label_field
             if dataset.item_feat is None or field not in dataset.item_feat:
                 raise ConfigError(f"partition=dirichlet needs the item field '{field}' (partition_label_field) loaded")
             feat = dataset.inter_feat
@@ -90,11 +71,11 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             labels = all_labels[np.searchsorted(np.unique(feat[dataset.uid_field].numpy()), users)]
         parts = partition_users(
             users,
-            config["partition"],
-            config["num_clients"],
+            federated.partition,
+            federated.num_clients,
             config["seed"],
             user_labels=labels,
-            dirichlet_alpha=config["dirichlet_alpha"],
+            dirichlet_alpha=federated.dirichlet_alpha,
         )
         user_groups = [torch.as_tensor(part, device=self.device) for part in parts]
         client_windows = windows.windows_of_groups(user_groups)
@@ -103,18 +84,18 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             for i, (users, window_index) in enumerate(zip(user_groups, client_windows, strict=True))
         ]
         strategy = FedMemStrategy(
-            num_prototypes=config["num_memory_prototypes"],
-            clients_per_round=config["clients_per_round"],
-            client_fraction=config["client_fraction"],
+            num_prototypes=federated.local.num_prototypes,
+            clients_per_round=federated.clients_per_round,
+            client_fraction=federated.client_fraction,
             seed=config["seed"],
-            aggregation=config["aggregation"] or "mean",
+            aggregation=federated.aggregation,
             server_optimizer=ServerOptimizer(
-                config["server_optimizer"] or "fedavg",
-                lr=config["server_lr"] or 1.0,
-                momentum=config["server_momentum"],
-                beta1=config["server_beta1"],
-                beta2=config["server_beta2"],
-                tau=config["server_tau"],
+                federated.server_optimizer,
+                lr=federated.server_lr,
+                momentum=federated.server_momentum,
+                beta1=federated.server_beta1,
+                beta2=federated.server_beta2,
+                tau=federated.server_tau,
             ),
         )
         return FedMemServer(
@@ -122,8 +103,8 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             clients,
             windows,
             strategy,
-            self.settings,
-            backend=self.build_backend(self.expected_round_steps(clients, windows, strategy)),
+            federated.local,
+            backend=backend or self.build_backend(self.expected_round_steps(clients, windows, strategy)),
         )
 
     def expected_round_steps(
@@ -134,27 +115,17 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         return strategy.round_size(len(clients)) * mean_steps * self.settings.local_epochs
 
     def build_backend(self, steps_per_round: float = 0.0):
-        """``federated_backend``; ``auto`` decides by :func:`auto_backend` from the device, the usable CPU
-        cores and ``steps_per_round``, the local steps a round is expected to take (0: unknown, sequential)."""
-        config = self.config
-        name = config["federated_backend"] or "auto"
-        cpus = usable_cpus()
-        if name == "auto":
-            name = auto_backend(self.device, cpus, steps_per_round, importlib.util.find_spec("ray") is not None)
-        if name == "sequential":
-            return SequentialBackend()
-        if name == "vectorized":
-            return VectorizedBackend(config["vectorized_chunk_targets"] or default_chunk_targets(self.device))
-        if name == "ray":
-            from recbole_feddmmr.federated.ray_backend import RayBackend
-
-            actors = config["ray_num_actors"] or min(cpus, 8)
-            return RayBackend(
-                actors,
-                cpus_per_actor=config["ray_cpus_per_actor"] or min(1.0, cpus / actors),
-                address=config["ray_address"],
-            )
-        raise ConfigError(f"federated_backend must be auto, sequential, vectorized or ray, got {name!r}")
+        """The configured execution backend (``federated_backend``, see :func:`make_backend`)."""
+        federated = self.federated
+        return make_backend(
+            federated.backend,
+            self.device,
+            steps_per_round=steps_per_round,
+            chunk_targets=federated.vectorized_chunk_targets,
+            ray_num_actors=federated.ray_num_actors,
+            ray_cpus_per_actor=federated.ray_cpus_per_actor,
+            ray_address=federated.ray_address,
+        )
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         server = self.server = self.build_server(train_data)
@@ -168,12 +139,12 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         self._resume_if_interrupted(server)
         self._start_segment()
         self.logger.info(
-            f"federated: {len(server.clients)} clients ({self.config['partition']} partition), "
+            f"federated: {len(server.clients)} clients ({self.federated.partition} partition), "
             f"{self.rounds} rounds, local epochs {self.settings.local_epochs}, backend {server.backend.name}"
         )
         rounds = range(self.start_epoch, self.rounds)
         iterator = tqdm(rounds, desc=set_color("Rounds", "pink"), ncols=100) if show_progress else rounds
-        budget = self.config["time_budget_s"]
+        budget = self.federated.time_budget_s
         last_resume_save = self.elapsed_before_resume
         for round_idx in iterator:
             report = server.run_round(round_idx)
@@ -187,26 +158,14 @@ class FederatedTrainer(UR4RecV2MoETrainer):
                     f"time: {report.seconds:.2f}s, peak RSS: {report.peak_rss_mb:.0f} MB]"
                 )
             stop = False
-            if valid_data is not None and (round_idx + 1) % self.eval_every == 0:
-                server.assemble_private_state()  # RecBole's evaluator reads every user's rows by user id
-                valid_score, valid_result = self._valid_epoch(valid_data, show_progress=False)
-                report.valid_score = float(valid_score)
-                self.best_valid_score, self.cur_step, stop, improved = early_stopping(
-                    valid_score, self.best_valid_score, self.cur_step, self.stopping_step, self.valid_metric_bigger
-                )
-                if verbose:
-                    self.logger.info(
-                        set_color(f"round {round_idx} evaluating", "green") + f" [valid_score: {valid_score:.6f}]"
-                    )
-                if improved:
-                    self.best_valid_result = valid_result
-                    if saved:
-                        self._save_checkpoint(round_idx, verbose=verbose)
-                if callback_fn:  # as RecBole's fit: e.g. a Ray Tune trial reporting each validation
-                    callback_fn(round_idx, valid_score)
+            # every eval_every rounds and after the last one, so that every run keeps and tests a validated model
+            if valid_data is not None and ((round_idx + 1) % self.eval_every == 0 or round_idx == self.rounds - 1):
+                stop = self._validate_round(server, report, valid_data, saved, verbose, callback_fn)
             report.elapsed_seconds = self.fit_elapsed()
             if budget and report.elapsed_seconds >= budget and not stop:
                 self.logger.info(f"time budget of {budget} s spent after round {round_idx}: stopping")
+                if valid_data is not None and report.valid_score is None:  # the budget ends the run: its last
+                    self._validate_round(server, report, valid_data, saved, verbose, callback_fn)  # round counts
                 stop = True
             # the resume state holds every user's memory, so its size grows with all users: written at most
             # every resume_every_s seconds (a crash loses at most that much), not after every cheap round
@@ -220,6 +179,25 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             self._save_checkpoint(self.rounds - 1, verbose=verbose)
         self.resume_file.unlink(missing_ok=True)  # finished: the same command starts afresh
         return self.best_valid_score, self.best_valid_result
+
+    def _validate_round(self, server: FedMemServer, report: RoundReport, valid_data, saved, verbose, callback_fn):
+        """Validate the model after ``report``'s round, as RecBole validates an epoch -> early stopping's verdict."""
+        round_idx = report.round_idx
+        server.assemble_private_state()  # RecBole's evaluator reads every user's rows by user id
+        valid_score, valid_result = self._valid_epoch(valid_data, show_progress=False)
+        report.valid_score = float(valid_score)
+        self.best_valid_score, self.cur_step, stop, improved = early_stopping(
+            valid_score, self.best_valid_score, self.cur_step, self.stopping_step, self.valid_metric_bigger
+        )
+        if verbose:
+            self.logger.info(set_color(f"round {round_idx} evaluating", "green") + f" [valid_score: {valid_score:.6f}]")
+        if improved:
+            self.best_valid_result = valid_result
+            if saved:
+                self._save_checkpoint(round_idx, verbose=verbose)
+        if callback_fn:  # as RecBole's fit: e.g. a Ray Tune trial reporting each validation
+            callback_fn(round_idx, valid_score)
+        return stop
 
     # ------------------------------------------------------------ resumption
     def _save_resume_state(self, round_idx: int) -> None:

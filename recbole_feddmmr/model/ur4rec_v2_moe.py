@@ -17,8 +17,6 @@ sum_e (mean router weight_e - 1/E)^2`` over the E experts the dataset enables.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,43 +26,27 @@ from torch import Tensor, nn
 
 from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.memory import ItemFeatures, LocalDynamicMemory, MemoryReadout, MemoryWrites, RecentHistoryMemory
+from recbole_feddmmr.model.dropout import keyed_dropout
 from recbole_feddmmr.model.layers import (
     ItemCentricRouter,
     SASRecBackbone,
     SemanticExpert,
     VisualExpert,
     candidate_dot,
-    keyed_dropout,
     select_candidates,
+)
+from recbole_feddmmr.model.losses import (
+    PredictionPoints,
+    TrainingLoss,
+    bpr_loss,
+    load_balance_loss,
+    sample_negatives,
+    sampled_softmax_loss,
+    surprise_of,
+    weighted_mean,
 )
 
 EXPERTS = ("sequential", "visual", "semantic")
-
-
-class PredictionPoints(NamedTuple):
-    """The parameter-free inputs of the training loss at P prediction points of a batch of windows."""
-
-    rows: Tensor  # [P] window (row of the batch) of each point
-    positions: Tensor  # [P] position in the window; the point predicts the item after it
-    users: Tensor  # [P]
-    positives: Tensor  # [P] the target item
-    times: Tensor | None  # [P] the target's time
-    memory: MemoryReadout  # [P, K, F] what the experts read
-    negatives: Tensor | None  # [P, N] (BPR / SSM; None: drawn by the loss)
-    weight: Tensor | None  # [P] 1 = a training target, 0 = padding (None: every point is a target)
-    dropout_key: Tensor | None = None  # [] the step's dropout masks (see keyed_dropout); None: random masks
-
-
-class TrainingLoss(NamedTuple):
-    """A training batch's loss parts and the memory writes its step should make after the optimizer step."""
-
-    rec_loss: Tensor
-    balance_loss: Tensor  # the load-balance loss, weighted
-    memory_writes: MemoryWrites | None  # None: nothing to write (no LocalDynamicMemory, or not training)
-
-    @property
-    def losses(self) -> tuple[Tensor, Tensor]:
-        return self.rec_loss, self.balance_loss
 
 
 def item_feature_table(dataset, id_field: str, value_field: str | None, expected_dim: int) -> Tensor | None:
@@ -90,58 +72,6 @@ def item_feature_table(dataset, id_field: str, value_field: str | None, expected
     table = torch.zeros(dataset.item_num, expected_dim)
     table[torch.as_tensor(feat[id_field]).long()] = values
     return table
-
-
-def weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
-    """Mean of ``values`` [P] over the points whose ``weight`` [P] is 1 (padding has 0); plain mean if no weight."""
-    if weight is None:
-        return values.mean()
-    return (values * weight).sum() / weight.sum().clamp(min=1.0)
-
-
-def bpr_loss(scores: Tensor, weight: Tensor | None = None) -> Tensor:
-    """``scores`` [B, 1 + N], positive in column 0 -> mean over B x N of -log sigmoid(pos - neg)."""
-    pairwise = -F.logsigmoid(scores[:, :1] - scores[:, 1:])  # [B, N]
-    return pairwise.mean() if weight is None else weighted_mean(pairwise.mean(dim=1), weight)
-
-
-def sampled_softmax_loss(scores: Tensor, weight: Tensor | None = None) -> Tensor:
-    """``scores`` [B, 1 + N], positive in column 0 -> mean cross-entropy of the positive among the 1 + N."""
-    per_point = F.cross_entropy(scores, scores.new_zeros(scores.size(0), dtype=torch.long), reduction="none")  # [B]
-    return weighted_mean(per_point, weight)
-
-
-def load_balance_loss(router_weights: Tensor, enabled: Tensor, point_weight: Tensor | None = None) -> Tensor:
-    """``router_weights`` [B, C, X], ``enabled`` [X] bool -> sum over enabled e of (mean w_e - 1/E)^2.
-
-    The mean runs over the (user, candidate) pairs where every enabled expert is live, i.e. where
-    the router had the full choice: elsewhere an expert is off for want of a feature or of memory,
-    its weight is exactly 0 (masked softmax), and counting those pairs would push the router to
-    overweight that expert wherever it is live. No such pair: the loss is 0. ``point_weight`` [B]
-    leaves out padded points (weight 0). Written with masks only (no data-dependent shapes), so it
-    runs under ``torch.func.vmap``.
-    """
-    weights = router_weights.index_select(-1, enabled.nonzero().squeeze(1))  # [B, C, E]
-    full_choice = (weights > 0).all(dim=-1)  # [B, C]; live experts get weight > 0, switched-off ones exactly 0
-    if point_weight is not None:
-        full_choice = full_choice & (point_weight[:, None] > 0)
-    pairs = full_choice.sum()
-    usage = (weights * full_choice[..., None]).sum(dim=(0, 1)) / pairs.clamp(min=1)  # [E]
-    loss = ((usage - 1.0 / usage.numel()) ** 2).sum()
-    return torch.where(pairs > 0, loss, loss * 0.0)
-
-
-def surprise_of(scores: Tensor) -> Tensor:
-    """``scores`` [P, 1 + N], positive in column 0 -> surprise [P] = 1 - sigmoid(s_pos - mean_j s_neg_j), in (0, 1)."""
-    return 1.0 - torch.sigmoid(scores[:, 0] - scores[:, 1:].mean(dim=1))
-
-
-def sample_negatives(positives: Tensor, num_items: int, num_negatives: int, generator=None) -> Tensor:
-    """Uniform negatives over items 1..num_items-1 excluding each row's positive: [B] -> [B, N]."""
-    draws = torch.randint(
-        1, num_items - 1, (positives.size(0), num_negatives), device=positives.device, generator=generator
-    )  # [B, N] in 1..num_items-2
-    return draws + (draws >= positives[:, None]).long()  # shift past the positive
 
 
 class UR4RecV2MoE(SequentialRecommender):
@@ -295,16 +225,13 @@ class UR4RecV2MoE(SequentialRecommender):
         seq_repr: Tensor,
         memory: MemoryReadout,
         candidates: Tensor | None = None,
-        target_visual: Tensor | None = None,
-        target_text: Tensor | None = None,
         *,
         all_items: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Scores and router weights of candidates for each user.
 
         ``candidates``: [B, C] item ids per user, or ``None`` for all items (shared, [N]).
-        ``target_visual`` [B, C, Fv] / ``target_text`` [B, C, Ft] override the feature-table lookup
-        of per-user candidates. Item-only work runs once per distinct candidate of the batch, or with
+        Item-only work runs once per distinct candidate of the batch, or with
         ``all_items`` once per item of the catalogue (a fixed shape, as ``torch.func.vmap`` needs).
         -> final scores [B, C] (or [B, N]), router weights [B, C, X].
         """
@@ -330,22 +257,9 @@ class UR4RecV2MoE(SequentialRecommender):
             available = features.visual_available if name == "visual" else features.text_available
             user_has_memory = memory_mask.any(dim=1)[:, None]  # [B, 1]
             live[slot] = select_candidates(available[items], index) & user_has_memory  # [B, C]
-            if name == "visual" and target_visual is not None:
-                expert_scores[slot] = self.visual_expert(
-                    seq_repr, target_visual, memory_feats.to(seq_repr.dtype), memory_mask
-                )
-            elif name == "visual":
+            if name == "visual":
                 expert_scores[slot] = self.visual_expert(
                     seq_repr, features.visual[items], memory_feats.to(seq_repr.dtype), memory_mask, index
-                )
-            elif target_text is not None:
-                expert_scores[slot] = self.semantic_expert(
-                    seq_repr,
-                    select_candidates(item_id_emb, index),
-                    memory_feats.to(seq_repr.dtype),
-                    memory_mask,
-                    None,
-                    target_text,
                 )
             else:
                 expert_scores[slot] = self.semantic_expert(
@@ -355,48 +269,6 @@ class UR4RecV2MoE(SequentialRecommender):
         router_weights = self.router(item_id_emb, torch.stack(live, dim=-1), index, items)  # [B, C, X]
         final = (router_weights * torch.stack(expert_scores, dim=-1)).sum(dim=-1)  # [B, C]
         return final, router_weights
-
-    def forward(
-        self,
-        user_ids: Tensor,
-        input_seq: Tensor,
-        target_items: Tensor,
-        memory_visual: Tensor | None = None,
-        memory_text: Tensor | None = None,
-        target_visual: Tensor | None = None,
-        target_text: Tensor | None = None,
-        *,
-        item_seq_len: Tensor | None = None,
-        memory_visual_mask: Tensor | None = None,
-        memory_text_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The seed's signature: -> (final_scores [B, C], rec_loss, lb_loss).
-
-        ``input_seq`` [B, L] right-padded (length = non-zero count unless ``item_seq_len``);
-        ``target_items`` [B, C] with the positive in column 0 (``rec_loss`` is BPR over the rest);
-        memories [B, K, F] with optional [B, K] masks (default: every slot valid);
-        ``target_visual`` [B, C, Fv] / ``target_text`` [B, C, Ft] replace the feature-table lookup of the candidates.
-        """
-        if item_seq_len is None:
-            item_seq_len = (input_seq > 0).sum(dim=1)
-        batch_size = input_seq.size(0)
-
-        def full_mask(feats: Tensor | None, mask: Tensor | None) -> Tensor:
-            if mask is not None:
-                return mask.bool()
-            slots = 0 if feats is None else feats.size(1)
-            return torch.full((batch_size, slots), feats is not None, dtype=torch.bool, device=input_seq.device)
-
-        memory = MemoryReadout(
-            memory_visual,
-            full_mask(memory_visual, memory_visual_mask),
-            memory_text,
-            full_mask(memory_text, memory_text_mask),
-        )
-        seq_repr = self.encode_sequence(input_seq, item_seq_len, user_ids)
-        scores, router_weights = self.score_candidates(seq_repr, memory, target_items, target_visual, target_text)
-        rec_loss = bpr_loss(scores) if scores.size(1) > 1 else scores.new_zeros(())
-        return scores, rec_loss, load_balance_loss(router_weights, self.expert_enabled)
 
     # ----------------------------------------------------------------- memory
     def read_memory(
@@ -441,6 +313,10 @@ class UR4RecV2MoE(SequentialRecommender):
             text_available=features.text_available[items] if self.memory.store_text else None,
             step=step,
         )
+
+    def prototype_memory(self) -> LocalDynamicMemory | None:
+        """The memory a federated client summarises into prototypes (LocalDynamicMemory), or ``None``."""
+        return self.memory if isinstance(self.memory, LocalDynamicMemory) else None
 
     @property
     def writes_memory(self) -> bool:
