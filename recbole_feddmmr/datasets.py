@@ -84,7 +84,7 @@ def ensure_dataset(dataset: str, data_path: str | Path, show_progress: bool = Tr
     elif not (data_path / f"{dataset}.inter").is_file():
         raise MissingFileError(
             f"no {data_path / (dataset + '.inter')}: put the atomic files of '{dataset}' in {data_path} "
-            "(see README, 'Your own dataset')"
+            "(see docs/datasets.md, 'Your own dataset')"
         )
 
 
@@ -148,7 +148,7 @@ def check_item_features(config, inter_items: set[str] | None = None) -> FeatureF
     if "itememb" not in suffixes or (load_col is not None and "itememb" not in load_col):
         raise FeatureFileError(
             f"{path} exists but the config does not load it: add `additional_feat_suffix: [itememb]`, "
-            f"`load_col: {{itememb: [{id_field}, ...]}}` and `alias_of_item_id: [{id_field}]` (see README)"
+            f"`load_col: {{itememb: [{id_field}, ...]}}` and `alias_of_item_id: [{id_field}]` (see docs/datasets.md)"
         )
     if inter_items is None:  # the item ids of the .inter file, unless check_atomic_files already read them
         inter_items = set(

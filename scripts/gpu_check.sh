@@ -8,7 +8,7 @@
 #    backends agreeing on CUDA, the CUDA resume state, CPU/CUDA memory retrieval);
 # 3. ml-100k's files in dataset_atomic/ml-100k (built offline if missing);
 # 4. speed on ml-100k, once per backend: one centralised UR4RecV2MoE epoch and one full-participation
-#    federated round, in one process from the same initial model (federated.benchmark --speed_only);
+#    federated round, in one process from the same initial model (experiments.federated_benchmark --speed_only);
 #    the vectorized backend under its own time cap;
 # 5. the README's main command: python run_recbole_feddmmr.py --dataset ml-100k --epochs=2.
 #

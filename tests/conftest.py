@@ -26,6 +26,15 @@ TINY_CONFIG = {
 }
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        default=False,
+        help="also run the documented experiment commands (tests/test_docs.py)",
+    )
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "ray: starts a local Ray (2 CPUs); runs on CI's 2 cores, skip with -m 'not ray'")

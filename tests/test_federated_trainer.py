@@ -154,3 +154,17 @@ def test_auto_runs_ray_on_a_multicore_cpu_for_rounds_of_32_steps_and_sequential_
     assert auto_backend(cpu, 1, 1000, ray_installed=True) == "sequential"  # one core: nothing to share
     assert auto_backend(cpu, 16, 1000, ray_installed=False) == "sequential"
     assert auto_backend(cuda, 16, 1000, ray_installed=True) == "sequential"  # until gpu_check.sh has passed
+
+
+@pytest.mark.parametrize(("rounds", "eval_every", "validated"), [(3, 25, [2]), (5, 2, [1, 3, 4]), (2, 1, [0, 1])])
+def test_the_last_round_is_always_validated_so_a_run_keeps_a_model_to_test(tmp_path, rounds, eval_every, validated):
+    # the federated quick start (--rounds=20 with federated.yaml's eval_every: 25) once ended without a checkpoint
+    trainer, test_result = run(tmp_path, rounds=rounds, eval_every=eval_every)
+    assert [report.round_idx for report in trainer.round_reports if report.valid_score is not None] == validated
+    assert trainer.best_epoch in validated and "ndcg@10" in test_result
+
+
+def test_a_time_budget_spent_between_validations_validates_the_round_that_spent_it(tmp_path):
+    trainer, test_result = run(tmp_path, rounds=50, eval_every=25, time_budget_s=1e-9)
+    (only,) = trainer.round_reports  # the budget is spent in round 0, which is then validated and tested
+    assert only.valid_score is not None and trainer.best_epoch == 0 and "ndcg@10" in test_result

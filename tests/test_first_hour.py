@@ -53,6 +53,16 @@ def test_a_run_starts_clean_and_ends_with_a_summary_and_results_json(tmp_path):
     assert set(results) >= {"config", "best_valid_result", "test_result", "seconds", "commit", "checkpoint", "log"}
     assert results["config"]["learning_rate"] == 0.002
     assert results["test_result"]["ndcg@10"] == pytest.approx(float(output.split("ndcg@10")[-1].split()[1]), abs=1e-4)
+    # the checkpoint, evaluated again by the benchmark: its own flags are never taken for RecBole's
+    evaluated = command(
+        tmp_path, "-m", "recbole_feddmmr.experiments.benchmark", "--evaluate", summary["checkpoint"].strip(),
+        "--out", str(tmp_path / "evaluated.json"),
+    )  # fmt: skip
+    output = evaluated.stdout + evaluated.stderr
+    assert evaluated.returncode == 0, output[-3000:]
+    assert "will not be used" not in output and "| checkpoint | model |" in output
+    again = json.loads((tmp_path / "evaluated.json").read_text())["evaluated"][0]["test_full"]["ndcg@10"]
+    assert again == pytest.approx(results["test_result"]["ndcg@10"], abs=1e-6)  # the same model, the same test
 
 
 @pytest.mark.parametrize(
@@ -107,6 +117,16 @@ def test_report_prints_a_table_for_every_committed_results_file():
     for path in files:
         lines = format_results(read_results(path)).strip().splitlines()
         assert len(lines) >= 2 and lines[-1].startswith("command: `"), path
+        assert "?" not in lines[-1], path  # what a file does not record is said: "not recorded"
+    unrecorded = format_results({"kind": "run", **read_results(files[0])} | {"machine": None, "commit": None})
+    assert unrecorded.endswith("commit not recorded; machine: not recorded")
+
+
+def test_a_results_file_names_its_kind_or_is_refused():
+    from recbole_feddmmr.experiments.report import format_results
+
+    with pytest.raises(DataFileError, match="its kind is None"):
+        format_results({"runs": [], "summary": {}})  # no guessing from the keys
 
 
 def test_the_feature_commands_printed_yaml_loads_the_new_file(tmp_path, capsys):

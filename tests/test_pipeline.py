@@ -200,3 +200,13 @@ def test_a_run_started_beside_another_never_loses_the_race_to_create_its_folders
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     assert (tmp_path / "log" / "UR4RecV2MoE").is_dir() and any((tmp_path / "log" / "UR4RecV2MoE").iterdir())
     assert Path(trainer.checkpoint_dir) == tmp_path / "saved" and (tmp_path / "saved").is_dir()
+
+
+@pytest.mark.parametrize(("epochs", "eval_step", "validated"), [(2, 5, [1]), (3, 2, [1, 2]), (2, 1, [0, 1])])
+def test_the_last_epoch_is_always_validated_whatever_eval_step(tmp_path, epochs, eval_step, validated):
+    config, _, (train_data, valid_data, test_data), model = tiny_run(tmp_path, epochs=epochs, eval_step=eval_step)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    seen = []
+    trainer.fit(train_data, valid_data, saved=True, callback_fn=lambda epoch, score: seen.append(epoch))
+    assert seen == validated and trainer.best_epoch in validated
+    assert "ndcg@10" in trainer.evaluate(test_data, load_best_model=True)  # its best checkpoint exists

@@ -1,7 +1,7 @@
 """Many seeds of many models, compared: means and spreads, a paired test, tables and plots.
 
-Works on the runs ("cells") of :mod:`recbole_feddmmr.benchmark`: one result per (model label, seed), as
-:func:`recbole_feddmmr.benchmark.run_model` returns it plus ``label`` and ``seed``.
+Works on the runs ("cells") of :mod:`recbole_feddmmr.experiments.benchmark`: one result per (model label, seed), as
+:func:`recbole_feddmmr.experiments.runner.run_model` returns it plus ``label`` and ``seed``.
 """
 
 from __future__ import annotations

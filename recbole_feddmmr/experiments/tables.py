@@ -40,7 +40,7 @@ def format_evaluated(report: dict[str, Any]) -> str:
 
 
 def format_accuracy(report: dict[str, Any]) -> str:
-    """The federated / centralised accuracy summary of ``federated.study``."""
+    """The federated / centralised accuracy summary of ``experiments.federated_study``."""
     return (
         f"federated test NDCG@10 {report['federated_test_ndcg10']:.4f} / centralised "
         f"{report['centralised_test_ndcg10']:.4f} = x{report['ratio']:.3f} "
@@ -61,7 +61,7 @@ def format_search(report: dict[str, Any]) -> str:
 
 
 def format_runs(report: dict[str, Any]) -> str:
-    """A markdown table of the report (what the README shows)."""
+    """A markdown table of the report (one row per run)."""
     lines = [
         f"| model | live experts | best epoch | {TEST_COLUMNS} | train samples/s |",
         "|---|---|---|---|---|---|---|---|---|",

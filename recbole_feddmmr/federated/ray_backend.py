@@ -16,7 +16,7 @@ the sequential backend's up to the order of float64 sums (tested to 1e-4, as for
 backend; a client's dropout masks are keyed by its own generator, so they do not depend on the process).
 
 ``ray.init()`` starts a local Ray unless one is running; ``address="auto"`` joins an existing cluster
-(see the README for a two-node example).
+(docs/federated.md has a two-node example).
 """
 
 from __future__ import annotations

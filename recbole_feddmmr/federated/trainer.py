@@ -1,7 +1,8 @@
 """FederatedTrainer: rounds of FedMemServer instead of epochs; evaluation, early stopping and checkpoints are RecBole's.
 
-Every ``eval_every`` rounds the global model (with each user's private memory and the global
-prototypes) is evaluated by RecBole's evaluator on validation; the best round is kept by
+Every ``eval_every`` rounds, and after the last round (the round cap, or the round that spends the time
+budget), the global model (with each user's private memory and the global prototypes) is evaluated by
+RecBole's evaluator on validation, so every run keeps a validated model to test; the best round is kept by
 validation only. Before each evaluation the client state store assembles every user's private rows
 into the model (see ``state.py``), so the evaluated model and its checkpoint hold them as a centralised
 model does. Every ``resume_every_s`` seconds the whole simulation state (shared parameters, global

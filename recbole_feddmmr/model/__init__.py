@@ -1,4 +1,4 @@
-"""Models of the plugin; ``utils.get_model`` looks here before RecBole."""
+"""Models of the plugin; ``registry.get_model`` looks here before RecBole."""
 
 from recbole_feddmmr.model.baselines import FDSAText, SASRecFText
 from recbole_feddmmr.model.ur4rec_v2_moe import UR4RecV2MoE
