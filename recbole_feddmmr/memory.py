@@ -102,16 +102,12 @@ class RecentHistoryMemory(nn.Module):
 
 
 class OfferedWrites(NamedTuple):
-    """The interactions one :meth:`LocalDynamicMemory.add_batch` call offers, each field [P] (features [P, F])."""
+    """The interactions one :meth:`LocalDynamicMemory.add_batch` call offers, each field [P]."""
 
     users: Tensor
     items: Tensor
     surprises: Tensor
-    visual: Tensor | None
-    text: Tensor | None
     times: Tensor
-    visual_ok: Tensor  # [P] bool: the visual feature exists (and is stored)
-    text_ok: Tensor
 
 
 def rank_within_runs(keys: Tensor) -> Tensor:
@@ -124,13 +120,15 @@ def rank_within_runs(keys: Tensor) -> Tensor:
 class LocalDynamicMemory(nn.Module):
     """FedDMMR's private per-user memory: surprise-gated writes, utility-based eviction.
 
-    Every user owns ``capacity`` slots, stored for all users at once as ``[num_users, capacity, *]``
-    tensors, so a batch's writes and reads are batched tensor operations on CPU or GPU. A slot holds an
-    item id (-1 = empty), the item's visual and text features (with per-modality validity), the
-    interaction's time, a write count, the training step of its last write and the surprise of that write.
+    Every user owns ``capacity`` slots, stored for all users at once as ``[num_users, capacity]`` tensors, so
+    a batch's writes and reads are batched tensor operations on CPU or GPU. A slot holds an item id (-1 =
+    empty), the interaction's time, a write count, the training step of its last write and the surprise of
+    that write. The item's features are the catalogue's (``features``, which never change): a read gathers
+    them by the slots' item ids, so the memory's private state is a few numbers per slot (on ml-100k,
+    0.2 MB for every user, where a copy of each slot's 384-d text feature took 72 MB).
 
     Surprise is computed by the caller; UR4RecV2MoE uses ``1 - sigmoid(s_pos - mean_j s_neg_j)`` in (0, 1):
-    0.5 means the positive scored like the average negative, so the default threshold 0.5 writes the
+    0.5 means the positive scored like the average negative, so a threshold of 0.5 writes the
     interactions the model ranked below the average negative, i.e. the ones it did not expect.
 
     Utility (for eviction and for ranking reads) is ``alpha * decay ** (step - last_write) + beta * log1p(count)``:
@@ -144,24 +142,18 @@ class LocalDynamicMemory(nn.Module):
 
     # the tables with one row per user (dim 0 = user id): a user's private state; the clock and the
     # global prototypes are shared by all users
-    per_user_buffers = (
-        "item_ids", "visual", "text", "visual_valid", "text_valid", "time", "count", "last_write", "surprise",
-    )  # fmt: skip
+    per_user_buffers = ("item_ids", "time", "count", "last_write", "surprise")
 
     def __init__(
         self,
         num_users: int,
+        features: ItemFeatures,
         capacity: int = 50,
         surprise_threshold: float = 0.5,
-        visual_dim: int = 512,
-        text_dim: int = 384,
         *,
         utility_alpha: float = 1.0,
         utility_beta: float = 0.5,
         recency_decay: float = 0.999,
-        feature_dtype: torch.dtype = torch.float32,
-        store_visual: bool = True,
-        store_text: bool = True,
         num_global_prototypes: int = 0,
     ) -> None:
         super().__init__()
@@ -169,6 +161,7 @@ class LocalDynamicMemory(nn.Module):
             raise ConfigError(f"memory capacity must be >= 1, got {capacity}")
         if not 0.0 < recency_decay <= 1.0:
             raise ConfigError(f"recency_decay must be in (0, 1], got {recency_decay}")
+        self.features = features  # the catalogue's feature tables (shared with the model, not memory state)
         self.capacity = capacity
         self.surprise_threshold = surprise_threshold
         self.utility_alpha = utility_alpha
@@ -176,21 +169,20 @@ class LocalDynamicMemory(nn.Module):
         self.recency_decay = recency_decay
         shape = (num_users, capacity)
         self.register_buffer("item_ids", torch.full(shape, -1, dtype=torch.long))  # [U, C], -1 = empty
-        self.register_buffer("visual", torch.zeros(*shape, visual_dim if store_visual else 0, dtype=feature_dtype))
-        self.register_buffer("text", torch.zeros(*shape, text_dim if store_text else 0, dtype=feature_dtype))
-        self.register_buffer("visual_valid", torch.zeros(shape, dtype=torch.bool))  # [U, C]
-        self.register_buffer("text_valid", torch.zeros(shape, dtype=torch.bool))  # [U, C]
         self.register_buffer("time", torch.zeros(shape, dtype=torch.float64))  # [U, C] interaction time
         self.register_buffer("count", torch.zeros(shape, dtype=torch.long))  # [U, C] writes
         self.register_buffer("last_write", torch.zeros(shape, dtype=torch.long))  # [U, C] training step
         self.register_buffer("surprise", torch.zeros(shape))  # [U, C] surprise of the last write
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # the training clock
+        # the modalities the catalogue has (fixed: checked once, not at every read)
+        self.store_visual, self.store_text = features.has_visual, features.has_text
         # global prototypes (federated): G extra slots every user reads, invalid until set
+        visual_dim = features.visual.size(1) if self.store_visual else 0
+        text_dim = features.text.size(1) if self.store_text else 0
         prototypes = num_global_prototypes
-        self.register_buffer("prototype_visual", torch.zeros(prototypes, self.visual.size(-1), dtype=feature_dtype))
-        self.register_buffer("prototype_text", torch.zeros(prototypes, self.text.size(-1), dtype=feature_dtype))
+        self.register_buffer("prototype_visual", torch.zeros(prototypes, visual_dim))  # [G, Fv]
+        self.register_buffer("prototype_text", torch.zeros(prototypes, text_dim))  # [G, Ft]
         self.register_buffer("prototype_valid", torch.zeros(prototypes, dtype=torch.bool))  # [G]
-        self.store_visual, self.store_text = store_visual, store_text
         self.reset_stats()
 
     # ------------------------------------------------------------------ stats
@@ -220,57 +212,35 @@ class LocalDynamicMemory(nn.Module):
 
     # ------------------------------------------------------------------ writes
     def add_batch(
-        self,
-        user_ids: Tensor,
-        item_ids: Tensor,
-        surprises: Tensor,
-        visual_features: Tensor | None,
-        text_features: Tensor | None,
-        positions: Tensor,
-        *,
-        visual_available: Tensor | None = None,
-        text_available: Tensor | None = None,
-        step: int | None = None,
+        self, user_ids: Tensor, item_ids: Tensor, surprises: Tensor, times: Tensor, *, step: int | None = None
     ) -> int:
         """Offer P interactions; those with ``surprise > surprise_threshold`` are written. -> number written.
 
-        ``user_ids``, ``item_ids`` [P] long, ``surprises`` [P], features [P, Fv] / [P, Ft] (``None`` when the
-        memory does not store that modality), ``positions`` [P] interaction times (any increasing clock),
-        ``*_available`` [P] bool (default all True). All writes of one call happen at training step ``step``
-        (default: one past the last step). A user's writes are applied in the given order, so one call equals
-        the same writes made one by one at the same step.
+        ``user_ids``, ``item_ids`` [P] long, ``surprises`` [P], ``times`` [P] interaction times (any increasing
+        clock). All writes of one call happen at training step ``step`` (default: one past the last step). A
+        user's writes are applied in the given order, so one call equals the same writes made one by one at
+        the same step.
         """
         started = time.perf_counter()
         try:
-            return self._add_batch(
-                user_ids, item_ids, surprises, visual_features, text_features, positions,
-                visual_available, text_available, step,
-            )  # fmt: skip
+            with torch.no_grad():
+                return self._add_batch(user_ids, item_ids, surprises, times, step)
         finally:
             self.seconds += time.perf_counter() - started
 
-    def _add_batch(
-        self, user_ids, item_ids, surprises, visual_features, text_features, positions,
-        visual_available, text_available, step,
-    ) -> int:  # fmt: skip
-        with torch.no_grad():
-            self.step.fill_(int(self.step) + 1 if step is None else step)
-            self.offered += int(user_ids.numel())
-            self.surprise_sum += float(surprises.float().sum())
-            keep = torch.nonzero(surprises > self.surprise_threshold).squeeze(1)  # [W]
-            if keep.numel() == 0:
-                return 0
-            ones = torch.ones_like(user_ids, dtype=torch.bool)
-            visual_ok = (ones if visual_available is None else visual_available.bool()) & (visual_features is not None)
-            text_ok = (ones if text_available is None else text_available.bool()) & (text_features is not None)
-            offered = OfferedWrites(
-                user_ids, item_ids, surprises, visual_features, text_features, positions, visual_ok, text_ok
-            )
-            ordered = self._write_without_eviction(keep, offered)  # [W'] the writes of users who must evict
-            if ordered.numel():
-                self._write_in_order(ordered, offered)
-            self.written += int(keep.numel())
-            return int(keep.numel())
+    def _add_batch(self, user_ids: Tensor, item_ids: Tensor, surprises: Tensor, times: Tensor, step) -> int:
+        self.step.fill_(int(self.step) + 1 if step is None else step)
+        self.offered += int(user_ids.numel())
+        self.surprise_sum += float(surprises.float().sum())
+        keep = torch.nonzero(surprises > self.surprise_threshold).squeeze(1)  # [W]
+        if keep.numel() == 0:
+            return 0
+        offered = OfferedWrites(user_ids, item_ids, surprises, times)
+        ordered = self._write_without_eviction(keep, offered)  # [W'] the writes of users who must evict
+        if ordered.numel():
+            self._write_in_order(ordered, offered)
+        self.written += int(keep.numel())
+        return int(keep.numel())
 
     def _write_without_eviction(self, keep: Tensor, offered: OfferedWrites) -> Tensor:
         """The writes ``keep`` [W] (in order) of every user whose new items all fit into their free slots, in
@@ -318,20 +288,7 @@ class LocalDynamicMemory(nn.Module):
         self.item_ids[rows, slot] = group_items[fast]
         self.last_write[rows, slot] = self.step
         self.surprise[rows, slot] = offered.surprises[source].to(self.surprise.dtype)
-        self._write_features(rows, slot, source, offered)
         return keep[torch.isin(write_users, evicting_users)]
-
-    def _write_features(self, users: Tensor, slot: Tensor, source: Tensor, offered: OfferedWrites) -> None:
-        """Slots ``(users, slot)`` [n] take the features and validity of the offered writes ``source`` [n]."""
-        visual, text = offered.visual, offered.text
-        if self.store_visual:
-            ok = offered.visual_ok[source]
-            self.visual[users, slot] = 0 if visual is None else visual[source].to(self.visual.dtype) * ok[:, None]
-            self.visual_valid[users, slot] = ok
-        if self.store_text:
-            ok = offered.text_ok[source]
-            self.text[users, slot] = 0 if text is None else text[source].to(self.text.dtype) * ok[:, None]
-            self.text_valid[users, slot] = ok
 
     def _write_in_order(self, keep: Tensor, offered: OfferedWrites) -> None:
         """The writes ``keep`` [W] one per user at a time, in order: a user's n-th writes of all users in one
@@ -362,24 +319,31 @@ class LocalDynamicMemory(nn.Module):
         self.item_ids[write_users, slot] = write_items
         self.last_write[write_users, slot] = self.step
         self.surprise[write_users, slot] = offered.surprises[rows].to(self.surprise.dtype)
-        self._write_features(write_users, slot, rows, offered)
 
     # ------------------------------------------------------------ prototypes
     def entry_features(self, user_ids: Tensor) -> Tensor:
         """The occupied slots of ``user_ids`` as multimodal vectors [n, Fv + Ft] (what k-means prototypes summarise)."""
-        occupied = self.item_ids[user_ids] >= 0  # [B, C]
-        return torch.cat([self.visual[user_ids][occupied], self.text[user_ids][occupied]], dim=-1).float()
+        items = self.item_ids[user_ids]  # [B, C]
+        items = items[items >= 0]  # [n]
+        return torch.cat([self._features_of(items, "visual"), self._features_of(items, "text")], dim=-1).float()
+
+    def _features_of(self, items: Tensor, modality: str) -> Tensor:
+        """The catalogue's ``modality`` features of ``items`` [...] -> [..., F] (F = 0 without that modality)."""
+        table = getattr(self.features, modality)
+        if table is None or not getattr(self, f"store_{modality}"):
+            return torch.zeros(*items.shape, 0, device=items.device)
+        return table[items]
 
     def set_global_prototypes(self, prototypes: Tensor) -> None:
         """Global prototypes [g, Fv + Ft] (g <= G) become extra slots every user reads; the rest stay invalid."""
         count = prototypes.size(0)
         if count > self.prototype_valid.numel():
             raise ValueError(f"{count} prototypes for {self.prototype_valid.numel()} global prototype slots")
-        visual_dim = self.visual.size(-1)
+        visual_dim = self.prototype_visual.size(-1)
         with torch.no_grad():
             self.prototype_visual.zero_()
             self.prototype_text.zero_()
-            # the server's merged prototypes come from k-means on the CPU: to this memory's device and dtype
+            # the server's merged prototypes come from k-means on the CPU: to this memory's device
             self.prototype_visual[:count] = prototypes[:, :visual_dim].to(self.prototype_visual)
             self.prototype_text[:count] = prototypes[:, visual_dim:].to(self.prototype_text)
             self.prototype_valid.fill_(False)
@@ -405,18 +369,25 @@ class LocalDynamicMemory(nn.Module):
             utility = utility.masked_fill(self.time[user_ids] >= before.to(self.time.dtype)[:, None], float("-inf"))
         top_utility, slots = utility.topk(min(top_k, self.capacity), dim=1)  # [B, K]
         visible = torch.isfinite(top_utility)  # [B, K]
-        rows = user_ids[:, None]  # [B, 1]
+        items = self.item_ids[user_ids[:, None], slots].clamp(min=0)  # [B, K] (an empty slot reads item 0)
         batch = user_ids.numel()
         prototype_mask = self.prototype_valid.expand(batch, -1)  # [B, G]
+        features = self.features
 
         def with_prototypes(user_slots: Tensor, prototypes: Tensor) -> Tensor:
             return torch.cat([user_slots, prototypes.expand(batch, -1, -1)], dim=1)  # [B, K + G, F]
 
+        def mask(modality: str) -> Tensor:
+            if not getattr(self, f"store_{modality}"):
+                return torch.zeros(batch, visible.size(1) + prototype_mask.size(1), dtype=torch.bool, device=items.device)
+            available = getattr(features, f"{modality}_available")[items]  # [B, K]
+            return torch.cat([visible & available, prototype_mask], dim=1)
+
         readout = MemoryReadout(
-            visual=with_prototypes(self.visual[rows, slots], self.prototype_visual) if self.store_visual else None,
-            visual_mask=torch.cat([visible & self.visual_valid[rows, slots], prototype_mask & self.store_visual], 1),
-            text=with_prototypes(self.text[rows, slots], self.prototype_text) if self.store_text else None,
-            text_mask=torch.cat([visible & self.text_valid[rows, slots], prototype_mask & self.store_text], 1),
+            visual=with_prototypes(features.visual[items], self.prototype_visual) if self.store_visual else None,
+            visual_mask=mask("visual"),
+            text=with_prototypes(features.text[items], self.prototype_text) if self.store_text else None,
+            text_mask=mask("text"),
         )
         self.seconds += time.perf_counter() - started
         return readout

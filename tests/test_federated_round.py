@@ -77,7 +77,7 @@ def test_clients_send_parameter_updates_and_prototypes_never_their_memory(tmp_pa
     model, report, sent = _recorded_round(tmp_path)
     assert len(sent) == report.clients == model.memory.item_ids.size(0) - 1  # every user but the padding one
     parameter_names = set(shared_parameters(model))
-    entry_dim = model.memory.visual.size(-1) + model.memory.text.size(-1)
+    entry_dim = model.memory.prototype_visual.size(-1) + model.memory.prototype_text.size(-1)
     for result in sent:
         assert {field.name for field in dataclasses.fields(result)} == {
             "update",
@@ -237,7 +237,7 @@ def test_a_sampled_round_touches_only_its_selected_clients_private_state(tmp_pat
     chosen_users = torch.cat([clients[i].user_ids for i in selected])
     others = torch.tensor([user for user in range(model.memory.item_ids.size(0)) if user not in chosen_users])
     after = model.state_dict()
-    for name in ("memory.item_ids", "memory.count", "memory.text", "user_embedding.weight"):
+    for name in ("memory.item_ids", "memory.count", "memory.time", "user_embedding.weight"):
         assert torch.equal(after[name][others], before[name][others]), name  # no other user's row moved
         assert not torch.equal(after[name][chosen_users], before[name][chosen_users]), name  # the selected trained
 

@@ -8,15 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+from recbole_feddmmr.model.dropout import fast_dropout
 from recbole_feddmmr.model.layers import (
     CausalSelfAttentionBlock,
+    ContentExpert,
     ItemCentricRouter,
-    LightweightAttention,
+    MemoryProfile,
     SASRecBackbone,
-    SemanticExpert,
-    VisualExpert,
     candidate_dot,
-    fast_dropout,
     masked_softmax,
 )
 
@@ -33,83 +32,54 @@ def test_masked_softmax_gives_exact_zero_to_masked_slots_and_zero_rows_when_noth
     assert torch.equal(weights[1], torch.zeros(3))
 
 
-def test_lightweight_attention_shapes_and_masked_slots_get_zero_weight():
-    attention = LightweightAttention(feature_dim=6, attention_dim=4)
-    candidate, memory = torch.randn(N, 6), torch.randn(B, K, 6)
+def test_memory_profile_is_the_users_attention_over_the_valid_slots_computed_by_hand():
+    profile = MemoryProfile(feature_dim=6, hidden_dim=H, num_heads=2, dropout=0.0).eval()
+    seq_repr, memory = torch.randn(B, H), torch.randn(B, K, 6)
     mask = torch.ones(B, K, dtype=torch.bool)
     mask[0, 3:] = False
-    weights = attention(candidate, memory, mask)
-    assert weights.shape == (B, N, K) and weights.dtype == torch.float32
-    assert torch.all(weights[0, :, 3:] == 0)
-    torch.testing.assert_close(weights.sum(-1), torch.ones(B, N))
-    # by hand: softmax(q k^T / sqrt(d)) for user 1, candidate 2
-    q = attention.query_proj(candidate[2])
-    k = attention.key_proj(memory[1])
-    torch.testing.assert_close(weights[1, 2], torch.softmax(k @ q / math.sqrt(4), 0))
+    mask[2] = False  # no valid slot: a zero context, the output layer's bias alone
+    weights = profile.attention(seq_repr, memory, mask)  # [B, h, K]
+    assert weights.shape == (B, 2, K) and torch.all(weights[0, :, 3:] == 0) and torch.all(weights[2] == 0)
+    torch.testing.assert_close(weights[:2].sum(-1), torch.ones(2, 2))
+    # by hand for user 1, head 1: softmax(q_h . k_hk / sqrt(d)), context = sum_k a_k v_hk
+    d = H // 2
+    q = profile.query(seq_repr[1])[d:]
+    k = profile.key(memory[1])[:, d:]
+    v = profile.value(memory[1])[:, d:]
+    a = torch.softmax(k @ q / math.sqrt(d), 0)
+    torch.testing.assert_close(weights[1, 1], a)
+    context = torch.cat([(weights[1, 0][:, None] * profile.value(memory[1])[:, :d]).sum(0), a @ v])
+    out = profile(seq_repr, memory, mask)
+    torch.testing.assert_close(out[1], profile.out(context), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[2], profile.out.bias)
 
 
-def test_visual_expert_fast_score_equals_dot_with_its_embedding():
-    expert = VisualExpert(visual_dim=6, hidden_dim=H, attention_dim=4)
+def test_content_expert_scores_the_candidates_content_against_the_user_computed_by_hand():
+    expert = ContentExpert(feature_dim=6, hidden_dim=H, num_heads=2, dropout=0.0).eval()
     seq_repr, candidate, memory = torch.randn(B, H), torch.randn(N, 6), torch.randn(B, K, 6)
     mask = torch.rand(B, K) > 0.3
-    mask[:, 0] = True
-    emb = expert.embed(candidate, memory, mask)
-    assert emb.shape == (B, N, H)
-    scores = expert(seq_repr, candidate, memory, mask)
-    assert scores.shape == (B, N)
-    torch.testing.assert_close(scores, (emb * seq_repr[:, None]).sum(-1), rtol=1e-5, atol=1e-5)
+    scores = expert(seq_repr, candidate, memory, mask)  # [B, N]
+    user = expert.user_proj(seq_repr) + expert.profile(seq_repr, memory, mask)  # [B, H]
+    by_hand = torch.stack(
+        [torch.stack([user[b] @ expert.candidate_proj(candidate[n]) for n in range(N)]) for b in range(B)]
+    )
+    torch.testing.assert_close(scores, by_hand, rtol=1e-5, atol=1e-5)
     # per-user candidates (shared table + index) give the same numbers as gathering afterwards
     index = torch.randint(0, N, (B, 4))
     torch.testing.assert_close(expert(seq_repr, candidate, memory, mask, index), scores.gather(1, index))
+    # the candidate's own content reaches the score: one memory slot, yet candidates score differently
+    one_slot = expert(seq_repr, candidate, memory[:, :1], torch.ones(B, 1, dtype=torch.bool))
+    assert not torch.allclose(one_slot, one_slot[:, :1].expand(B, N))
 
 
-def test_visual_expert_candidate_residual_lets_the_candidates_own_feature_reach_the_score():
-    # one memory slot: attention weight is 1 for every candidate, so the seed's expert scores all alike
-    seq_repr, candidate, memory = torch.randn(B, H), torch.randn(N, 6), torch.randn(B, 1, 6)
-    mask = torch.ones(B, 1, dtype=torch.bool)
-    seed_form = VisualExpert(visual_dim=6, hidden_dim=H, attention_dim=4, candidate_residual=False)
-    scores = seed_form(seq_repr, candidate, memory, mask)
-    torch.testing.assert_close(scores, scores[:, :1].expand(B, N))
-    expert = VisualExpert(visual_dim=6, hidden_dim=H, attention_dim=4, candidate_residual=True)
-    w, b = expert.output_proj.weight, expert.output_proj.bias  # [H, Fv], [H]
-    by_hand = torch.stack(
-        [torch.stack([seq_repr[u] @ (w @ (memory[u, 0] + candidate[n]) + b) for n in range(N)]) for u in range(B)]
-    )  # [B, N]
-    torch.testing.assert_close(expert(seq_repr, candidate, memory, mask), by_hand, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("candidate_text", [False, True])
-def test_semantic_expert_matches_nn_multihead_attention_with_residual_and_layernorm(candidate_text):
-    expert = SemanticExpert(
-        id_dim=8, text_dim=12, hidden_dim=H, num_heads=4, dropout=0.0, candidate_text=candidate_text
-    ).eval()
-    candidate_id, candidate_text_feats, memory = torch.randn(N, 8), torch.randn(N, 12), torch.randn(B, K, 12)
-    mask = torch.ones(B, K, dtype=torch.bool)
-    mask[1, 2:] = False
-    emb = expert.embed(candidate_id, memory, mask, candidate_text=candidate_text_feats)
-    assert emb.shape == (B, N, H)
-    query = expert.query_proj(candidate_id)  # [N, H]: the seed's query, the candidate's ID embedding
-    if candidate_text:
-        query = query + candidate_text_feats @ expert.text_query_proj.weight.T
-    query = query.expand(B, N, H)
-    reference, _ = expert.cross_attention(query, memory, memory, key_padding_mask=~mask)
-    torch.testing.assert_close(emb, expert.norm(query + reference), rtol=1e-5, atol=1e-5)
-
-
-def test_semantic_expert_masked_slots_get_zero_attention_and_their_content_is_ignored():
-    expert = SemanticExpert(id_dim=8, text_dim=12, hidden_dim=H, num_heads=4, dropout=0.0, candidate_text=False).eval()
-    candidate_id, memory = torch.randn(N, 8), torch.randn(B, K, 12)
+def test_content_expert_ignores_what_masked_slots_hold():
+    expert = ContentExpert(feature_dim=12, hidden_dim=H, num_heads=4, dropout=0.0).eval()
+    seq_repr, candidate, memory = torch.randn(B, H), torch.randn(N, 12), torch.randn(B, K, 12)
     mask = torch.ones(B, K, dtype=torch.bool)
     mask[:, -2:] = False
-    _, weights, _ = expert.attention_weights(candidate_id, memory, mask)
-    assert weights.shape == (B, 4, N, K)
-    assert torch.all(weights[..., -2:] == 0)
     scrambled = memory.clone()
     scrambled[:, -2:] = 1e3 * torch.randn(B, 2, 12)
-    seq_repr = torch.randn(B, H)
-    torch.testing.assert_close(
-        expert(seq_repr, candidate_id, memory, mask), expert(seq_repr, candidate_id, scrambled, mask)
-    )
+    torch.testing.assert_close(expert(seq_repr, candidate, memory, mask), expert(seq_repr, candidate, scrambled, mask))
 
 
 def test_router_weights_sum_to_one_and_switched_off_experts_get_zero():

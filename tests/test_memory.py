@@ -8,30 +8,29 @@ import pytest
 import torch
 from conftest import tiny_run
 
-from recbole_feddmmr.memory import LocalDynamicMemory
-from recbole_feddmmr.model.layers import SemanticExpert, VisualExpert
+from recbole_feddmmr.memory import ItemFeatures, LocalDynamicMemory
+from recbole_feddmmr.model.layers import ContentExpert
 
-FV, FT = 3, 2
+FV, FT, ITEMS = 3, 2, 100
 
 
-def features(items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Visual [P, 3] and text [P, 2] features that encode the item id, so reads can be checked by value."""
-    ids = torch.tensor(items, dtype=torch.float32)[:, None]
-    return ids.expand(-1, FV).clone(), -ids.expand(-1, FT).clone()
+def catalogue(visual_available: torch.Tensor | None = None) -> ItemFeatures:
+    """Visual [ITEMS, 3] and text [ITEMS, 2] features that encode the item id, so reads can be checked by value."""
+    ids = torch.arange(ITEMS, dtype=torch.float32)[:, None]
+    return ItemFeatures(
+        visual=ids.expand(-1, FV).clone(), text=-ids.expand(-1, FT).clone(), visual_available=visual_available
+    )
 
 
 def write(
     memory: LocalDynamicMemory, user: int, items: list[int], surprises: list[float], times: list[float], step=None
 ):
-    visual, text = features(items)
     users = torch.full((len(items),), user)
-    return memory.add_batch(
-        users, torch.tensor(items), torch.tensor(surprises), visual, text, torch.tensor(times), step=step
-    )
+    return memory.add_batch(users, torch.tensor(items), torch.tensor(surprises), torch.tensor(times), step=step)
 
 
-def make(capacity=4, **kwargs) -> LocalDynamicMemory:
-    return LocalDynamicMemory(3, capacity=capacity, visual_dim=FV, text_dim=FT, **kwargs)
+def make(capacity=4, features: ItemFeatures | None = None, **kwargs) -> LocalDynamicMemory:
+    return LocalDynamicMemory(3, features or catalogue(), capacity=capacity, **kwargs)
 
 
 def stored(memory: LocalDynamicMemory, user: int) -> set[int]:
@@ -112,41 +111,42 @@ def test_batched_writes_equal_the_same_writes_one_by_one(capacity):
     items = torch.where(users == 0, items % 5 + 1, items)  # user 0 repeats few items: fits 6 slots, not 4
     surprises = torch.rand(count, generator=generator)
     times = torch.randperm(count, generator=generator).double()  # a repeat may be older than the slot's time
-    visual, text = features(items.tolist())
-    available = torch.rand(count, generator=generator) > 0.2
     batched, single = make(capacity=capacity, surprise_threshold=0.3), make(capacity=capacity, surprise_threshold=0.3)
-    single.add_batch(users[:5], items[:5], surprises[:5], visual[:5], text[:5], times[:5], step=6)  # earlier slots
+    single.add_batch(users[:5], items[:5], surprises[:5], times[:5], step=6)  # earlier slots
     batched.load_state_dict(single.state_dict())
-    batched.add_batch(users, items, surprises, visual, text, times, visual_available=available, step=7)
+    batched.add_batch(users, items, surprises, times, step=7)
     for i in range(count):
         row = slice(i, i + 1)
-        single.add_batch(
-            users[row], items[row], surprises[row], visual[row], text[row], times[row],
-            visual_available=available[row], step=7,
-        )  # fmt: skip
+        single.add_batch(users[row], items[row], surprises[row], times[row], step=7)
     for name, tensor in batched.state_dict().items():
         assert torch.equal(tensor, single.state_dict()[name]), name
     assert batched.written == single.written - int((surprises[:5] > 0.3).sum())
 
 
-def test_masked_memory_slots_get_zero_attention_in_both_experts():
-    memory = make(capacity=5, surprise_threshold=0.0)
+def test_masked_memory_slots_get_zero_attention_and_a_slot_without_a_feature_is_masked():
+    available = torch.ones(ITEMS, dtype=torch.bool)
+    available[41] = False  # item 41 has no image
+    memory = make(capacity=5, surprise_threshold=0.0, features=catalogue(visual_available=available))
     write(memory, 1, [40, 41, 42, 43], [0.9] * 4, [1, 2, 3, 4])
     readout = memory.retrieve_multimodal_memory(torch.tensor([1, 0]), top_k=5, before=torch.tensor([3.0, 9.0]))
-    assert readout.visual_mask.tolist() == [[True, True, False, False, False], [False] * 5]
-    candidates = torch.randn(6, FV)
-    visual_weights = VisualExpert(FV, 4, attention_dim=2).attention(candidates, readout.visual, readout.visual_mask)
-    assert torch.all(visual_weights[0, :, 2:] == 0) and torch.all(visual_weights[1] == 0)
-    expert = SemanticExpert(id_dim=4, text_dim=FT, hidden_dim=4, num_heads=2, dropout=0.0, candidate_text=False)
-    _, semantic_weights, _ = expert.attention_weights(torch.randn(6, 4), readout.text, readout.text_mask)
-    assert torch.all(semantic_weights[0, :, :, 2:] == 0) and torch.all(semantic_weights[1] == 0)
+    assert readout.text_mask.tolist() == [[True, True, False, False, False], [False] * 5]
+    assert int(readout.visual_mask[0].sum()) == 1  # 40 only: 41 has no visual feature
+    expert = ContentExpert(FT, 4, num_heads=2, dropout=0.0)
+    weights = expert.profile.attention(torch.randn(2, 4), readout.text, readout.text_mask)  # [B, h, K]
+    assert torch.all(weights[0, :, 2:] == 0) and torch.all(weights[1] == 0)
 
 
-def test_half_precision_storage_and_state_dict_round_trip():
-    memory = make(surprise_threshold=0.0, feature_dtype=torch.float16)
+def test_the_memory_holds_item_ids_and_reads_the_catalogues_features_by_them():
+    memory = make(surprise_threshold=0.0)
     write(memory, 1, [5, 6], [0.9, 0.9], [1, 2])
-    assert memory.text.dtype == torch.float16
-    copy = make(surprise_threshold=0.0, feature_dtype=torch.float16)
+    assert set(memory.state_dict()) == {
+        *memory.per_user_buffers,
+        "step",
+        "prototype_visual",
+        "prototype_text",
+        "prototype_valid",
+    }  # no copy of any feature: the catalogue holds them
+    copy = make(surprise_threshold=0.0)
     copy.load_state_dict(memory.state_dict())
     users, before = torch.tensor([1, 2]), torch.tensor([5.0, 5.0])
     for left, right in zip(
@@ -155,6 +155,8 @@ def test_half_precision_storage_and_state_dict_round_trip():
         strict=True,
     ):
         assert torch.equal(left, right)
+    readout = memory.retrieve_multimodal_memory(users, 4, before)
+    assert sorted(readout.text[0, readout.text_mask[0], 0].tolist()) == [-6.0, -5.0]
 
 
 @pytest.mark.gpu
@@ -232,7 +234,7 @@ def test_global_prototypes_change_the_scores_of_a_user_with_empty_memory(tmp_pat
         return model.score_candidates(model.encode_sequence(seq, length, user), memory)[0]
 
     no_prototypes = scores()
-    dim = model.memory.visual.size(-1) + model.memory.text.size(-1)
+    dim = model.memory.prototype_visual.size(-1) + model.memory.prototype_text.size(-1)
     if not enabled:
         assert model.memory.prototype_valid.numel() == 0
         with pytest.raises(ValueError, match="global prototype slots"):
@@ -252,6 +254,7 @@ def test_global_prototypes_change_the_scores_of_a_user_with_empty_memory(tmp_pat
 def test_entry_features_are_what_prototypes_summarise():
     memory = make(surprise_threshold=0.0)
     write(memory, 1, [5, 6], [0.9, 0.9], [1, 2])
-    visual, text = features([5, 6])
+    ids = torch.tensor([5.0, 6.0])[:, None]
+    visual, text = ids.expand(-1, FV), -ids.expand(-1, FT)  # the catalogue's rows of items 5 and 6
     torch.testing.assert_close(memory.entry_features(torch.tensor([1])), torch.cat([visual, text], 1))
     assert memory.entry_features(torch.tensor([0])).shape == (0, FV + FT)

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from conftest import TEST_DATA, tiny_run
 
 from recbole_feddmmr.memory import ItemFeatures, RecentHistoryMemory
-from recbole_feddmmr.model.losses import bpr_loss, load_balance_loss, sample_negatives, sampled_softmax_loss
+from recbole_feddmmr.model.losses import (
+    bpr_loss,
+    gbce_beta,
+    gbce_loss,
+    load_balance_loss,
+    sample_negatives,
+    sampled_softmax_loss,
+)
 
 
 def _batch(splits, size=8):
@@ -67,6 +74,44 @@ def test_bpr_and_load_balance_losses_equal_hand_computation():
     assert load_balance_loss(torch.tensor([[[1.0, 0.0, 0.0]]]), all_on).item() == 0.0
 
 
+def test_sampled_softmax_logq_correction_and_gbce_equal_hand_computation():
+    scores = torch.tensor([[2.0, 1.0, 3.0], [0.0, -1.0, -2.0]])  # positive in column 0, two negatives
+    log_q = torch.log(torch.tensor([[0.5, 2.0], [1.0, 1.0]]))  # log(N q_j): how often each negative is expected
+    first = -(2.0 - np.log(np.exp(2.0) + np.exp(1.0) / 0.5 + np.exp(3.0) / 2.0))
+    second = -(0.0 - np.log(1.0 + np.exp(-1.0) + np.exp(-2.0)))
+    assert sampled_softmax_loss(scores, log_q=log_q).item() == pytest.approx((first + second) / 2, rel=1e-6)
+    valid = torch.tensor([[True, False], [True, True]])  # the first row's second draw was its positive
+    first_valid = -(2.0 - np.log(np.exp(2.0) + np.exp(1.0)))
+    assert sampled_softmax_loss(scores, valid=valid).item() == pytest.approx((first_valid + second) / 2, rel=1e-6)
+
+    # gBCE: beta = alpha (t (1 - 1/alpha) + 1/alpha), alpha = N / (items - 1)
+    assert gbce_beta(num_negatives=2, num_items=11, t=0.0) == pytest.approx(1.0)  # plain BCE
+    assert gbce_beta(num_negatives=2, num_items=11, t=1.0) == pytest.approx(0.2)  # alpha
+    beta = gbce_beta(num_negatives=2, num_items=11, t=0.75)
+    assert beta == pytest.approx(0.2 * (0.75 * (1 - 5) + 5))
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    by_hand = [-beta * np.log(sig(2.0)) - np.log(1 - sig(1.0)) - np.log(1 - sig(3.0)),
+               -beta * np.log(sig(0.0)) - np.log(1 - sig(-1.0)) - np.log(1 - sig(-2.0))]  # fmt: skip
+    assert gbce_loss(scores, beta).item() == pytest.approx(np.mean(by_hand), rel=1e-6)
+
+
+def test_popularity_negatives_follow_the_training_counts_and_carry_their_logq(tmp_path):
+    _, _, splits, model = tiny_run(
+        tmp_path, loss_type="SSM", train_neg_distribution="popularity", train_neg_num=4
+    )
+    counts = torch.bincount(splits[0]._dataset.inter_feat["item_id"], minlength=model.n_items).float()
+    expected = counts.clone()
+    expected[1:] += 1  # every item stays drawable
+    torch.testing.assert_close(model.negative_weights, expected)
+    generator = torch.Generator().manual_seed(0)
+    positives = torch.full((20000,), 3)
+    draws = model.sample_negatives(positives, generator)  # [P, 4]
+    frequency = torch.bincount(draws.flatten(), minlength=model.n_items).float() / draws.numel()
+    torch.testing.assert_close(frequency, expected / expected.sum(), atol=3e-3, rtol=0)
+    probability = expected / expected.sum()
+    torch.testing.assert_close(model.log_expected_draws(draws[:2]), torch.log(4 * probability[draws[:2]]))
+
+
 def test_negatives_are_uniform_over_other_items_and_never_the_positive():
     positives = torch.tensor([1, 5, 9] * 2000)
     negatives = sample_negatives(positives, num_items=10, num_negatives=7)
@@ -78,8 +123,18 @@ def test_negatives_are_uniform_over_other_items_and_never_the_positive():
     assert counts[4] == 0 and others.min() > 0.9 * others.mean()
 
 
-@pytest.mark.parametrize(("loss_type", "reference"), [("BPR", bpr_loss), ("SSM", sampled_softmax_loss)])
-def test_calculate_loss_is_pairwise_or_sampled_softmax_plus_weighted_load_balance(tmp_path, loss_type, reference):
+@pytest.mark.parametrize(
+    ("loss_type", "reference"),
+    [
+        ("BPR", lambda model, scores, negatives: bpr_loss(scores)),
+        (
+            "SSM",
+            lambda model, scores, negatives: sampled_softmax_loss(scores, log_q=model.log_expected_draws(negatives)),
+        ),
+        ("gBCE", lambda model, scores, negatives: gbce_loss(scores, model.gbce_beta)),
+    ],
+)
+def test_calculate_loss_is_the_sampled_loss_plus_weighted_load_balance(tmp_path, loss_type, reference):
     _, _, splits, model = tiny_run(tmp_path, loss_type=loss_type)
     model.eval()  # no dropout: the two passes below see the same network
     batch = _batch(splits)
@@ -91,7 +146,7 @@ def test_calculate_loss_is_pairwise_or_sampled_softmax_plus_weighted_load_balanc
     user, seq, length = batch["user_id"], batch["item_id_list"], batch["item_length"]
     memory = model.read_memory(user, seq, length, batch["timestamp"])
     scores, weights = model.score_candidates(model.encode_sequence(seq, length, user), memory, candidates)
-    torch.testing.assert_close(rec_loss, reference(scores))
+    torch.testing.assert_close(rec_loss, reference(model, scores, negatives))
     torch.testing.assert_close(
         weighted_lb, model.load_balance_weight * load_balance_loss(weights, model.expert_enabled)
     )

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recbole_feddmmr.errors import ConfigError
-from recbole_feddmmr.model.dropout import FastDropout, KeyedDropout, fast_dropout
+from recbole_feddmmr.model.dropout import FastDropout, KeyedDropout
 from recbole_feddmmr.vmapping import in_vmap_mode
 
 
@@ -139,151 +139,72 @@ class SASRecBackbone(nn.Module):
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # [B, H]
 
 
-class LightweightAttention(nn.Module):
-    """Single-head attention: queries from candidates, keys from memory, softmax(QK^T / sqrt(d))."""
+class MemoryProfile(nn.Module):
+    """The user's sequence representation attends over one modality of the user's memory -> a profile.
 
-    def __init__(self, feature_dim: int, attention_dim: int) -> None:
-        super().__init__()
-        self.query_proj = nn.Linear(feature_dim, attention_dim)
-        self.key_proj = nn.Linear(feature_dim, attention_dim)
-        self.scale = math.sqrt(attention_dim)
-
-    def forward(self, candidate: Tensor, memory: Tensor, memory_mask: Tensor, index: Tensor | None = None) -> Tensor:
-        """``candidate`` [N, F] or [B, N, F], ``memory`` [B, K, F], ``memory_mask`` [B, K] -> weights [B, N, K]."""
-        query = select_candidates(self.query_proj(candidate), index)  # item-only projection, once per item
-        key = self.key_proj(memory)  # [B, K, d]
-        logits = candidate_einsum("bnd,bkd->bnk", query, key) / self.scale  # [B, N, K]
-        return masked_softmax(logits, memory_mask[:, None, :])
-
-
-class VisualExpert(nn.Module):
-    """Visual expert: the candidate's visual feature attends over the memory's visual features.
-
-    ``vis_emb = W_o (sum_k a_k m_k + c) + b_o`` with ``c`` the candidate's own feature (the residual,
-    ``candidate_residual``; without it, the seed's form) and the expert's score is ``seq_repr . vis_emb``.
-    Because the projection is linear, the score equals ``(sum_k a_k m_k + c) . W_o^T seq_repr + b_o . seq_repr``:
-    :meth:`forward` computes that, which never materialises ``[B, N, H]``.
-
-    Why the residual: softmax attention normalises away *how well* the candidate matches the memory
-    (a candidate unlike every slot still gets weights summing to 1), so without it the candidate's
-    content only reorders memory slots and never meets the user's representation directly.
+    ``profile = W_o concat_h(sum_k a_hk W_v^h m_k)`` with ``a_h = softmax_k(W_q^h s . W_k^h m_k / sqrt(d))`` over
+    the valid slots (none valid: a zero profile). The query is the user, not the candidate: reading the memory
+    costs ``[B, K]`` per head, whatever the number of candidates, so scoring the whole catalogue never makes
+    a ``[B, N, *]`` tensor beyond the scores themselves.
     """
 
-    def __init__(
-        self, visual_dim: int, hidden_dim: int, attention_dim: int = 128, candidate_residual: bool = True
-    ) -> None:
+    def __init__(self, feature_dim: int, hidden_dim: int, num_heads: int = 1, dropout: float = 0.1) -> None:
         super().__init__()
-        self.attention = LightweightAttention(visual_dim, min(visual_dim, attention_dim))
-        self.output_proj = nn.Linear(visual_dim, hidden_dim)
-        self.candidate_residual = candidate_residual
+        if hidden_dim % num_heads:
+            raise ConfigError(f"sasrec_hidden_dim={hidden_dim} must be divisible by the readout's {num_heads} heads")
+        self.num_heads = num_heads
+        self.query = nn.Linear(hidden_dim, hidden_dim)
+        self.key = nn.Linear(feature_dim, hidden_dim)
+        self.value = nn.Linear(feature_dim, hidden_dim)
+        self.out = nn.Linear(hidden_dim, hidden_dim)
+        self.dropout = KeyedDropout(dropout)
 
-    def embed(self, candidate: Tensor, memory: Tensor, memory_mask: Tensor, index: Tensor | None = None) -> Tensor:
-        """The expert's item representation vis_emb [B, N, H] (reference path, used by tests and analysis)."""
-        weights = self.attention(candidate, memory, memory_mask, index)  # [B, N, K]
-        aggregated = torch.einsum("bnk,bkf->bnf", weights, memory)  # [B, N, Fv]
-        if self.candidate_residual:
-            aggregated = aggregated + select_candidates(candidate, index)
-        return self.output_proj(aggregated)  # [B, N, H]
+    def attention(self, seq_repr: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        """``seq_repr`` [B, H], ``memory`` [B, K, F], ``memory_mask`` [B, K] -> weights [B, h, K] (rows sum to 1,
+        or to 0 where no slot is valid)."""
+        batch, slots, _ = memory.shape
+        head_dim = self.query.out_features // self.num_heads
+        query = self.query(seq_repr).view(batch, self.num_heads, head_dim)  # [B, h, d]
+        key = self.key(memory).view(batch, slots, self.num_heads, head_dim)  # [B, K, h, d]
+        logits = torch.einsum("bhd,bkhd->bhk", query, key) / math.sqrt(head_dim)  # [B, h, K]
+        return masked_softmax(logits, memory_mask[:, None, :])
+
+    def forward(self, seq_repr: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        """-> profile [B, H]."""
+        batch, slots, _ = memory.shape
+        weights = self.dropout(self.attention(seq_repr, memory, memory_mask))  # [B, h, K]
+        value = self.value(memory).view(batch, slots, self.num_heads, -1)  # [B, K, h, d]
+        context = torch.einsum("bhk,bkhd->bhd", weights, value).reshape(batch, -1)  # [B, H]
+        return self.out(context)
+
+
+class ContentExpert(nn.Module):
+    """An expert that scores candidates by their content (one feature modality) against the user's memory.
+
+    ``score(b, n) = (W_u s_b + profile_b) . (W_c f_n + c)``: the user vector is the sequence representation
+    projected into the content space plus the memory's profile (:class:`MemoryProfile`); the candidate vector
+    is the projection of the candidate's own feature. So the candidate's content meets the user directly (a
+    candidate unlike the user's memory scores low), and scoring N candidates is one ``[B, H] x [H, N]``
+    product. The visual expert reads CLIP features (one head), the semantic expert SBERT text features.
+    """
+
+    def __init__(self, feature_dim: int, hidden_dim: int, num_heads: int = 1, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.profile = MemoryProfile(feature_dim, hidden_dim, num_heads, dropout)
+        self.user_proj = nn.Linear(hidden_dim, hidden_dim, bias=False)
+        self.candidate_proj = nn.Linear(feature_dim, hidden_dim)
+
+    def user_vector(self, seq_repr: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        """``seq_repr`` [B, H], ``memory`` [B, K, F], ``memory_mask`` [B, K] -> [B, H]."""
+        return self.user_proj(seq_repr) + self.profile(seq_repr, memory, memory_mask)
 
     def forward(
         self, seq_repr: Tensor, candidate: Tensor, memory: Tensor, memory_mask: Tensor, index: Tensor | None = None
     ) -> Tensor:
-        """``seq_repr`` [B, H], ``candidate`` [N, Fv] or [B, N, Fv], ``memory`` [B, K, Fv] -> scores [B, N]."""
-        weights = self.attention(candidate, memory, memory_mask, index)  # [B, N, K]
-        user_in_feature_space = seq_repr @ self.output_proj.weight  # [B, Fv]
-        slot_scores = torch.einsum("bkf,bf->bk", memory, user_in_feature_space)  # [B, K]
-        bias_score = seq_repr @ self.output_proj.bias  # [B]
-        scores = torch.einsum("bnk,bk->bn", weights, slot_scores) + bias_score[:, None]  # [B, N]
-        if self.candidate_residual:
-            scores = scores + candidate_dot(candidate, user_in_feature_space, index)  # [B, N]
-        return scores
-
-
-class SemanticExpert(nn.Module):
-    """Semantic expert: the candidate's ID embedding attends (multi-head) over the memory's text features.
-
-    ``sem_emb = LayerNorm(q + MHA(q, text, text))`` with ``q = W_q id_emb (+ W_t text)``; score
-    ``seq_repr . sem_emb``. The seed's query is the ID embedding alone; with ``candidate_text`` the
-    candidate's own text feature is added to it (see :class:`VisualExpert` for why the candidate's
-    content must reach the score directly). The parameters are those of an
-    ``nn.MultiheadAttention(kdim=vdim=text_dim)``; the forward pass is written out so that the
-    candidates' query projection runs once per item, not once per user.
-    """
-
-    def __init__(
-        self,
-        id_dim: int,
-        text_dim: int,
-        hidden_dim: int,
-        num_heads: int = 4,
-        dropout: float = 0.1,
-        candidate_text: bool = True,
-    ) -> None:
-        super().__init__()
-        if hidden_dim % num_heads:
-            raise ConfigError(f"sasrec_hidden_dim={hidden_dim} must be divisible by semantic_num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.query_proj = nn.Linear(id_dim, hidden_dim)
-        self.text_query_proj = nn.Linear(text_dim, hidden_dim, bias=False) if candidate_text else None
-        self.cross_attention = nn.MultiheadAttention(
-            hidden_dim, num_heads, dropout=dropout, kdim=text_dim, vdim=text_dim, batch_first=True
-        )
-        self.norm = nn.LayerNorm(hidden_dim)
-
-    def attention_weights(
-        self,
-        candidate_id: Tensor,
-        memory: Tensor,
-        memory_mask: Tensor,
-        index: Tensor | None = None,
-        candidate_text: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """-> (query input [N, H] or [B, N, H], weights [B, heads, N, K], values [B, K, heads, H/heads]).
-
-        ``candidate_text`` [N, Ft] or [B, N, Ft] is required when the expert was built with ``candidate_text``.
-        """
-        mha = self.cross_attention
-        batch_size, num_slots, _ = memory.shape
-        head_dim = mha.head_dim
-        bias_q, bias_k, bias_v = mha.in_proj_bias.chunk(3)
-        query_in = self.query_proj(candidate_id)  # [N, H] or [B, N, H]: item-only, once per item
-        if self.text_query_proj is not None:
-            if candidate_text is None:
-                raise ValueError("this SemanticExpert adds the candidate's text to its query: pass candidate_text")
-            query_in = query_in + self.text_query_proj(candidate_text)
-        query = F.linear(query_in, mha.q_proj_weight, bias_q).unflatten(-1, (self.num_heads, head_dim))  # [.., h, d]
-        query_in, query = select_candidates(query_in, index), select_candidates(query, index)
-        key = F.linear(memory, mha.k_proj_weight, bias_k).view(batch_size, num_slots, self.num_heads, head_dim)
-        value = F.linear(memory, mha.v_proj_weight, bias_v).view(batch_size, num_slots, self.num_heads, head_dim)
-        logits = candidate_einsum("bnhd,bkhd->bhnk", query, key) / math.sqrt(head_dim)  # [B, h, N, K]
-        weights = masked_softmax(logits, memory_mask[:, None, None, :])
-        return query_in, weights, value
-
-    def embed(
-        self,
-        candidate_id: Tensor,
-        memory: Tensor,
-        memory_mask: Tensor,
-        index: Tensor | None = None,
-        candidate_text: Tensor | None = None,
-    ) -> Tensor:
-        """``candidate_id`` [N, E] or [B, N, E], ``memory`` [B, K, Ft], ``memory_mask`` [B, K] -> sem_emb [B, N, H]."""
-        query_in, weights, value = self.attention_weights(candidate_id, memory, memory_mask, index, candidate_text)
-        weights = fast_dropout(weights, self.cross_attention.dropout, self.training)
-        context = torch.einsum("bhnk,bkhd->bnhd", weights, value).flatten(-2)  # [B, N, H]
-        return self.norm(query_in + self.cross_attention.out_proj(context))  # [B, N, H]
-
-    def forward(
-        self,
-        seq_repr: Tensor,
-        candidate_id: Tensor,
-        memory: Tensor,
-        memory_mask: Tensor,
-        index: Tensor | None = None,
-        candidate_text: Tensor | None = None,
-    ) -> Tensor:
-        """-> scores [B, N]."""
-        return candidate_dot(self.embed(candidate_id, memory, memory_mask, index, candidate_text), seq_repr)
+        """``candidate`` [U, F] features (item-only work, once per distinct item), ``index`` [B, C] into them
+        (``None``: every user scores all U) -> scores [B, C] (or [B, U])."""
+        user = self.user_vector(seq_repr, memory, memory_mask)  # [B, H]
+        return candidate_dot(self.candidate_proj(candidate), user, index)
 
 
 class ItemCentricRouter(nn.Module):

@@ -45,19 +45,67 @@ def weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
     """Mean of ``values`` [P] over the points whose ``weight`` [P] is 1 (padding has 0); plain mean if no weight."""
     if weight is None:
         return values.mean()
+    # a padded point's value may be inf (its target is the padding item, which CE never ranks): 0 * inf is nan
+    values = torch.where(weight > 0, values, values.new_zeros(()))
     return (values * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def bpr_loss(scores: Tensor, weight: Tensor | None = None) -> Tensor:
-    """``scores`` [B, 1 + N], positive in column 0 -> mean over B x N of -log sigmoid(pos - neg)."""
-    pairwise = -F.logsigmoid(scores[:, :1] - scores[:, 1:])  # [B, N]
+def full_softmax_loss(scores: Tensor, positives: Tensor, weight: Tensor | None = None) -> Tensor:
+    """``scores`` [P, n_items] of the whole catalogue (column 0 = the padding item, never a target),
+    ``positives`` [P] -> mean cross-entropy of each positive among every item (RecBole's SASRec's CE)."""
+    padding_item = scores.new_zeros(1, dtype=torch.long)
+    scores = scores.index_fill(1, padding_item, float("-inf"))  # [P, n_items]
+    return weighted_mean(F.cross_entropy(scores, positives, reduction="none"), weight)
+
+
+def bpr_loss(scores: Tensor, weight: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+    """``scores`` [P, 1 + N], positive in column 0 -> mean over the valid negatives of -log sigmoid(pos - neg);
+    ``valid`` [P, N] False for a negative that is the positive itself (popularity sampling may draw it)."""
+    pairwise = -F.logsigmoid(scores[:, :1] - scores[:, 1:])  # [P, N]
+    if valid is not None:
+        per_point = (pairwise * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)  # [P]
+        return weighted_mean(per_point, weight)
     return pairwise.mean() if weight is None else weighted_mean(pairwise.mean(dim=1), weight)
 
 
-def sampled_softmax_loss(scores: Tensor, weight: Tensor | None = None) -> Tensor:
-    """``scores`` [B, 1 + N], positive in column 0 -> mean cross-entropy of the positive among the 1 + N."""
-    per_point = F.cross_entropy(scores, scores.new_zeros(scores.size(0), dtype=torch.long), reduction="none")  # [B]
+def sampled_softmax_loss(
+    scores: Tensor, weight: Tensor | None = None, log_q: Tensor | None = None, valid: Tensor | None = None
+) -> Tensor:
+    """``scores`` [P, 1 + N], positive in column 0 -> mean cross-entropy of the positive among the 1 + N.
+
+    ``log_q`` [P, N]: the log of the expected number of times each negative is drawn (``N q_j``), subtracted
+    from its score (the logQ correction of sampled softmax, Jean et al. 2015): each negative then stands for
+    the ``1 / (N q_j)`` items of the catalogue it was drawn for, and the loss estimates the full softmax's.
+    ``valid`` [P, N]: False for a negative that is the positive itself (its score does not count).
+    """
+    negatives = scores[:, 1:]
+    if log_q is not None:
+        negatives = negatives - log_q
+    if valid is not None:
+        negatives = negatives.masked_fill(~valid, float("-inf"))
+    logits = torch.cat([scores[:, :1], negatives], dim=1)  # [P, 1 + N]
+    per_point = F.cross_entropy(logits, logits.new_zeros(logits.size(0), dtype=torch.long), reduction="none")
     return weighted_mean(per_point, weight)
+
+
+def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
+    """gBCE's power of the positive's probability (Petrov & Macdonald, RecSys 2023):
+    ``beta = alpha (t (1 - 1/alpha) + 1/alpha)`` with the sampling rate ``alpha = N / (num_items - 1)``;
+    ``t`` = 0 gives plain BCE (beta = 1), ``t`` = 1 the calibrated limit (beta = alpha)."""
+    alpha = num_negatives / max(num_items - 1, 1)
+    return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+
+
+def gbce_loss(scores: Tensor, beta: float, weight: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+    """``scores`` [P, 1 + N], positive in column 0 -> mean over points of
+    ``-beta log sigmoid(s_pos) - sum_j log(1 - sigmoid(s_j))`` over the valid negatives (generalised binary
+    cross-entropy: the positive's probability raised to ``beta`` undoes the overconfidence that sampling
+    negatives gives BCE)."""
+    positive = -beta * F.logsigmoid(scores[:, 0])  # [P]
+    negative = -F.logsigmoid(-scores[:, 1:])  # [P, N]
+    if valid is not None:
+        negative = negative * valid
+    return weighted_mean(positive + negative.sum(dim=1), weight)
 
 
 def load_balance_loss(router_weights: Tensor, enabled: Tensor, point_weight: Tensor | None = None) -> Tensor:
@@ -91,3 +139,10 @@ def sample_negatives(positives: Tensor, num_items: int, num_negatives: int, gene
         1, num_items - 1, (positives.size(0), num_negatives), device=positives.device, generator=generator
     )  # [B, N] in 1..num_items-2
     return draws + (draws >= positives[:, None]).long()  # shift past the positive
+
+
+def sample_by_weight(positives: Tensor, item_weights: Tensor, num_negatives: int, generator=None) -> Tensor:
+    """Negatives drawn with probability proportional to ``item_weights`` [n_items] (0 for the padding item),
+    with replacement: [P] -> [P, N]. A draw can be the row's positive: the losses take a ``valid`` mask."""
+    draws = torch.multinomial(item_weights, positives.size(0) * num_negatives, replacement=True, generator=generator)
+    return draws.view(positives.size(0), num_negatives).to(positives.device)

@@ -17,9 +17,10 @@ sum_e (mean router weight_e - 1/E)^2`` over the E experts the dataset enables.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import Tensor, nn
@@ -28,10 +29,9 @@ from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.memory import ItemFeatures, LocalDynamicMemory, MemoryReadout, MemoryWrites, RecentHistoryMemory
 from recbole_feddmmr.model.dropout import keyed_dropout
 from recbole_feddmmr.model.layers import (
+    ContentExpert,
     ItemCentricRouter,
     SASRecBackbone,
-    SemanticExpert,
-    VisualExpert,
     candidate_dot,
     select_candidates,
 )
@@ -39,14 +39,20 @@ from recbole_feddmmr.model.losses import (
     PredictionPoints,
     TrainingLoss,
     bpr_loss,
+    full_softmax_loss,
+    gbce_beta,
+    gbce_loss,
     load_balance_loss,
+    sample_by_weight,
     sample_negatives,
     sampled_softmax_loss,
     surprise_of,
-    weighted_mean,
 )
 
 EXPERTS = ("sequential", "visual", "semantic")
+# CE: softmax over the whole catalogue (RecBole's SASRec and BERT4Rec train so); SSM: sampled softmax with the
+# logQ correction; gBCE: generalised BCE over sampled negatives (gSASRec); BPR: the seed's pairwise loss
+LOSS_TYPES = ("CE", "SSM", "gBCE", "BPR")
 
 
 def item_feature_table(dataset, id_field: str, value_field: str | None, expected_dim: int) -> Tensor | None:
@@ -89,8 +95,27 @@ class UR4RecV2MoE(SequentialRecommender):
         self.train_neg_num = config["train_neg_num"]
         self.load_balance_weight = config["load_balance_weight"]
         self.eval_user_chunk = config["eval_user_chunk"] or 256
-        if self.loss_type not in ("BPR", "SSM", "CE"):
-            raise ConfigError(f"loss_type must be 'BPR', 'SSM' or 'CE', got {self.loss_type!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        self.negative_distribution = config["train_neg_distribution"]
+        if self.negative_distribution not in ("uniform", "popularity"):
+            raise ConfigError(
+                f"train_neg_distribution must be uniform or popularity, got {self.negative_distribution!r}"
+            )
+        if self.loss_type != "CE" and not 1 <= self.train_neg_num <= self.n_items - 2:
+            raise ConfigError(
+                f"train_neg_num must be in 1..{self.n_items - 2} (the other items), got {self.train_neg_num}"
+            )
+        # popularity sampling draws an item by its training interactions (+1, so that none has probability 0)
+        counts = torch.zeros(self.n_items)
+        if self.negative_distribution == "popularity":
+            counter = dataset.item_counter
+            counts[torch.as_tensor(list(counter.keys()), dtype=torch.long)] = torch.as_tensor(
+                list(counter.values()), dtype=torch.float32
+            )
+            counts[1:] += 1.0
+        self.register_buffer("negative_weights", counts, persistent=False)  # [n_items] (popularity only)
+        self.gbce_beta = gbce_beta(self.train_neg_num, self.n_items - 1, config["gbce_t"])
         dropout = config["dropout"]
 
         self.item_embedding = nn.Embedding(self.n_items, self.item_emb_dim, padding_idx=0)
@@ -117,16 +142,9 @@ class UR4RecV2MoE(SequentialRecommender):
             visual=item_feature_table(dataset, id_field, config["visual_feature_field"], config["visual_dim"]),
             text=item_feature_table(dataset, id_field, config["text_feature_field"], config["text_dim"]),
         )
-        candidate_content = bool(config["expert_candidate_content"])
-        self.visual_expert = VisualExpert(config["visual_dim"], self.hidden_dim, candidate_residual=candidate_content)
-        self.semantic_expert = SemanticExpert(
-            self.item_emb_dim,
-            config["text_dim"],
-            self.hidden_dim,
-            config["semantic_num_heads"],
-            dropout,
-            candidate_text=candidate_content,
-        )
+        # the content experts: the visual one reads CLIP features with one head, the semantic one SBERT features
+        self.visual_expert = ContentExpert(config["visual_dim"], self.hidden_dim, 1, dropout)
+        self.semantic_expert = ContentExpert(config["text_dim"], self.hidden_dim, config["semantic_num_heads"], dropout)
         self.backbone_feature_proj = nn.ModuleDict(
             {
                 name: nn.Linear(dim, self.hidden_dim, bias=False)
@@ -152,16 +170,12 @@ class UR4RecV2MoE(SequentialRecommender):
                 )
             self.memory = LocalDynamicMemory(
                 dataset.user_num,
+                self.item_features,
                 capacity=config["memory_capacity"],
                 surprise_threshold=config["memory_surprise_threshold"],
-                visual_dim=config["visual_dim"],
-                text_dim=config["text_dim"],
                 utility_alpha=config["memory_utility_alpha"],
                 utility_beta=config["memory_utility_beta"],
                 recency_decay=config["memory_recency_decay"],
-                feature_dtype=torch.float16 if config["memory_half_precision"] else torch.float32,
-                store_visual=self.item_features.has_visual,
-                store_text=self.item_features.has_text,
                 num_global_prototypes=config["num_memory_prototypes"] if config["enable_prototype_aggregation"] else 0,
             )
         else:
@@ -257,14 +271,9 @@ class UR4RecV2MoE(SequentialRecommender):
             available = features.visual_available if name == "visual" else features.text_available
             user_has_memory = memory_mask.any(dim=1)[:, None]  # [B, 1]
             live[slot] = select_candidates(available[items], index) & user_has_memory  # [B, C]
-            if name == "visual":
-                expert_scores[slot] = self.visual_expert(
-                    seq_repr, features.visual[items], memory_feats.to(seq_repr.dtype), memory_mask, index
-                )
-            else:
-                expert_scores[slot] = self.semantic_expert(
-                    seq_repr, item_id_emb, memory_feats.to(seq_repr.dtype), memory_mask, index, features.text[items]
-                )
+            expert = self.visual_expert if name == "visual" else self.semantic_expert
+            candidate = features.visual[items] if name == "visual" else features.text[items]  # [U, F]
+            expert_scores[slot] = expert(seq_repr, candidate, memory_feats.to(seq_repr.dtype), memory_mask, index)
 
         router_weights = self.router(item_id_emb, torch.stack(live, dim=-1), index, items)  # [B, C, X]
         final = (router_weights * torch.stack(expert_scores, dim=-1)).sum(dim=-1)  # [B, C]
@@ -301,18 +310,7 @@ class UR4RecV2MoE(SequentialRecommender):
         if writes is None or not isinstance(self.memory, LocalDynamicMemory):
             return 0
         users, items, surprises, times = writes
-        features = self.item_features
-        return self.memory.add_batch(
-            users,
-            items,
-            surprises,
-            features.visual[items] if self.memory.store_visual else None,
-            features.text[items] if self.memory.store_text else None,
-            times,
-            visual_available=features.visual_available[items] if self.memory.store_visual else None,
-            text_available=features.text_available[items] if self.memory.store_text else None,
-            step=step,
-        )
+        return self.memory.add_batch(users, items, surprises, times, step=step)
 
     def prototype_memory(self) -> LocalDynamicMemory | None:
         """The memory a federated client summarises into prototypes (LocalDynamicMemory), or ``None``."""
@@ -348,14 +346,7 @@ class UR4RecV2MoE(SequentialRecommender):
 
         ``negatives`` [P, N] (BPR / SSM; drawn here when ``None``); ``weight`` [P] 0 for padded points.
         """
-        if self.loss_type in ("BPR", "SSM"):
-            if negatives is None:
-                negatives = sample_negatives(positives, self.n_items, self.train_neg_num)  # [P, N]
-            candidates = torch.cat([positives[:, None], negatives], dim=1)  # [P, 1 + N]
-            scores, router_weights = self.score_candidates(seq_repr, memory, candidates, all_items=all_items)
-            rec_loss = bpr_loss(scores, weight) if self.loss_type == "BPR" else sampled_softmax_loss(scores, weight)
-            surprise = surprise_of(scores.detach()) if self.writes_memory else None
-        else:
+        if self.loss_type == "CE":
             scores, router_weights = self.score_candidates(seq_repr, memory)  # [P, n_items]
             surprise = None
             if self.writes_memory:  # negatives = every item but the positive and the padding item 0
@@ -363,11 +354,39 @@ class UR4RecV2MoE(SequentialRecommender):
                 positive_score = raw.gather(1, positives[:, None]).squeeze(1)  # [P]
                 mean_negative = (raw.sum(dim=1) - positive_score - raw[:, 0]) / (self.n_items - 2)  # [P]
                 surprise = 1.0 - torch.sigmoid(positive_score - mean_negative)
-            padding_item = scores.new_zeros(1, dtype=torch.long)
-            scores = scores.index_fill(1, padding_item, float("-inf"))  # the padding item is never a target
-            rec_loss = weighted_mean(F.cross_entropy(scores, positives, reduction="none"), weight)
+            rec_loss = full_softmax_loss(scores, positives, weight)
+        else:
+            if negatives is None:
+                negatives = self.sample_negatives(positives)  # [P, N]
+            candidates = torch.cat([positives[:, None], negatives], dim=1)  # [P, 1 + N]
+            scores, router_weights = self.score_candidates(seq_repr, memory, candidates, all_items=all_items)
+            valid = None if self.negative_distribution == "uniform" else negatives != positives[:, None]  # [P, N]
+            if self.loss_type == "BPR":
+                rec_loss = bpr_loss(scores, weight, valid)
+            elif self.loss_type == "SSM":
+                rec_loss = sampled_softmax_loss(scores, weight, self.log_expected_draws(negatives), valid)
+            else:  # gBCE
+                rec_loss = gbce_loss(scores, self.gbce_beta, weight, valid)
+            surprise = surprise_of(scores.detach()) if self.writes_memory else None
         lb_loss = load_balance_loss(router_weights, self.expert_enabled, weight)
         return rec_loss, self.load_balance_weight * lb_loss, surprise
+
+    def sample_negatives(self, positives: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``train_neg_num`` negatives per positive [P] -> [P, N]: uniform over the other items (never the
+        positive), or by popularity (``train_neg_distribution``; a draw may be the positive, which the loss
+        leaves out)."""
+        if self.negative_distribution == "uniform":
+            return sample_negatives(positives, self.n_items, self.train_neg_num, generator)
+        return sample_by_weight(positives, self.negative_weights, self.train_neg_num, generator)
+
+    def log_expected_draws(self, negatives: Tensor) -> Tensor:
+        """``log(N q_j)`` of each sampled negative [P, N], for the sampled softmax's logQ correction."""
+        if self.negative_distribution == "uniform":  # q = 1 / (n_items - 2): the same for every negative
+            return negatives.new_full(
+                negatives.shape, math.log(self.train_neg_num / (self.n_items - 2)), dtype=torch.float
+            )
+        probability = self.negative_weights / self.negative_weights.sum()  # [n_items]
+        return torch.log(self.train_neg_num * probability[negatives])
 
     @staticmethod
     def _writes(users: Tensor, positives: Tensor, surprise: Tensor | None, times: Tensor | None) -> MemoryWrites | None:
@@ -413,8 +432,8 @@ class UR4RecV2MoE(SequentialRecommender):
         # without a generator the loss draws the negatives from the global generator after the backbone's
         # dropout, as before this split, so centralised runs keep their random stream
         negatives = dropout_key = None
-        if generator is not None and self.loss_type in ("BPR", "SSM"):
-            negatives = sample_negatives(positives, self.n_items, self.train_neg_num, generator)  # [P, N]
+        if generator is not None and self.loss_type != "CE":
+            negatives = self.sample_negatives(positives, generator)  # [P, N]
         if generator is not None:  # the step's dropout masks come from the same stream: any backend draws them alike
             dropout_key = torch.randint(2**31, (), generator=generator, device=generator.device)
         memory = self.read_memory(users, windows[row], position + 1, times)
