@@ -379,7 +379,9 @@ class LocalDynamicMemory(nn.Module):
 
         def mask(modality: str) -> Tensor:
             if not getattr(self, f"store_{modality}"):
-                return torch.zeros(batch, visible.size(1) + prototype_mask.size(1), dtype=torch.bool, device=items.device)
+                return torch.zeros(
+                    batch, visible.size(1) + prototype_mask.size(1), dtype=torch.bool, device=items.device
+                )
             available = getattr(features, f"{modality}_available")[items]  # [B, K]
             return torch.cat([visible & available, prototype_mask], dim=1)
 

@@ -8,6 +8,12 @@ stores it in float16. A RecBole checkpoint adds the optimizer state and the conf
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# the checkout this script belongs to, before any installed copy of the package (which may be older)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import io
 

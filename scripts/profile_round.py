@@ -9,6 +9,12 @@ warm-up round that is not profiled. The table lists the functions with the large
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# the checkout this script belongs to, before any installed copy of the package (which may be older)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import cProfile
 import io

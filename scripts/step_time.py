@@ -12,6 +12,12 @@ converged run is spent on it, not a substitute for the benchmark's measured epoc
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# the checkout this script belongs to, before any installed copy of the package (which may be older)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import itertools
 import statistics

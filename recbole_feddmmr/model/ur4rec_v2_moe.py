@@ -185,6 +185,8 @@ class UR4RecV2MoE(SequentialRecommender):
             torch.tensor([True, self.item_features.has_visual, self.item_features.has_text]),
             persistent=False,
         )  # [X]
+        # the router and the expert modules exist whatever the data; with no content expert live the router is unused
+        self.content_experts_on = bool(self.expert_enabled[1:].any())
 
         self.apply(self._init_weights)
         self.logger.info(f"UR4RecV2MoE live experts: {', '.join(self.live_experts)}" + self._off_reason(id_field))
@@ -275,6 +277,10 @@ class UR4RecV2MoE(SequentialRecommender):
             candidate = features.visual[items] if name == "visual" else features.text[items]  # [U, F]
             expert_scores[slot] = expert(seq_repr, candidate, memory_feats.to(seq_repr.dtype), memory_mask, index)
 
+        if not self.content_experts_on:  # the sequential expert alone: its weight is 1, no router
+            only = torch.zeros(len(EXPERTS), device=sequential_scores.device)
+            only[0] = 1.0
+            return sequential_scores, only.expand(*sequential_scores.shape, -1)  # [B, C], [B, C, X]
         router_weights = self.router(item_id_emb, torch.stack(live, dim=-1), index, items)  # [B, C, X]
         final = (router_weights * torch.stack(expert_scores, dim=-1)).sum(dim=-1)  # [B, C]
         return final, router_weights
