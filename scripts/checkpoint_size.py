@@ -1,9 +1,9 @@
-"""Size of a UR4RecV2MoE model's saved weights on a dataset, with the memory in float32 and in float16.
+"""Size of a UR4RecV2MoE model's saved weights on a dataset, and of the memory in them.
 
     python scripts/checkpoint_size.py --dataset ml-100k
 
-The memory (every user's slots of item features) is most of a checkpoint; ``memory_half_precision``
-stores it in float16. A RecBole checkpoint adds the optimizer state and the config to these bytes.
+The memory holds every user's slots (item ids, times, counts, surprise; the items' features stay in the
+catalogue). A RecBole checkpoint adds the optimizer state and the config to these bytes.
 """
 
 from __future__ import annotations
@@ -26,18 +26,13 @@ def main() -> None:
     args = parser.parse_args()
     from recbole_feddmmr.quick_start import prepare_run
 
-    for half in (False, True):
-        settings = {"state": "ERROR", "show_progress": False, "memory_half_precision": half}
-        _, _, model = prepare_run("UR4RecV2MoE", args.dataset, config_dict=settings)
-        state = model.state_dict()
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        memory = sum(t.numel() * t.element_size() for name, t in state.items() if name.startswith("memory."))
-        print(
-            f"{args.dataset} memory_half_precision={half}: weights {buffer.tell() / 1e6:.1f} MB, "
-            f"of which memory {memory / 1e6:.1f} MB"
-        )
-
+    settings = {"state": "ERROR", "show_progress": False}
+    _, _, model = prepare_run("UR4RecV2MoE", args.dataset, config_dict=settings)
+    state = model.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    memory = sum(t.numel() * t.element_size() for name, t in state.items() if name.startswith("memory."))
+    print(f"{args.dataset}: weights {buffer.tell() / 1e6:.2f} MB, of which memory {memory / 1e6:.2f} MB")
 
 if __name__ == "__main__":
     main()

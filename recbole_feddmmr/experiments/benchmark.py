@@ -34,7 +34,6 @@ from typing import Any
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
-from recbole_feddmmr import compat
 from recbole_feddmmr.checkpoints import read_checkpoint
 from recbole_feddmmr.config import Config
 from recbole_feddmmr.errors import ConfigError, run_cli
@@ -50,6 +49,7 @@ from recbole_feddmmr.experiments.comparison import (
 from recbole_feddmmr.experiments.report import format_results, read_results
 from recbole_feddmmr.experiments.runner import (
     COLD_MAX_TRAIN_INTERACTIONS,
+    begin_command,
     command_settings,
     expert_share,
     new_report,
@@ -172,10 +172,7 @@ def tabulate(report: dict[str, Any], folder: Path, models: list[str], baselines:
     return table
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument(
         "--models", nargs="+", default=list(DEFAULT_MODELS), help="MODEL or MODEL[key=value,...], in this order"
@@ -207,15 +204,11 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--evaluate", nargs="+", metavar="CHECKPOINT", help="only evaluate saved checkpoints on test (to --out)"
     )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv  # the command every report and cell records
-    compat.install()
-    command = parser()
+    command, argv = begin_command(MODULE, __doc__, argv)  # argv: the command every report and cell records
+    add_arguments(command)
     args, settings = command.parse_known_args(argv)
     if args.evaluate:
         out = Path(args.out or "results/benchmark.json")

@@ -21,7 +21,6 @@ after each task, so a cut-off run still reports what finished.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import logging
@@ -33,10 +32,10 @@ from typing import Any
 
 from recbole.utils import init_seed
 
-from recbole_feddmmr import compat
 from recbole_feddmmr.errors import ConfigError, run_cli
 from recbole_feddmmr.experiments.report import format_results, read_results
 from recbole_feddmmr.experiments.runner import (
+    begin_command,
     command_settings,
     new_report,
     parse_run,
@@ -345,11 +344,7 @@ def ratios(runs: list[dict[str, Any]], numerator: str, denominator: str) -> dict
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = sys.argv[1:] if argv is None else argv
-    compat.install()
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser, argv = begin_command(MODULE, __doc__, argv)
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), help="MODEL[key=value,...] labels")
     parser.add_argument("--rounds", type=int, default=20, help="rounds of the federated runs")

@@ -16,19 +16,16 @@ evaluation scores every user, so it grows with all of them by design.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from recbole_feddmmr import compat
 from recbole_feddmmr.errors import run_cli
-from recbole_feddmmr.experiments.runner import command_settings, new_report, write_json
+from recbole_feddmmr.experiments.runner import begin_command, command_settings, new_report, write_json
 from recbole_feddmmr.experiments.tables import format_scale
 from recbole_feddmmr.provenance import peak_rss_mb
 
@@ -102,11 +99,7 @@ def measure_population(num_users: int, overrides: dict[str, Any], rounds: int) -
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = sys.argv[1:] if argv is None else argv
-    compat.install()
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser, argv = begin_command(MODULE, __doc__, argv)
     parser.add_argument("--users", type=int, nargs="+", default=[1000, 100_000], help="populations; first = base")
     parser.add_argument("--clients_per_round", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per population (after one warm-up)")

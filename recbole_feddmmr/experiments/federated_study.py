@@ -19,7 +19,6 @@ run finished, ``federated_accuracy.json`` with their test NDCG@10 and its ratio.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -27,9 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from recbole_feddmmr import compat
 from recbole_feddmmr.errors import run_cli
 from recbole_feddmmr.experiments.runner import (
+    begin_command,
     command_settings,
     new_report,
     parse_run,
@@ -194,11 +193,7 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = sys.argv[1:] if argv is None else argv
-    compat.install()
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser, argv = begin_command(MODULE, __doc__, argv)
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), help="MODEL[key=value,...] labels")
     parser.add_argument("--centralised", default=CENTRALISED, help="the run the federated defaults are compared to")

@@ -14,6 +14,7 @@ pool of runs, atomic results files and their provenance.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import multiprocessing
@@ -27,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from recbole_feddmmr import compat
 from recbole_feddmmr.config import parse_overrides, setting_value
 from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.provenance import git_commit, machine_description, peak_rss_mb, usable_cpus
@@ -34,7 +36,17 @@ from recbole_feddmmr.provenance import git_commit, machine_description, peak_rss
 NOT_RECORDED = "not recorded"
 
 
-# ---------------------------------------------------------------- runs and settings
+# ---------------------------------------------------------------- commands, runs and settings
+def begin_command(module: str, doc: str | None, argv: list[str] | None) -> tuple[argparse.ArgumentParser, list[str]]:
+    """An experiment command's start: RecBole's compatibility patches installed, its argument parser (named
+    ``python -m MODULE``, the module's docstring as help) and its arguments (``sys.argv`` unless given)."""
+    compat.install()
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    return parser, list(sys.argv[1:] if argv is None else argv)
+
+
 def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
     """``"MODEL[key=value,...]"`` -> (MODEL, {key: value}), values as on the command line; a plain ``"MODEL"``
     has no settings of its own."""

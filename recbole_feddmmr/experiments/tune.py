@@ -31,7 +31,6 @@ trials are kept.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
@@ -42,10 +41,9 @@ from typing import Any
 
 import yaml
 
-from recbole_feddmmr import compat
 from recbole_feddmmr.config import parse_overrides
 from recbole_feddmmr.errors import ConfigError, run_cli
-from recbole_feddmmr.experiments.runner import new_report, write_json
+from recbole_feddmmr.experiments.runner import begin_command, new_report, write_json
 
 MODULE = "recbole_feddmmr.experiments.tune"
 
@@ -215,11 +213,7 @@ def write_tables(rows: list[dict[str, Any]], storage: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = sys.argv[1:] if argv is None else argv
-    compat.install()
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser, argv = begin_command(MODULE, __doc__, argv)
     parser.add_argument("--model", default="UR4RecV2MoE")
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files")
