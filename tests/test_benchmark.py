@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from conftest import TINY_CONFIG
+from conftest import TEST_DATA, TINY_CONFIG
 
 from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.experiments.benchmark import main
@@ -221,3 +221,31 @@ def test_a_federated_runs_throughput_counts_the_samples_its_rounds_trained():
     epochs = {"label": "epochs", "model": "SASRec", **scores, "train_seconds": 6.0, "train_samples_per_second": 500.0}
     federated.update(label="federated", model="UR4RecV2MoE", **scores)
     assert ratios_against([epochs, federated], "epochs")["federated"]["train_samples_per_second"] == pytest.approx(0.1)
+
+
+def test_the_cold_item_protocol_trains_and_validates_on_no_cold_item_and_tests_on_one(tmp_path):
+    from recbole_feddmmr.experiments.cold_items import MIN_HISTORY, write_cold_dataset
+    from recbole_feddmmr.features.atomic import read_atomic
+
+    cold = write_cold_dataset(TEST_DATA / "tiny", "tiny", 0.3, seed=1, data_root=tmp_path)
+    original = read_atomic(TEST_DATA / "tiny" / "tiny.inter")
+    written = read_atomic(cold.folder / f"{cold.name}.inter")
+    assert len(cold.cold_item_ids) == round(0.3 * original["item_id"].nunique())
+    tested = 0
+    for user, rows in written.groupby("user_id"):
+        ordered = rows.assign(t=rows["timestamp"].astype(float)).sort_values("t", kind="stable")["item_id"].tolist()
+        assert not set(ordered[:-1]) & set(cold.cold_item_ids)  # never trained on, never the validation target
+        if ordered[-1] in cold.cold_item_ids:  # tested on a cold item, after enough warm history
+            tested += 1
+            assert len(ordered) - 1 >= MIN_HISTORY
+            mine = original[original["user_id"] == user].assign(t=lambda frame: frame["timestamp"].astype(float))
+            warm_before = mine[(mine["t"] < float(rows["timestamp"].astype(float).max()))]
+            assert ordered[:-1] == [
+                i for i in warm_before.sort_values("t", kind="stable")["item_id"] if i not in cold.cold_item_ids
+            ]
+    assert tested == cold.cold_users > 0 and cold.users == written["user_id"].nunique()
+    itememb = read_atomic(cold.folder / f"{cold.name}.itememb")
+    assert set(itememb["iid"]) == set(written["item_id"])  # no feature row makes an unseen item a candidate
+    assert "load_col" in (cold.folder / f"{cold.name}.yaml").read_text()  # the settings tiny runs with
+    again = write_cold_dataset(TEST_DATA / "tiny", "tiny", 0.3, seed=1, data_root=tmp_path)
+    assert again.cold_item_ids == cold.cold_item_ids  # the same seed, the same cold items

@@ -96,9 +96,7 @@ def test_sampled_softmax_logq_correction_and_gbce_equal_hand_computation():
 
 
 def test_popularity_negatives_follow_the_training_counts_and_carry_their_logq(tmp_path):
-    _, _, splits, model = tiny_run(
-        tmp_path, loss_type="SSM", train_neg_distribution="popularity", train_neg_num=4
-    )
+    _, _, splits, model = tiny_run(tmp_path, loss_type="SSM", train_neg_distribution="popularity", train_neg_num=4)
     counts = torch.bincount(splits[0]._dataset.inter_feat["item_id"], minlength=model.n_items).float()
     expected = counts.clone()
     expected[1:] += 1  # every item stays drawable

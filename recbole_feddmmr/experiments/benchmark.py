@@ -36,7 +36,9 @@ from recbole.utils import init_seed
 
 from recbole_feddmmr.checkpoints import read_checkpoint
 from recbole_feddmmr.config import Config
+from recbole_feddmmr.datasets import ensure_dataset
 from recbole_feddmmr.errors import ConfigError, run_cli
+from recbole_feddmmr.experiments.cold_items import write_cold_dataset
 from recbole_feddmmr.experiments.comparison import (
     best_baseline,
     format_table,
@@ -123,7 +125,14 @@ def cell_name(label: str, seed: int) -> str:
 
 
 def run_cell(
-    label: str, dataset: str, overrides: dict[str, Any], seed: int, path: str, threads: int | None, argv: list[str]
+    label: str,
+    dataset: str,
+    overrides: dict[str, Any],
+    seed: int,
+    path: str,
+    threads: int | None,
+    argv: list[str],
+    cold_max: int = COLD_MAX_TRAIN_INTERACTIONS,
 ) -> dict[str, Any]:
     """One (model label, seed) run in a worker process, written to ``path``; ``argv``: the benchmark's
     arguments, recorded as the cell's command (a table can gather cells trained by several commands)."""
@@ -133,7 +142,7 @@ def run_cell(
     model, run_overrides = parse_run(label)
     settings = {**overrides, **run_overrides, "seed": seed}
     result = new_report("run", MODULE, argv, label=label, seed=seed, settings=settings)
-    result |= run_model(model, dataset, settings) | {"torch_threads": torch.get_num_threads()}
+    result |= run_model(model, dataset, settings, cold_max) | {"torch_threads": torch.get_num_threads()}
     write_json(path, result)
     return result
 
@@ -200,6 +209,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train nothing: tabulate the cells already in results/NAME/runs/ and list the missing ones",
     )
+    parser.add_argument(
+        "--cold_items",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="the cold-item protocol: this share of the items never trained on, users tested on them "
+        "(experiments/cold_items.py); the cold slice is then the targets with no training interaction",
+    )
+    parser.add_argument("--cold_seed", type=int, default=0, help="the seed that draws the cold items")
     parser.add_argument("--report", metavar="JSON", help="only print the table of an existing results file")
     parser.add_argument(
         "--evaluate", nargs="+", metavar="CHECKPOINT", help="only evaluate saved checkpoints on test (to --out)"
@@ -237,11 +255,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = {"cpu": {"gpu_id": ""}, "cuda": {"gpu_id": "0"}, None: {}}[args.device]
     overrides = command_settings(settings, **budget, **device)
     seeds = [args.seed + offset for offset in range(args.seeds)]
+    cold_max, protocol = COLD_MAX_TRAIN_INTERACTIONS, {}
+    if args.cold_items is not None:
+        data_root = Path(overrides.get("data_path", "dataset_atomic"))
+        ensure_dataset(args.dataset, data_root / args.dataset)
+        cold = write_cold_dataset(data_root / args.dataset, args.dataset, args.cold_items, args.cold_seed, data_root)
+        tested = f"{cold.cold_users} of {cold.users} users tested on one"
+        print(f"cold-item protocol: {cold.name}, {len(cold.cold_item_ids)} cold items, {tested}", flush=True)
+        args.dataset, cold_max = cold.name, 0
+        protocol = {"cold_items": args.cold_items, "cold_seed": args.cold_seed, "cold_users": cold.cold_users}
     default_name = Path(args.out).stem if args.out else f"{args.dataset}-quick" if args.quick else args.dataset
     folder = Path("results") / (args.name or default_name)
     (folder / "runs").mkdir(parents=True, exist_ok=True)
     report = new_report("benchmark", MODULE, argv, dataset=args.dataset, overrides=overrides, seeds=seeds, runs=[])
-    report["cold_max"] = COLD_MAX_TRAIN_INTERACTIONS
+    report["cold_max"] = cold_max
+    report |= protocol
 
     cells = [(label, seed) for seed in seeds for label in args.models]  # seed-major: first seeds finish first
     done = finished_cells(folder, cells, overrides)
@@ -254,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_train:  # with --no-train the cells' own commits and threads tell how they ran
         report["jobs"] = args.jobs
     tasks = [
-        (label, args.dataset, overrides, seed, str(folder / "runs" / cell_name(label, seed)), threads, argv)
+        (label, args.dataset, overrides, seed, str(folder / "runs" / cell_name(label, seed)), threads, argv, cold_max)
         for label, seed in todo
     ]
     for (label, _, _, seed, *_), result, error in run_in_pool(run_cell, tasks, args.jobs):

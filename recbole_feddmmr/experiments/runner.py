@@ -34,6 +34,7 @@ from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.provenance import git_commit, machine_description, peak_rss_mb, usable_cpus
 
 NOT_RECORDED = "not recorded"
+COLD_MAX_TRAIN_INTERACTIONS = 5  # the benchmark's cold slice: targets with at most this many training interactions
 
 
 # ---------------------------------------------------------------- commands, runs and settings
@@ -70,12 +71,14 @@ def command_settings(arguments: list[str], **base: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- one run, measured
-COLD_MAX_TRAIN_INTERACTIONS = 5
 
 
-def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Train ``model`` with early stopping, evaluate its best checkpoint on test (full, uni100, cold items)
-    -> its metrics, validation curve, costs and, for UR4RecV2MoE, the router's expert shares."""
+def run_model(
+    model: str, dataset: str, overrides: dict[str, Any], cold_max: int = COLD_MAX_TRAIN_INTERACTIONS
+) -> dict[str, Any]:
+    """Train ``model`` with early stopping, evaluate its best checkpoint on test (full, uni100, and the cold
+    slice: the test users whose target has at most ``cold_max`` training interactions) -> its metrics,
+    validation curve, costs and, for UR4RecV2MoE, the router's expert shares."""
     import torch
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
@@ -102,7 +105,7 @@ def run_model(model: str, dataset: str, overrides: dict[str, Any]) -> dict[str, 
     records = trainer.run_records
     epoch_seconds, curve = records.get("epoch_seconds", []), records["curve"]
     test_full = trainer.evaluate(test_data, load_best_model=True)
-    cold = cold_item_slice(config, train_data, test_data)
+    cold = cold_item_slice(config, train_data, test_data, cold_max)
     test_cold = trainer.evaluate(cold, load_best_model=False) if cold is not None else {}
 
     uni_overrides = dict(overrides, eval_args=dict(config["eval_args"], mode={"valid": "full", "test": "uni100"}))
