@@ -151,19 +151,33 @@ def test_fedavg_with_server_lr_one_is_the_plain_weighted_mean_step():
     assert torch.equal(stepped["frozen"], params["frozen"])
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
-def test_server_optimizers_follow_the_papers_updates_for_two_rounds(name):
+@pytest.mark.parametrize(
+    ("name", "bias_correction"),
+    [
+        ("fedavg", False),
+        ("fedavgm", False),
+        ("fedadam", False),
+        ("fedyogi", False),
+        ("fedadam", True),
+        ("fedyogi", True),
+    ],
+)
+def test_server_optimizers_follow_the_papers_updates_for_two_rounds(name, bias_correction):
     lr, momentum, b1, b2, tau = 0.5, 0.9, 0.9, 0.99, 0.1
     x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
     deltas = [torch.tensor([0.2, -0.4], dtype=torch.float64), torch.tensor([-0.1, 0.3], dtype=torch.float64)]
-    optimizer = ServerOptimizer(name, lr=lr, momentum=momentum, beta1=b1, beta2=b2, tau=tau)
+    optimizer = ServerOptimizer(
+        name, lr=lr, momentum=momentum, beta1=b1, beta2=b2, tau=tau, bias_correction=bias_correction
+    )
     x = {"w": x0}
     for delta in deltas:
         x = optimizer.step(x, {"w": delta})
     # the same two rounds written out by hand, elementwise, in plain floats
     for i in range(2):
         value, m, v = x0[i].item(), 0.0, tau**2
-        for delta in (d[i].item() for d in deltas):
+        for t, delta in enumerate((d[i].item() for d in deltas), start=1):
+            # Adam's (and Flower's FedAdam's) bias correction of the step at round t
+            step = lr * (1 - b2**t) ** 0.5 / (1 - b1**t) if bias_correction else lr
             if name == "fedavg":
                 value += lr * delta
             elif name == "fedavgm":
@@ -175,7 +189,7 @@ def test_server_optimizers_follow_the_papers_updates_for_two_rounds(name):
                     v = b2 * v + (1 - b2) * delta**2
                 else:
                     v = v - (1 - b2) * delta**2 * (1.0 if v > delta**2 else -1.0 if v < delta**2 else 0.0)
-                value += lr * m / (v**0.5 + tau)
+                value += step * m / (v**0.5 + tau)
         assert x["w"][i].item() == pytest.approx(value, rel=1e-12)
 
 

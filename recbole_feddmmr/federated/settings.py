@@ -49,6 +49,7 @@ class FederatedSettings:
     server_beta1: float
     server_beta2: float
     server_tau: float
+    server_bias_correction: bool
     aggregation: str
     backend: str
     vectorized_chunk_targets: int | None
@@ -108,6 +109,7 @@ class FederatedSettings:
             server_beta1=get("server_beta1"),
             server_beta2=get("server_beta2"),
             server_tau=get("server_tau"),
+            server_bias_correction=bool(get("server_bias_correction")),
             aggregation=get("aggregation"),
             backend=get("federated_backend"),
             vectorized_chunk_targets=get("vectorized_chunk_targets"),

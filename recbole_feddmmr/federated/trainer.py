@@ -97,6 +97,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
                 beta1=federated.server_beta1,
                 beta2=federated.server_beta2,
                 tau=federated.server_tau,
+                bias_correction=federated.server_bias_correction,
             ),
         )
         return FedMemServer(
