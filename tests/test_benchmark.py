@@ -104,6 +104,10 @@ def test_seeds_are_summarised_compared_in_pairs_tabulated_plotted_and_resumed(tm
     assert {p.name for p in folder.iterdir()} >= {"report.json", "table.md", "table.csv", "curves.png", "test_ndcg.png"}
     table = (folder / "table.md").read_text()
     assert f"{mean(ours):.4f} ± {stdev(ours):.4f}" in table and "Paired over seeds [2020, 2021]" in table
+    shares = [run["expert_share"] for key, run in runs.items() if key[0] == "UR4RecV2MoE"]
+    share_row = table.split("Expert shares")[1].split("| UR4RecV2MoE |")[1].split("\n")[0]
+    assert f"{mean(share['semantic'] for share in shares):.3f}" in share_row  # the router's mean weight, per expert
+    assert all(sum(share.values()) == pytest.approx(1.0) for share in shares)
     assert (folder / "table.csv").read_text().count("\n") == 3  # header and two models
     # a rerun with the same arguments trains nothing and reports the same
     capsys.readouterr()

@@ -57,7 +57,7 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     "recbole_feddmmr.recommend": EntryPoint(promise=r"top \d+ for user"),
     "recbole_feddmmr.features": EntryPoint(promise=r"wrote .*tiny\.itememb"),
     "recbole_feddmmr.synthetic": EntryPoint(
-        {"--num-users": "40", "--num-items": "120", "--num-factors": "6"}, slow=True, promise=r"planted"
+        {"--num-users": "40", "--num-items": "200", "--num-factors": "4"}, slow=True, promise=r"planted"
     ),
     "recbole_feddmmr.experiments.report": EntryPoint(promise=r"command: `"),
     "recbole_feddmmr.experiments.benchmark": EntryPoint(

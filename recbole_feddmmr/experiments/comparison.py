@@ -22,7 +22,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "uni100 ndcg@10": ("test_uni100", "ndcg@10"),
     "cold hit@10": ("test_cold", "hit@10"),
     "cold ndcg@10": ("test_cold", "ndcg@10"),
+    # the router's mean weight per expert over every (test user, item) pair (UR4RecV2MoE only)
+    **{f"share {expert}": ("expert_share", expert) for expert in ("sequential", "visual", "semantic")},
 }
+SHARES = ("share sequential", "share visual", "share semantic")
 COSTS = ("parameters", "seconds_to_best", "train_samples_per_second", "seconds_per_epoch", "peak_memory_mb")
 PLUGIN_MODEL = "UR4RecV2MoE"
 
@@ -143,6 +146,16 @@ def format_table(report: dict[str, Any]) -> str:
             f"| {label} | {cold_users.get(label, '-')} | {_cell(row.get('cold hit@10'))} "
             f"| {_cell(row.get('cold ndcg@10'))} |"
         )
+    shared = [label for label, row in summary.items() if any(row.get(column) for column in SHARES)]
+    if shared:
+        lines += [
+            "\nExpert shares: the router's mean weight per expert over every (test user, item) pair (a switched-off "
+            "expert has 0):\n",
+            "| model | sequential | visual | semantic |",
+            "|---|---|---|---|",
+        ]
+        for label in shared:
+            lines.append(f"| {label} | " + " | ".join(_cell(summary[label].get(c), 3) for c in SHARES) + " |")
     comparison = report.get("paired")
     if comparison:
         error = comparison["standard_error"]
