@@ -14,6 +14,7 @@ from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.federated.aggregation import sparse_row_updates
 from recbole_feddmmr.federated.contracts import FederatedModel
 from recbole_feddmmr.federated.messages import ClientResult, FitInstructions, LocalSettings
+from recbole_feddmmr.federated.privacy import clip_update
 from recbole_feddmmr.federated.state import ClientStateStore, Residents
 from recbole_feddmmr.trainer import train_steps
 
@@ -136,6 +137,9 @@ class FedMemClient:
         """What this client sends up after training ``model`` (its users resident): the dense update
         ``update`` (local - global) cut to the changed rows of the item tables, its memory's prototypes,
         its sample count and loss. Every backend builds a client's message here."""
+        weight = None
+        if settings.clip_norm is not None:  # user-level DP: a bounded upload, and every client weighs the same
+            update, weight = clip_update(update, settings.clip_norm), 1.0
         message, changed_rows = sparse_row_updates(update, model.per_item_parameters)
         centres, counts = self.prototypes(model, settings, residents)
         return ClientResult(
@@ -146,6 +150,7 @@ class FedMemClient:
             mean_loss=mean_loss,
             client_id=self.client_id,
             changed_rows=changed_rows,
+            weight=weight,
         )
 
     def fit(

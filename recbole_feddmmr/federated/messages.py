@@ -33,6 +33,8 @@ class LocalSettings:
     num_prototypes: int  # k-means centres of the client's memory sent up (0 = none)
     prototype_min_entries: int  # a prototype averages at least this many memory entries
     seed: int
+    # user-level DP (privacy.py): the client clips its whole upload to this L2 norm and weighs 1 (None: off)
+    clip_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.local_optimizer not in LOCAL_OPTIMIZERS:
@@ -93,6 +95,11 @@ class ClientResult:
     mean_loss: float = 0.0
     client_id: int = -1  # who sent it (the server orders prototypes by it, so the merge ignores arrival order)
     changed_rows: dict[str, Tensor] = field(default_factory=dict)  # row table name -> [k] int64 row indices
+    weight: float | None = None  # its weight in the aggregate (None: num_samples; under DP every client 1)
+
+    @property
+    def aggregation_weight(self) -> float:
+        return self.num_samples if self.weight is None else self.weight
 
     def num_bytes(self) -> int:
         tensors = [*self.update.values(), *self.changed_rows.values(), self.prototypes, self.prototype_counts]
@@ -112,6 +119,7 @@ class ShardResult:
     losses: list[float] = field(default_factory=list)  # each client's mean local loss
     bytes_up: int = 0  # what the clients sent, counted as if each sent its own message
     clients: int = 0
+    samples: int = 0  # the training targets the clients trained on
     states: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
     def add(self, result: ClientResult | ShardResult) -> None:
@@ -122,8 +130,10 @@ class ShardResult:
             self.losses.extend(result.losses)
             self.bytes_up += result.bytes_up
             self.clients += result.clients
+            self.samples += result.samples
             return
-        self.accumulator.add(result.update, result.num_samples, result.changed_rows)
+        self.accumulator.add(result.update, result.aggregation_weight, result.changed_rows)
+        self.samples += result.num_samples
         if len(result.prototypes):
             self.prototypes[result.client_id] = (result.prototypes, result.prototype_counts)
         self.losses.append(result.mean_loss)

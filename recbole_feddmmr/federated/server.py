@@ -31,6 +31,7 @@ class RoundReport:
     peak_rss_mb: float = 0.0  # the process's peak resident memory so far (getrusage)
     valid_score: float | None = None  # validation metric after the round, when the trainer evaluated it
     elapsed_seconds: float = 0.0  # wall time of the run up to the end of this round (evaluation included)
+    epsilon: float | None = None  # user-level DP: epsilon spent after this round (None without DP)
 
 
 class FedMemServer:
@@ -73,7 +74,7 @@ class FedMemServer:
         )
         selected = [self.clients[i] for i in selected_idx]
         results = self.backend.run(self.model, selected, instructions, self.windows, self.store)
-        outcome = self.strategy.aggregate_fit(self.global_params, results, self.row_shapes)
+        outcome = self.strategy.aggregate_fit(self.global_params, results, self.row_shapes, round_idx)
         self.store.release(self.model)  # the last clients' rows went back to the store
         # the round's end, whichever client ran last (or elsewhere)
         self.model.set_memory_clock(instructions.clock_at(self.settings.local_epochs))

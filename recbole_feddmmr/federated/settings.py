@@ -51,6 +51,11 @@ class FederatedSettings:
     server_tau: float
     server_bias_correction: bool
     aggregation: str
+    client_sampling: str
+    dp_clip_norm: float | None
+    dp_noise_multiplier: float | None
+    dp_delta: float | None
+    dp_target_epsilon: float | None
     backend: str
     vectorized_chunk_targets: int | None
     ray_num_actors: int | None
@@ -70,7 +75,7 @@ class FederatedSettings:
         for key, reason in FEDERATED_UNSUPPORTED.items():
             if values.get(key):
                 raise ConfigError(f"{key}={values[key]} is not supported with federated=True ({reason}): unset it")
-        prototypes = bool(get("enable_prototype_aggregation"))
+        prototypes = bool(get("enable_prototype_aggregation")) and not get("dp_clip_norm")  # not sent under DP
         if prototypes and values.get("memory_type") == "history":
             raise ConfigError(
                 "memory_type=history has no memory to summarise into prototypes: "
@@ -91,6 +96,7 @@ class FederatedSettings:
             num_prototypes=get("num_memory_prototypes") if prototypes else 0,
             prototype_min_entries=get("prototype_min_entries"),
             seed=get("seed"),
+            clip_norm=get("dp_clip_norm"),
         )
         settings = cls(
             rounds=get("rounds"),
@@ -111,6 +117,11 @@ class FederatedSettings:
             server_tau=get("server_tau"),
             server_bias_correction=bool(get("server_bias_correction")),
             aggregation=get("aggregation"),
+            client_sampling=get("client_sampling"),
+            dp_clip_norm=get("dp_clip_norm"),
+            dp_noise_multiplier=get("dp_noise_multiplier"),
+            dp_delta=get("dp_delta"),
+            dp_target_epsilon=get("dp_target_epsilon"),
             backend=get("federated_backend"),
             vectorized_chunk_targets=get("vectorized_chunk_targets"),
             ray_num_actors=get("ray_num_actors"),
@@ -119,6 +130,10 @@ class FederatedSettings:
         )
         settings.check()
         return settings
+
+    @property
+    def private(self) -> bool:
+        return self.dp_clip_norm is not None
 
     def check(self) -> None:
         """One-line :class:`ConfigError` for the first value that cannot run."""
@@ -150,6 +165,12 @@ class FederatedSettings:
             raise ConfigError(f"clients_per_round must be >= 1 (~: client_fraction), got {self.clients_per_round}")
         if self.partition != "user" and not self.num_clients:
             raise ConfigError(f"partition={self.partition} needs num_clients (the number of clients to form)")
+        if self.client_sampling not in ("fixed", "poisson"):
+            raise ConfigError(f"client_sampling must be fixed or poisson, got {self.client_sampling!r}")
+        if self.dp_clip_norm is None and (self.dp_noise_multiplier or self.dp_target_epsilon):
+            raise ConfigError("dp_noise_multiplier / dp_target_epsilon need dp_clip_norm: set the clipping norm")
+        if self.dp_clip_norm is not None and self.dp_noise_multiplier is None and self.dp_target_epsilon is None:
+            raise ConfigError("dp_clip_norm alone adds no noise: set dp_noise_multiplier or dp_target_epsilon")
         if self.local.fedprox_mu < 0 or self.local.prototype_min_entries < 1:
             raise ConfigError("fedprox_mu must be >= 0 and prototype_min_entries >= 1")
 

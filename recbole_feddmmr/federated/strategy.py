@@ -29,6 +29,7 @@ from recbole_feddmmr.federated.messages import (
     RoundAggregate,
     ShardResult,
 )
+from recbole_feddmmr.federated.privacy import PrivacySettings, add_noise
 from recbole_feddmmr.federated.server_optimizer import ServerOptimizer
 
 
@@ -45,11 +46,22 @@ class FedMemStrategy:
         *,
         aggregation: str = "mean",
         server_optimizer: ServerOptimizer | None = None,
+        privacy: PrivacySettings | None = None,
+        sampling: str = "fixed",
     ) -> None:
         if not 0.0 < client_fraction <= 1.0:
             raise ConfigError(f"client_fraction must be in (0, 1], got {client_fraction}")
         if aggregation not in AGGREGATIONS:
             raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if privacy is not None and aggregation == "rowwise":
+            raise ConfigError(
+                "aggregation=rowwise divides a row by the clients that changed it, so one client's influence on a "
+                "rarely changed row is not bounded by dp_clip_norm: use aggregation=mean (or sum) with DP"
+            )
+        if sampling not in ("fixed", "poisson"):
+            raise ConfigError(f"client_sampling must be fixed or poisson, got {sampling!r}")
+        self.privacy, self.sampling = privacy, sampling
+        self.cohort = 0  # the expected clients of a round, set by configure_fit (DP's fixed denominator)
         self.num_prototypes = num_prototypes
         self.clients_per_round = clients_per_round
         self.client_fraction = client_fraction
@@ -71,6 +83,8 @@ class FedMemStrategy:
         if count == num_clients:
             return np.arange(num_clients)
         rng = np.random.default_rng([self.seed, round_idx])
+        if self.sampling == "poisson":  # each client independently, with probability count / num_clients
+            return np.flatnonzero(rng.random(num_clients) < count / num_clients)
         return np.sort(rng.choice(num_clients, size=count, replace=False))
 
     def configure_fit(
@@ -86,6 +100,7 @@ class FedMemStrategy:
         centralised epoch's number of steps, by which a local epoch advances the memory clock;
         ``row_shapes``: the item-indexed tables among the parameters and their full shapes."""
         clock = round_idx * settings.local_epochs * epoch_steps
+        self.cohort = self.round_size(num_clients)
         return self.select_clients(round_idx, num_clients), FitInstructions(
             round_idx, parameters, settings, clock, epoch_steps, self.aggregation, dict(row_shapes or {})
         )
@@ -95,11 +110,14 @@ class FedMemStrategy:
         parameters: dict[str, Tensor],
         results: Iterable[ClientResult | ShardResult],
         row_shapes: dict[str, torch.Size] | None = None,
+        round_idx: int = 0,
     ) -> RoundAggregate:
         """Fold the round's results as they arrive (streaming), step the server optimizer, merge prototypes.
 
         ``row_shapes``: the item-indexed tables among the parameters and their full shapes. Prototypes are
         merged in client order, whatever order the results arrived in (the merge's k-means depends on it).
+        Under DP the sum of the (clipped) uploads gets its noise, drawn from (seed, ``round_idx``), and is
+        divided by the expected cohort (:mod:`recbole_feddmmr.federated.privacy`).
         """
         folded = ShardResult(self.new_accumulator(row_shapes))
         for result in results:
@@ -109,11 +127,16 @@ class FedMemStrategy:
             order = sorted(folded.prototypes)
             prototypes, counts = zip(*(folded.prototypes[client_id] for client_id in order), strict=True)
             merged, _ = self.merge_prototypes(list(prototypes), list(counts))
+        new_parameters = (
+            self.aggregate(parameters, folded.accumulator)
+            if self.privacy is None
+            else self.server_optimizer.step(parameters, self.private_update(parameters, folded.accumulator, round_idx))
+        )
         return RoundAggregate(
-            parameters=self.aggregate(parameters, folded.accumulator),
+            parameters=new_parameters,
             prototypes=merged,
             clients=folded.clients,
-            samples=folded.accumulator.weight,
+            samples=folded.samples,
             mean_loss=math.fsum(folded.losses) / len(folded.losses) if folded.losses else 0.0,
             bytes_up=folded.bytes_up,
         )
@@ -125,6 +148,24 @@ class FedMemStrategy:
     def aggregate(self, global_params: dict[str, Tensor], accumulator: UpdateAccumulator) -> dict[str, Tensor]:
         """New global parameters: the server optimizer's step on the round's aggregated update."""
         return self.server_optimizer.step(global_params, accumulator.mean())
+
+    def private_update(
+        self, parameters: dict[str, Tensor], accumulator: UpdateAccumulator, round_idx: int
+    ) -> dict[str, Tensor]:
+        """DP-FedAvg's pseudo-gradient: (sum of the clipped uploads + N(0, (z C)^2) per coordinate, on every
+        shared parameter and every row) / the expected cohort. A round no client answered is noise alone."""
+        privacy = self.privacy
+        totals = {
+            name: accumulator.total[name]
+            if name in accumulator.total
+            else value.new_zeros(value.shape, dtype=torch.float64)
+            for name, value in parameters.items()
+        }
+        generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.seed, round_idx, 7]).generate_state(1)[0])
+        )
+        noisy = add_noise(totals, privacy.noise_multiplier * privacy.clip_norm, generator)
+        return {name: (total / max(self.cohort, 1)).float() for name, total in noisy.items()}
 
     def merge_prototypes(self, prototypes: list[Tensor], counts: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Clients' prototypes [k_i, D] with entry counts [k_i] -> K global prototypes [K, D] and their counts.

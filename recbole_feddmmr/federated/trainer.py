@@ -25,6 +25,7 @@ from recbole_feddmmr.federated.backends import make_backend
 from recbole_feddmmr.federated.client import FedMemClient, shared_parameters
 from recbole_feddmmr.federated.contracts import FederatedModel
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
+from recbole_feddmmr.federated.privacy import PrivacyAccountant, PrivacySettings, calibrate_noise_multiplier
 from recbole_feddmmr.federated.server import FedMemServer, RoundReport
 from recbole_feddmmr.federated.server_optimizer import ServerOptimizer
 from recbole_feddmmr.federated.settings import FederatedSettings
@@ -49,6 +50,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         self.eval_every = self.federated.eval_every
         self.settings = self.federated.local
         self.round_reports: list[RoundReport] = []  # resume_file, run_fingerprint: ResumableFitMixin's
+        self.accountant: PrivacyAccountant | None = None  # user-level DP's, set when the server is built
 
     # --------------------------------------------------------------- the run
     def build_server(self, train_data, settings: FederatedSettings | None = None, backend=None) -> FedMemServer:
@@ -84,6 +86,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             FedMemClient(i, users, windows, window_index)
             for i, (users, window_index) in enumerate(zip(user_groups, client_windows, strict=True))
         ]
+        privacy = self.privacy_settings(federated, len(clients))
         strategy = FedMemStrategy(
             num_prototypes=federated.local.num_prototypes,
             clients_per_round=federated.clients_per_round,
@@ -99,6 +102,8 @@ class FederatedTrainer(UR4RecV2MoETrainer):
                 tau=federated.server_tau,
                 bias_correction=federated.server_bias_correction,
             ),
+            privacy=privacy,
+            sampling=federated.client_sampling,
         )
         return FedMemServer(
             self.model,
@@ -108,6 +113,31 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             federated.local,
             backend=backend or self.build_backend(self.expected_round_steps(clients, windows, strategy)),
         )
+
+    def privacy_settings(self, federated: FederatedSettings, population: int) -> PrivacySettings | None:
+        """DP's settings for ``population`` clients (None without DP), with its accountant in ``self.accountant``:
+        ``dp_delta`` defaults to 1 / population; without a noise multiplier, the one that spends
+        ``dp_target_epsilon`` in ``rounds`` rounds."""
+        self.accountant = None
+        if not federated.private:
+            return None
+        cohort = min(federated.clients_per_round or max(1, round(federated.client_fraction * population)), population)
+        delta = federated.dp_delta or 1.0 / population
+        noise = federated.dp_noise_multiplier
+        if noise is None:
+            noise = calibrate_noise_multiplier(
+                federated.dp_target_epsilon, delta, self.rounds, population, cohort, federated.client_sampling
+            )
+        privacy = PrivacySettings(
+            federated.dp_clip_norm, noise, delta, federated.client_sampling, federated.dp_target_epsilon
+        )
+        self.accountant = PrivacyAccountant(privacy, population, cohort)
+        self.logger.info(
+            f"user-level DP: clip norm {privacy.clip_norm}, noise multiplier {noise:.4f}, delta {delta:.3g}, "
+            f"{federated.client_sampling} sampling of {cohort} of {population} clients; epsilon after {self.rounds} "
+            f"rounds {self.accountant.epsilon(self.rounds):.3f}; memory prototypes are not sent under DP"
+        )
+        return privacy
 
     def expected_round_steps(
         self, clients: list[FedMemClient], windows: SequenceWindows, strategy: FedMemStrategy
@@ -149,7 +179,11 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         budget = self.federated.time_budget_s
         last_resume_save = self.elapsed_before_resume
         for round_idx in iterator:
+            if self._privacy_spent(round_idx):
+                break
             report = server.run_round(round_idx)
+            if self.accountant is not None:
+                report.epsilon = self.accountant.step()
             self.round_reports.append(report)
             self.train_loss_dict[round_idx] = report.mean_loss
             if verbose:
@@ -157,7 +191,8 @@ class FederatedTrainer(UR4RecV2MoETrainer):
                     set_color(f"round {round_idx}", "green")
                     + f" [clients: {report.clients}, mean local loss: {report.mean_loss:.4f}, "
                     f"up: {report.bytes_up / 1e6:.2f} MB, down: {report.bytes_down / 1e6:.2f} MB, "
-                    f"time: {report.seconds:.2f}s, peak RSS: {report.peak_rss_mb:.0f} MB]"
+                    f"time: {report.seconds:.2f}s, peak RSS: {report.peak_rss_mb:.0f} MB"
+                    + (f", epsilon: {report.epsilon:.3f}]" if report.epsilon is not None else "]")
                 )
             stop = False
             # every eval_every rounds and after the last one, so that every run keeps and tests a validated model
@@ -181,6 +216,18 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             self._save_checkpoint(self.rounds - 1, verbose=verbose)
         self.resume_file.unlink(missing_ok=True)  # finished: the same command starts afresh
         return self.best_valid_score, self.best_valid_result
+
+    def _privacy_spent(self, round_idx: int) -> bool:
+        """Whether the next round would spend more than ``dp_target_epsilon`` (then the run stops before it)."""
+        accountant = self.accountant
+        target = self.federated.dp_target_epsilon
+        if accountant is None or target is None or accountant.epsilon(accountant.rounds + 1) <= target:
+            return False
+        self.logger.info(
+            f"DP budget: round {round_idx} would spend epsilon {accountant.epsilon(accountant.rounds + 1):.3f} > "
+            f"dp_target_epsilon {target}: stopping after {accountant.rounds} rounds"
+        )
+        return True
 
     def _validate_round(self, server: FedMemServer, report: RoundReport, valid_data, saved, verbose, callback_fn):
         """Validate the model after ``report``'s round, as RecBole validates an epoch -> early stopping's verdict."""
@@ -206,6 +253,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         state = self._progress_state(round_idx)  # best_epoch: the round of the best checkpoint
         state.update(
             server_optimizer=self.server.strategy.server_optimizer.state_dict(),  # momenta of FedAvgM/Adam/Yogi
+            accountant=None if self.accountant is None else self.accountant.state_dict(),  # the rounds DP spent
             round_reports=self.round_reports,
             # shared parameters and global prototypes; the users' private rows are in the client state store
             state_dict=self.server.store.shared_state(self.model),
@@ -223,6 +271,8 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         server.store.load_state_dict(state["client_states"])
         server.global_params = shared_parameters(self.model)
         server.strategy.server_optimizer.load_state_dict(state["server_optimizer"])
+        if self.accountant is not None:
+            self.accountant.load_state_dict(state["accountant"])
         self._restore_progress_state(state)
         self.round_reports = state["round_reports"]
         self.logger.info(f"resuming the interrupted federated run from round {self.start_epoch} ({self.resume_file})")
