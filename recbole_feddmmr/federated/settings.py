@@ -18,6 +18,7 @@ from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.federated.aggregation import AGGREGATIONS
 from recbole_feddmmr.federated.messages import LOCAL_OPTIMIZERS, LocalSettings
 from recbole_feddmmr.federated.partition import SCHEMES
+from recbole_feddmmr.federated.robust import RobustSettings
 from recbole_feddmmr.federated.server_optimizer import SERVER_OPTIMIZERS
 
 BACKENDS = ("auto", "sequential", "vectorized", "ray")
@@ -56,6 +57,7 @@ class FederatedSettings:
     dp_noise_multiplier: float | None
     dp_delta: float | None
     dp_target_epsilon: float | None
+    robust: RobustSettings
     backend: str
     vectorized_chunk_targets: int | None
     ray_num_actors: int | None
@@ -122,6 +124,13 @@ class FederatedSettings:
             dp_noise_multiplier=get("dp_noise_multiplier"),
             dp_delta=get("dp_delta"),
             dp_target_epsilon=get("dp_target_epsilon"),
+            robust=RobustSettings(
+                get("robust_aggregation"),
+                trim=get("robust_trim"),
+                norm_bound=get("robust_norm_bound"),
+                byzantine=get("robust_byzantine"),
+                multi_krum=get("robust_multi_krum"),
+            ),
             backend=get("federated_backend"),
             vectorized_chunk_targets=get("vectorized_chunk_targets"),
             ray_num_actors=get("ray_num_actors"),
@@ -171,6 +180,15 @@ class FederatedSettings:
             raise ConfigError("dp_noise_multiplier / dp_target_epsilon need dp_clip_norm: set the clipping norm")
         if self.dp_clip_norm is not None and self.dp_noise_multiplier is None and self.dp_target_epsilon is None:
             raise ConfigError("dp_clip_norm alone adds no noise: set dp_noise_multiplier or dp_target_epsilon")
+        if self.robust.on and self.backend == "ray":
+            raise ConfigError(
+                f"robust_aggregation={self.robust.rule} needs each client's upload, and the ray backend sums shards "
+                "of clients first: use federated_backend=sequential or vectorized"
+            )
+        if self.robust.on and self.private:
+            raise ConfigError(
+                "robust_aggregation and DP together are not supported: the noise goes on a sum of uploads"
+            )
         if self.local.fedprox_mu < 0 or self.local.prototype_min_entries < 1:
             raise ConfigError("fedprox_mu must be >= 0 and prototype_min_entries >= 1")
 

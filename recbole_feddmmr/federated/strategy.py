@@ -30,6 +30,7 @@ from recbole_feddmmr.federated.messages import (
     ShardResult,
 )
 from recbole_feddmmr.federated.privacy import PrivacySettings, add_noise
+from recbole_feddmmr.federated.robust import RobustSettings, robust_aggregate
 from recbole_feddmmr.federated.server_optimizer import ServerOptimizer
 
 
@@ -48,6 +49,7 @@ class FedMemStrategy:
         server_optimizer: ServerOptimizer | None = None,
         privacy: PrivacySettings | None = None,
         sampling: str = "fixed",
+        robust: RobustSettings | None = None,
     ) -> None:
         if not 0.0 < client_fraction <= 1.0:
             raise ConfigError(f"client_fraction must be in (0, 1], got {client_fraction}")
@@ -60,6 +62,9 @@ class FedMemStrategy:
             )
         if sampling not in ("fixed", "poisson"):
             raise ConfigError(f"client_sampling must be fixed or poisson, got {sampling!r}")
+        self.robust = robust or RobustSettings()
+        if self.robust.on and privacy is not None:
+            raise ConfigError("a robust rule and DP together are not supported: the noise goes on a sum of uploads")
         self.privacy, self.sampling = privacy, sampling
         self.cohort = 0  # the expected clients of a round, set by configure_fit (DP's fixed denominator)
         self.num_prototypes = num_prototypes
@@ -120,18 +125,29 @@ class FedMemStrategy:
         divided by the expected cohort (:mod:`recbole_feddmmr.federated.privacy`).
         """
         folded = ShardResult(self.new_accumulator(row_shapes))
+        uploads: list[ClientResult] = []  # each client's own upload, which only a robust rule keeps
         for result in results:
+            if self.robust.on:
+                if isinstance(result, ShardResult):
+                    raise ConfigError(
+                        f"robust_aggregation={self.robust.rule} needs each client's upload, and this backend sums "
+                        "shards of clients first: use federated_backend=sequential or vectorized"
+                    )
+                uploads.append(result)
             folded.add(result)
         merged = None
         if folded.prototypes:
             order = sorted(folded.prototypes)
             prototypes, counts = zip(*(folded.prototypes[client_id] for client_id in order), strict=True)
             merged, _ = self.merge_prototypes(list(prototypes), list(counts))
-        new_parameters = (
-            self.aggregate(parameters, folded.accumulator)
-            if self.privacy is None
-            else self.server_optimizer.step(parameters, self.private_update(parameters, folded.accumulator, round_idx))
-        )
+        if self.robust.on:
+            new_parameters = self.server_optimizer.step(parameters, robust_aggregate(uploads, parameters, self.robust))
+        elif self.privacy is not None:
+            new_parameters = self.server_optimizer.step(
+                parameters, self.private_update(parameters, folded.accumulator, round_idx)
+            )
+        else:
+            new_parameters = self.aggregate(parameters, folded.accumulator)
         return RoundAggregate(
             parameters=new_parameters,
             prototypes=merged,

@@ -104,6 +104,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             ),
             privacy=privacy,
             sampling=federated.client_sampling,
+            robust=federated.robust,
         )
         return FedMemServer(
             self.model,
@@ -149,8 +150,10 @@ class FederatedTrainer(UR4RecV2MoETrainer):
     def build_backend(self, steps_per_round: float = 0.0):
         """The configured execution backend (``federated_backend``, see :func:`make_backend`)."""
         federated = self.federated
+        # a robust rule reads every client's own upload: auto never picks Ray, which sums shards first
+        name = "sequential" if federated.backend == "auto" and federated.robust.on else federated.backend
         return make_backend(
-            federated.backend,
+            name,
             self.device,
             steps_per_round=steps_per_round,
             chunk_targets=federated.vectorized_chunk_targets,
