@@ -168,3 +168,38 @@ def test_a_time_budget_spent_between_validations_validates_the_round_that_spent_
     trainer, test_result = run(tmp_path, rounds=50, eval_every=25, time_budget_s=1e-9)
     (only,) = trainer.round_reports  # the budget is spent in round 0, which is then validated and tested
     assert only.valid_score is not None and trainer.best_epoch == 0 and "ndcg@10" in test_result
+
+
+def test_dropped_clients_do_not_train_keep_their_state_and_the_rest_are_renormalised(tmp_path):
+    from recbole_feddmmr.federated.server import Availability
+
+    config, _, (train_data, _, _), model = tiny_run(tmp_path, **FEDERATED, client_dropout=0.5)
+    trainer = FederatedTrainer(config, model)
+    server = trainer.build_server(train_data)
+    answering = Availability(0.5, None, config["seed"]).answering(0, server.clients)
+    dropped = [client for client in server.clients if client not in answering]
+    assert 0 < len(dropped) < len(server.clients)
+    before = {client.client_id: server.store.client_state(client) for client in dropped}
+    report = server.run_round(0)
+    assert report.dropped == len(dropped) and report.clients == len(answering)
+    for client in dropped:  # never trained: no stored state, the initial rows it had
+        for name, rows in server.store.client_state(client).items():
+            assert torch.equal(rows, before[client.client_id][name]), name
+    # the aggregate is the weighted mean over the answering clients alone: the same round without dropout but
+    # with exactly those clients selected gives the same parameters
+    again_config, _, _, again_model = tiny_run(tmp_path / "again", **FEDERATED)
+    again = FederatedTrainer(again_config, again_model).build_server(train_data)
+    _, instructions = again.strategy.configure_fit(
+        0, len(again.clients), again.global_params, again.settings, len(again.windows), again.row_shapes
+    )
+    mine = [again.clients[c.client_id] for c in answering]
+    results = again.backend.run(again.model, mine, instructions, again.windows, again.store)
+    expected = again.strategy.aggregate_fit(again.global_params, results, again.row_shapes, 0).parameters
+    for name, value in expected.items():
+        torch.testing.assert_close(server.global_params[name], value, msg=name)
+
+
+def test_a_round_takes_no_update_after_its_deadline(tmp_path):
+    trainer, _ = run(tmp_path, rounds=1, round_deadline_s=1e-9)
+    (report,) = trainer.round_reports
+    assert report.late == 1 and report.clients == 0  # the first result already came late; the rest never ran

@@ -58,6 +58,8 @@ class FederatedSettings:
     dp_delta: float | None
     dp_target_epsilon: float | None
     robust: RobustSettings
+    client_dropout: float
+    round_deadline_s: float | None
     backend: str
     vectorized_chunk_targets: int | None
     ray_num_actors: int | None
@@ -131,6 +133,8 @@ class FederatedSettings:
                 byzantine=get("robust_byzantine"),
                 multi_krum=get("robust_multi_krum"),
             ),
+            client_dropout=get("client_dropout"),
+            round_deadline_s=get("round_deadline_s"),
             backend=get("federated_backend"),
             vectorized_chunk_targets=get("vectorized_chunk_targets"),
             ray_num_actors=get("ray_num_actors"),

@@ -140,7 +140,9 @@ class FedMemStrategy:
             order = sorted(folded.prototypes)
             prototypes, counts = zip(*(folded.prototypes[client_id] for client_id in order), strict=True)
             merged, _ = self.merge_prototypes(list(prototypes), list(counts))
-        if self.robust.on:
+        if folded.clients == 0 and self.privacy is None:  # every client dropped out or came late: no step
+            new_parameters = dict(parameters)
+        elif self.robust.on:
             new_parameters = self.server_optimizer.step(parameters, robust_aggregate(uploads, parameters, self.robust))
         elif self.privacy is not None:
             new_parameters = self.server_optimizer.step(

@@ -26,7 +26,7 @@ from recbole_feddmmr.federated.client import FedMemClient, shared_parameters
 from recbole_feddmmr.federated.contracts import FederatedModel
 from recbole_feddmmr.federated.partition import dominant_labels, partition_users
 from recbole_feddmmr.federated.privacy import PrivacyAccountant, PrivacySettings, calibrate_noise_multiplier
-from recbole_feddmmr.federated.server import FedMemServer, RoundReport
+from recbole_feddmmr.federated.server import Availability, FedMemServer, RoundReport
 from recbole_feddmmr.federated.server_optimizer import ServerOptimizer
 from recbole_feddmmr.federated.settings import FederatedSettings
 from recbole_feddmmr.federated.strategy import FedMemStrategy
@@ -113,6 +113,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             strategy,
             federated.local,
             backend=backend or self.build_backend(self.expected_round_steps(clients, windows, strategy)),
+            availability=Availability(federated.client_dropout, federated.round_deadline_s, config["seed"]),
         )
 
     def privacy_settings(self, federated: FederatedSettings, population: int) -> PrivacySettings | None:
