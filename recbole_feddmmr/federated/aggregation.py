@@ -26,6 +26,25 @@ def sparse_row_updates(
     return message, changed
 
 
+def sum_ready_upload(
+    update: dict[str, Tensor], weight: float, aggregation: str, row_tables: Collection[str]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A client's upload for secure aggregation, where the server learns only sums: every tensor dense and
+    already weighted as :class:`UpdateAccumulator` would weigh it, and, for ``rowwise``, a dense ``[R]`` vector
+    per item table holding the client's weight on the rows it changed (the row counts, summed like the rest).
+    -> (weighted update, row weights)."""
+    weighted, row_weights = {}, {}
+    for name, delta in update.items():
+        if name in row_tables and aggregation == "sum":
+            weighted[name] = delta.detach().double()  # summed unweighted, as the sum aggregation does
+        else:
+            weighted[name] = delta.detach().double() * weight
+        if name in row_tables and aggregation == "rowwise":
+            changed = delta.flatten(1).ne(0).any(dim=1)  # [R]
+            row_weights[name] = changed.double() * weight
+    return weighted, row_weights
+
+
 class UpdateAccumulator:
     """Streaming aggregation of client updates, one client at a time.
 
@@ -70,6 +89,15 @@ class UpdateAccumulator:
             weighted = delta.detach().double() * num_samples
             self.total[name] = self.total[name] + weighted if name in self.total else weighted
         self.weight += num_samples
+
+    def add_summable(self, weighted: dict[str, Tensor], weight: float, row_weights: dict[str, Tensor]) -> None:
+        """Fold in an upload made by :func:`sum_ready_upload` (dense, weighted): only sums, so the uploads may be
+        masked by masks that cancel in the sum (secure aggregation), even a weight that looks negative."""
+        for name, tensor in weighted.items():
+            self.total[name] = self.total[name] + tensor.double() if name in self.total else tensor.double().clone()
+        for name, rows in row_weights.items():
+            self.row_weight[name] = self.row_weight[name] + rows.double() if name in self.row_weight else rows.double()
+        self.weight += weight
 
     def add_partial(self, other: UpdateAccumulator) -> None:
         """Merge a pre-aggregated shard (e.g. a worker's many clients)."""

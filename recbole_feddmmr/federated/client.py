@@ -11,7 +11,7 @@ from sklearn.cluster import KMeans
 from torch import Tensor, nn
 
 from recbole_feddmmr.data import SequenceWindows
-from recbole_feddmmr.federated.aggregation import sparse_row_updates
+from recbole_feddmmr.federated.aggregation import sparse_row_updates, sum_ready_upload
 from recbole_feddmmr.federated.contracts import FederatedModel
 from recbole_feddmmr.federated.messages import ClientResult, FitInstructions, LocalSettings
 from recbole_feddmmr.federated.privacy import clip_update
@@ -140,6 +140,15 @@ class FedMemClient:
         weight = None
         if settings.clip_norm is not None:  # user-level DP: a bounded upload, and every client weighs the same
             update, weight = clip_update(update, settings.clip_norm), 1.0
+        if settings.secure_aggregation:  # dense, weighted, no prototype: what the server can only sum
+            upload_weight = self.num_samples if weight is None else weight
+            weighted, row_weights = sum_ready_upload(
+                update, upload_weight, settings.aggregation, model.per_item_parameters
+            )
+            return ClientResult(
+                weighted, self.num_samples, torch.zeros(0, 0), torch.zeros(0), mean_loss=mean_loss,
+                client_id=self.client_id, weight=upload_weight, sum_ready=True, row_weights=row_weights,
+            )  # fmt: skip
         message, changed_rows = sparse_row_updates(update, model.per_item_parameters)
         centres, counts = self.prototypes(model, settings, residents)
         return ClientResult(

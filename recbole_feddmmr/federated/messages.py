@@ -35,6 +35,9 @@ class LocalSettings:
     seed: int
     # user-level DP (privacy.py): the client clips its whole upload to this L2 norm and weighs 1 (None: off)
     clip_norm: float | None = None
+    # secure aggregation (secure.py): the client sends dense, pre-weighted tensors the server only sums
+    secure_aggregation: bool = False
+    aggregation: str = "mean"  # how the server aggregates (a sum-ready upload is weighted for it)
 
     def __post_init__(self) -> None:
         if self.local_optimizer not in LOCAL_OPTIMIZERS:
@@ -96,13 +99,18 @@ class ClientResult:
     client_id: int = -1  # who sent it (the server orders prototypes by it, so the merge ignores arrival order)
     changed_rows: dict[str, Tensor] = field(default_factory=dict)  # row table name -> [k] int64 row indices
     weight: float | None = None  # its weight in the aggregate (None: num_samples; under DP every client 1)
+    # secure aggregation: ``update`` is dense and already weighted (``sum_ready_upload``), ``row_weights`` the
+    # dense row counts of rowwise aggregation; the server only adds such uploads up
+    sum_ready: bool = False
+    row_weights: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def aggregation_weight(self) -> float:
         return self.num_samples if self.weight is None else self.weight
 
     def num_bytes(self) -> int:
-        tensors = [*self.update.values(), *self.changed_rows.values(), self.prototypes, self.prototype_counts]
+        tensors = [*self.update.values(), *self.changed_rows.values(), *self.row_weights.values(), self.prototypes,
+                   self.prototype_counts]  # fmt: skip
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -132,7 +140,10 @@ class ShardResult:
             self.clients += result.clients
             self.samples += result.samples
             return
-        self.accumulator.add(result.update, result.aggregation_weight, result.changed_rows)
+        if result.sum_ready:
+            self.accumulator.add_summable(result.update, result.aggregation_weight, result.row_weights)
+        else:
+            self.accumulator.add(result.update, result.aggregation_weight, result.changed_rows)
         self.samples += result.num_samples
         if len(result.prototypes):
             self.prototypes[result.client_id] = (result.prototypes, result.prototype_counts)

@@ -60,6 +60,7 @@ class FederatedSettings:
     robust: RobustSettings
     client_dropout: float
     round_deadline_s: float | None
+    secure_aggregation: bool
     backend: str
     vectorized_chunk_targets: int | None
     ray_num_actors: int | None
@@ -79,7 +80,11 @@ class FederatedSettings:
         for key, reason in FEDERATED_UNSUPPORTED.items():
             if values.get(key):
                 raise ConfigError(f"{key}={values[key]} is not supported with federated=True ({reason}): unset it")
-        prototypes = bool(get("enable_prototype_aggregation")) and not get("dp_clip_norm")  # not sent under DP
+        # memory prototypes are a release outside DP's budget, and their merge (k-means) is no sum: not sent
+        # under DP, nor under secure aggregation
+        prototypes = (
+            bool(get("enable_prototype_aggregation")) and not get("dp_clip_norm") and not get("secure_aggregation")
+        )
         if prototypes and values.get("memory_type") == "history":
             raise ConfigError(
                 "memory_type=history has no memory to summarise into prototypes: "
@@ -101,6 +106,8 @@ class FederatedSettings:
             prototype_min_entries=get("prototype_min_entries"),
             seed=get("seed"),
             clip_norm=get("dp_clip_norm"),
+            secure_aggregation=bool(get("secure_aggregation")),
+            aggregation=get("aggregation"),
         )
         settings = cls(
             rounds=get("rounds"),
@@ -134,6 +141,7 @@ class FederatedSettings:
                 multi_krum=get("robust_multi_krum"),
             ),
             client_dropout=get("client_dropout"),
+            secure_aggregation=bool(get("secure_aggregation")),
             round_deadline_s=get("round_deadline_s"),
             backend=get("federated_backend"),
             vectorized_chunk_targets=get("vectorized_chunk_targets"),
@@ -188,6 +196,11 @@ class FederatedSettings:
             raise ConfigError(
                 f"robust_aggregation={self.robust.rule} needs each client's upload, and the ray backend sums shards "
                 "of clients first: use federated_backend=sequential or vectorized"
+            )
+        if self.robust.on and self.secure_aggregation:
+            raise ConfigError(
+                f"robust_aggregation={self.robust.rule} needs each client's upload, and under secure aggregation the "
+                "server sees only their sum: choose one of the two"
             )
         if self.robust.on and self.private:
             raise ConfigError(
