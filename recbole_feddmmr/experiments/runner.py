@@ -145,6 +145,12 @@ def run_model(
     if hasattr(model_instance, "live_experts"):
         result["live_experts"] = model_instance.live_experts
         result["expert_share"] = expert_share(model_instance, test_data, config["device"])
+    attack = getattr(trainer, "attack", None)
+    if attack is not None and attack.on:  # the attack's success: its targets' exposure among the clean users
+        result["attack"] = {"kind": attack.kind, "fraction": attack.fraction, "targets": list(attack.targets)}
+        result["target_exposure@10"] = target_exposure(
+            model_instance, test_data, torch.tensor(attack.targets), trainer.attack_users, config["device"]
+        )
     if rounds:
         result["rounds"] = rounds
         result["bytes_up_total"] = sum(report["bytes_up"] for report in rounds)
@@ -156,6 +162,25 @@ def run_model(
     if len(trainer.segments) > 1:  # resumed: where each process took over, with its commit and machine
         result["segments"] = trainer.segments
     return result
+
+
+def target_exposure(model, eval_data, targets, excluded_users, device, k: int = 10) -> float:
+    """ER@k: the share of ``eval_data``'s users, but ``excluded_users`` (e.g. the attackers'), whose top ``k`` of
+    the whole catalogue (the padding item left out) holds one of ``targets`` [T]."""
+    import torch
+
+    from recbole_feddmmr.federated.attacks import exposure_at_k
+
+    model.eval()
+    tops, clean = [], []
+    with torch.no_grad():
+        for batch in eval_data:
+            interaction = batch[0].to(device)
+            scores = model.full_sort_predict(interaction).view(len(interaction), -1)  # [B, n_items]
+            scores[:, 0] = float("-inf")
+            tops.append(scores.topk(k, dim=1).indices.cpu())
+            clean.append(~torch.isin(interaction[model.USER_ID].cpu(), excluded_users))
+    return exposure_at_k(torch.cat(tops), targets, torch.cat(clean))
 
 
 def item_train_counts(train_data):

@@ -207,7 +207,7 @@ class VectorizedBackend:
         mean_losses = (loss_sum / steps).tolist() if steps else [0.0] * count  # one host sync per chunk
         for index, client in enumerate(chunk):
             update = {name: params[name][index] - value for name, value in global_params.items()}
-            yield client.result(model, settings, residents, update, mean_losses[index])
+            yield client.result(model, settings, residents, update, mean_losses[index], global_params)
 
     @staticmethod
     def _stack(model: nn.Module, batches: list[tuple[Tensor, ...]], generators: list[torch.Generator]):

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.federated.aggregation import sparse_row_updates, sum_ready_upload
+from recbole_feddmmr.federated.attacks import poison
 from recbole_feddmmr.federated.contracts import FederatedModel
 from recbole_feddmmr.federated.messages import ClientResult, FitInstructions, LocalSettings
 from recbole_feddmmr.federated.privacy import clip_update
@@ -133,10 +134,14 @@ class FedMemClient:
         residents: Residents,
         update: dict[str, Tensor],
         mean_loss: float,
+        global_params: dict[str, Tensor] | None = None,
     ) -> ClientResult:
         """What this client sends up after training ``model`` (its users resident): the dense update
         ``update`` (local - global) cut to the changed rows of the item tables, its memory's prototypes,
         its sample count and loss. Every backend builds a client's message here."""
+        attack = settings.attack
+        if attack is not None and attack.on and self.client_id in attack.malicious:  # a malicious client's upload
+            update = poison(update, global_params or {}, model.per_item_parameters, attack)
         weight = None
         if settings.clip_norm is not None:  # user-level DP: a bounded upload, and every client weighs the same
             update, weight = clip_update(update, settings.clip_norm), 1.0
@@ -191,7 +196,7 @@ class FedMemClient:
         update = {
             name: p.detach() - global_params[name] for name, p in model.named_parameters() if name in global_params
         }
-        return self.result(model, settings, residents, update, loss_sum / steps if steps else 0.0)
+        return self.result(model, settings, residents, update, loss_sum / steps if steps else 0.0, global_params)
 
 
 def train_in_turn(

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.federated.aggregation import UpdateAccumulator
+from recbole_feddmmr.federated.attacks import AttackSettings
 
 LOCAL_OPTIMIZERS = ("adam", "sgd")
 
@@ -38,6 +39,7 @@ class LocalSettings:
     # secure aggregation (secure.py): the client sends dense, pre-weighted tensors the server only sums
     secure_aggregation: bool = False
     aggregation: str = "mean"  # how the server aggregates (a sum-ready upload is weighted for it)
+    attack: AttackSettings | None = None  # which clients are malicious and what they upload (attacks.py)
 
     def __post_init__(self) -> None:
         if self.local_optimizer not in LOCAL_OPTIMIZERS:

@@ -16,6 +16,7 @@ import yaml
 from recbole_feddmmr.config import properties_dir
 from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.federated.aggregation import AGGREGATIONS
+from recbole_feddmmr.federated.attacks import AttackSettings
 from recbole_feddmmr.federated.messages import LOCAL_OPTIMIZERS, LocalSettings
 from recbole_feddmmr.federated.partition import SCHEMES
 from recbole_feddmmr.federated.robust import RobustSettings
@@ -61,6 +62,10 @@ class FederatedSettings:
     client_dropout: float
     round_deadline_s: float | None
     secure_aggregation: bool
+    attack: str
+    attack_fraction: float
+    attack_scale: float
+    attack_num_targets: int
     backend: str
     vectorized_chunk_targets: int | None
     ray_num_actors: int | None
@@ -143,6 +148,10 @@ class FederatedSettings:
             client_dropout=get("client_dropout"),
             secure_aggregation=bool(get("secure_aggregation")),
             round_deadline_s=get("round_deadline_s"),
+            attack=get("attack"),
+            attack_fraction=get("attack_fraction"),
+            attack_scale=get("attack_scale"),
+            attack_num_targets=get("attack_num_targets"),
             backend=get("federated_backend"),
             vectorized_chunk_targets=get("vectorized_chunk_targets"),
             ray_num_actors=get("ray_num_actors"),
@@ -197,6 +206,7 @@ class FederatedSettings:
                 f"robust_aggregation={self.robust.rule} needs each client's upload, and the ray backend sums shards "
                 "of clients first: use federated_backend=sequential or vectorized"
             )
+        AttackSettings(self.attack, self.attack_fraction, self.attack_scale)  # checks the attack's settings
         if self.robust.on and self.secure_aggregation:
             raise ConfigError(
                 f"robust_aggregation={self.robust.rule} needs each client's upload, and under secure aggregation the "

@@ -14,6 +14,8 @@ configuration is refused), and a finished run removes it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from recbole.utils import early_stopping, set_color
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from recbole_feddmmr.data import SequenceWindows
 from recbole_feddmmr.errors import CheckpointError, ConfigError
+from recbole_feddmmr.federated.attacks import AttackSettings, plan_attack
 from recbole_feddmmr.federated.backends import make_backend
 from recbole_feddmmr.federated.client import FedMemClient, shared_parameters
 from recbole_feddmmr.federated.contracts import FederatedModel
@@ -51,6 +54,8 @@ class FederatedTrainer(UR4RecV2MoETrainer):
         self.settings = self.federated.local
         self.round_reports: list[RoundReport] = []  # resume_file, run_fingerprint: ResumableFitMixin's
         self.accountant: PrivacyAccountant | None = None  # user-level DP's, set when the server is built
+        self.attack = AttackSettings()  # which clients are malicious (attacks.py), set when the server is built
+        self.attack_users = torch.zeros(0, dtype=torch.long)  # their users
 
     # --------------------------------------------------------------- the run
     def build_server(self, train_data, settings: FederatedSettings | None = None, backend=None) -> FedMemServer:
@@ -87,6 +92,18 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             for i, (users, window_index) in enumerate(zip(user_groups, client_windows, strict=True))
         ]
         privacy = self.privacy_settings(federated, len(clients))
+        item_counts = torch.bincount(windows.targets[windows.target_mask].cpu(), minlength=self.model.n_items)
+        attack = plan_attack(
+            federated.attack, federated.attack_fraction, federated.attack_scale, federated.attack_num_targets,
+            len(clients), item_counts, config["seed"],
+        )  # fmt: skip
+        self.attack = attack
+        self.attack_users = torch.cat(
+            [clients[i].user_ids.cpu() for i in sorted(attack.malicious)] or [torch.zeros(0, dtype=torch.long)]
+        )
+        local = dataclasses.replace(federated.local, attack=attack if attack.on else None)
+        if settings is None:
+            self.settings = local
         strategy = FedMemStrategy(
             num_prototypes=federated.local.num_prototypes,
             clients_per_round=federated.clients_per_round,
@@ -111,7 +128,7 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             clients,
             windows,
             strategy,
-            federated.local,
+            local,
             backend=backend or self.build_backend(self.expected_round_steps(clients, windows, strategy)),
             availability=Availability(federated.client_dropout, federated.round_deadline_s, config["seed"]),
         )
