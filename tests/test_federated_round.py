@@ -87,7 +87,11 @@ def test_clients_send_parameter_updates_and_prototypes_never_their_memory(tmp_pa
             "mean_loss",
             "client_id",
             "changed_rows",
+            "weight",
+            "sum_ready",
+            "row_weights",
         }
+        assert result.weight is None and not result.sum_ready and not result.row_weights  # no DP, no SecAgg
         assert set(result.update) == parameter_names  # parameters only: no buffer, no memory slot
         # the item embedding travels as its changed rows: those of the items this client scored
         rows = result.changed_rows["item_embedding.weight"]
