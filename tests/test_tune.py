@@ -75,7 +75,9 @@ def test_an_interrupted_search_resumes_and_keeps_its_finished_trials(tmp_path):
         finished = [p for p in storage.glob("train_trial_*/result.json") if p.read_text().count("\n") >= 2]
     assert finished, "no trial finished"
     search.send_signal(signal.SIGINT)  # as Ctrl-C: Tune saves its state and stops
-    search.communicate(timeout=300)
+    interrupted_output, _ = search.communicate(timeout=300)
+    assert "search interrupted" in interrupted_output  # no best configuration chosen from a partial search
+    assert not (storage / "best.yaml").exists()
     first_result = finished[0].read_text()
 
     resumed = run_search([*args, "--resume"], tmp_path)

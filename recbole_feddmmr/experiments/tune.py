@@ -298,7 +298,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ),
         )
     result_grid = tuner.fit()
-    interrupted = result_grid.num_terminated + result_grid.num_errors < len(result_grid)
+    # Ctrl-C: Tune saves its state and marks the running trials terminated, so a search is interrupted when it
+    # holds fewer trials than asked for (a fresh search) or a trial that never reported
+    interrupted = (
+        result_grid.num_terminated + result_grid.num_errors < len(result_grid)
+        or (not args.resume and len(result_grid) < args.num_samples)
+        or any(not (result.metrics or {}).get("epoch") for result in result_grid)
+    )
     rows = trial_rows(result_grid, interrupted)
     write_tables(rows, storage)
     if interrupted:  # e.g. Ctrl-C: Tune saved its state; no best configuration yet
