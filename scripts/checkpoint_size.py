@@ -34,5 +34,6 @@ def main() -> None:
     memory = sum(t.numel() * t.element_size() for name, t in state.items() if name.startswith("memory."))
     print(f"{args.dataset}: weights {buffer.tell() / 1e6:.2f} MB, of which memory {memory / 1e6:.2f} MB")
 
+
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ FEDERATED = {
     "rounds": 3,
     "local_batch_size": 8,
     "num_memory_prototypes": 2,
+    "memory_surprise_threshold": 0.0,  # every positive written: memories large enough for two prototypes
     "stopping_step": 5,
     "clients_per_round": None,
     "eval_every": 1,

@@ -201,7 +201,6 @@ def test_a_dataset_without_item_features_trains_the_sequential_expert_with_a_war
     "overrides, message",
     [
         ({"clip_grad_norm": {"max_norm": 1.0}}, "clip_grad_norm=.* is not supported with federated=True"),
-        ({"weight_decay": 0.01}, "weight_decay=0.01 is not supported with federated=True"),
         ({"enable_amp": True}, "enable_amp=True is not supported with federated=True"),
         ({"memory_type": "history"}, "memory_type=history has no memory to summarise into prototypes"),
         ({"num_memory_prototypes": 0}, "num_memory_prototypes=0: at least 1 prototype"),

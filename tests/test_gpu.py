@@ -22,6 +22,7 @@ FEDERATED = {
     "rounds": 2,
     "local_batch_size": 8,
     "num_memory_prototypes": 2,
+    "memory_surprise_threshold": 0.0,  # every positive written: memories large enough for two prototypes
     "prototype_min_entries": 1,
     "stopping_step": 5,
     "vectorized_chunk_targets": 16,

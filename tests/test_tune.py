@@ -66,12 +66,13 @@ def test_a_search_writes_its_tables_and_a_best_yaml_that_reproduces_the_best_tri
 
 def test_an_interrupted_search_resumes_and_keeps_its_finished_trials(tmp_path):
     storage = tmp_path / "search"
-    args = search_args(tmp_path, storage, "--max_epochs", "2")
+    # three trials one at a time: the interrupt lands while trials remain, however fast a tiny trial is
+    args = search_args(tmp_path, storage, "--max_epochs", "2", "--num_samples", "3")
     search = run_search(args, tmp_path)
     deadline = time.monotonic() + 600
     finished = []
     while not finished and time.monotonic() < deadline and search.poll() is None:
-        time.sleep(1)
+        time.sleep(0.2)
         finished = [p for p in storage.glob("train_trial_*/result.json") if p.read_text().count("\n") >= 2]
     assert finished, "no trial finished"
     search.send_signal(signal.SIGINT)  # as Ctrl-C: Tune saves its state and stops
@@ -84,7 +85,7 @@ def test_an_interrupted_search_resumes_and_keeps_its_finished_trials(tmp_path):
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output[-3000:]
     rows = trials(storage)
-    assert len(rows) == 2 and all(row["status"] == "done" for row in rows)
+    assert len(rows) == 3 and all(row["status"] == "done" for row in rows)
     assert finished[0].read_text() == first_result  # the finished trial was not trained again
 
 

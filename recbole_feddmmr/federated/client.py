@@ -24,8 +24,8 @@ def local_optimizer(params: list[Tensor], settings: LocalSettings) -> torch.opti
     """A client's fresh optimizer for one round (elementwise, so one over stacked client copies is each
     client's own)."""
     if settings.local_optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.local_lr)
-    return torch.optim.Adam(params, lr=settings.local_lr)
+        return torch.optim.SGD(params, lr=settings.local_lr, weight_decay=settings.weight_decay)
+    return torch.optim.Adam(params, lr=settings.local_lr, weight_decay=settings.weight_decay)
 
 
 def proximal_term(params: dict[str, Tensor], global_params: dict[str, Tensor], mu: float) -> Tensor:

@@ -26,7 +26,6 @@ BACKENDS = ("auto", "sequential", "vectorized", "ray")
 # settings a federated run cannot honour: its clients' local steps are plain SGD/Adam steps in float32
 FEDERATED_UNSUPPORTED = {
     "clip_grad_norm": "local steps do not clip gradients",
-    "weight_decay": "local optimizers have no weight decay",
     "enable_amp": "local steps run in float32",
 }
 
@@ -111,6 +110,7 @@ class FederatedSettings:
             prototype_min_entries=get("prototype_min_entries"),
             seed=get("seed"),
             clip_norm=get("dp_clip_norm"),
+            weight_decay=values.get("weight_decay") or 0.0,
             secure_aggregation=bool(get("secure_aggregation")),
             aggregation=get("aggregation"),
         )
