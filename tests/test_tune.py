@@ -10,12 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import TINY_CONFIG
 
-from recbole_feddmmr.experiments.tune import SpaceError, check_space
+from recbole_feddmmr.experiments.tune import VALID_METRIC, SpaceError, check_space, trial_rows
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).parents[1]
@@ -105,3 +107,18 @@ def test_space_checks_name_the_bad_entry():
         check_space({"dropout": {"normal": [0, 1]}}, known, "s.yaml")
     with pytest.raises(SpaceError, match=r"loguniform takes \[low, high\]"):
         check_space({"learning_rate": {"loguniform": [1e-4]}}, known, "s.yaml")
+
+
+def test_a_trial_interrupted_before_it_started_is_an_unfinished_row():
+    started = SimpleNamespace(
+        metrics={"trial_id": "a", "epoch": 2, "time_total_s": 3.0, "done": True},
+        metrics_dataframe=pd.DataFrame({VALID_METRIC: [0.1, 0.2]}),
+        config={"dropout": 0.1},
+        path="/s/train_trial_a",
+        error=None,
+    )
+    never = SimpleNamespace(metrics=None, metrics_dataframe=None, config=None, path=None, error=None)
+    rows = trial_rows([never, started], interrupted=True)
+    assert [row["trial"] for row in rows] == ["a", "not started"]
+    assert rows[0]["best_valid_ndcg@10"] == 0.2 and rows[0]["status"] == "done" and rows[0]["dropout"] == 0.1
+    assert rows[1]["status"] == "unfinished" and rows[1]["epochs"] == 0

@@ -15,8 +15,10 @@ from typing import Any
 
 from recbole_feddmmr.experiments.runner import provenance
 
-# (column, how to read it from a run); test metrics are full ranking unless named uni100 / cold
+# (column, how to read it from a run: its split's dict, "" for the run itself); test metrics are full ranking
+# unless named uni100 / cold; "valid ndcg@10" is the best epoch's validation score, the criterion runs are chosen on
 METRICS: dict[str, tuple[str, str]] = {
+    "valid ndcg@10": ("", "best_valid_ndcg@10"),
     **{f"{m}@{k}": ("test_full", f"{m}@{k}") for m in ("hit", "ndcg", "mrr") for k in (5, 10, 20)},
     "uni100 hit@10": ("test_uni100", "hit@10"),
     "uni100 ndcg@10": ("test_uni100", "ndcg@10"),
@@ -47,7 +49,7 @@ def metric_of(run: dict[str, Any], column: str) -> float | None:
     if column in COSTS:
         return run.get(column)
     split, name = METRICS[column]
-    return run.get(split, {}).get(name)
+    return (run.get(split, {}) if split else run).get(name)
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -106,11 +108,12 @@ def _cell(value: list[float] | None, digits: int = 4) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """Markdown: the mean ± std table over seeds, costs, the cold-item slice and the paired comparison."""
     summary = report["summary"]
-    accuracy = ["hit@10", "ndcg@10", "mrr@10", "ndcg@5", "ndcg@20", "uni100 hit@10", "uni100 ndcg@10"]
+    accuracy = ["valid ndcg@10", "hit@10", "ndcg@10", "mrr@10", "ndcg@5", "ndcg@20", "uni100 hit@10", "uni100 ndcg@10"]
     missing = report.get("missing")
     seeds = f"each row's seeds of {report['seeds']}" if missing else f"seeds {report['seeds']}"
     lines = [
-        f"Test metrics, mean ± std over {seeds} (full ranking unless uni100):\n",
+        f"Validation NDCG@10 of the best epoch (what runs are chosen on), then test metrics, mean ± std over {seeds} "
+        "(full ranking unless uni100):\n",
         "| model | seeds | " + " | ".join(accuracy) + " |",
         "|---|---|" + "---|" * len(accuracy),
     ]

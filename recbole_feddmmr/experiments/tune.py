@@ -185,8 +185,9 @@ def trial_rows(result_grid, interrupted: bool = False) -> list[dict[str, Any]]:
         last = result.metrics or {}
         rows.append(
             {
-                "trial": (result.metrics or {}).get("trial_id", Path(result.path).name),
-                **{key: _plain(value) for key, value in result.config.items()},
+                # a trial Ctrl-C caught before it started has neither metrics nor config (nor, maybe, a folder)
+                "trial": last.get("trial_id") or (Path(result.path).name if result.path else "not started"),
+                **{key: _plain(value) for key, value in (result.config or {}).items()},
                 "best_valid_ndcg@10": float(max(scores)) if len(scores) else float("nan"),
                 "epochs": int(last.get("epoch", 0)),
                 "seconds": float(last.get("time_total_s", 0.0)),
