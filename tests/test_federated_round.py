@@ -21,14 +21,15 @@ from recbole_feddmmr.trainer import UR4RecV2MoETrainer
 
 
 def test_one_client_with_all_users_and_one_local_epoch_equals_one_centralised_epoch(tmp_path):
-    config, _, (train_data, _, _), central = tiny_run(tmp_path)
+    # no weight decay: centralised Adam decays every item row, a client only the rows it uploads (client.py)
+    config, _, (train_data, _, _), central = tiny_run(tmp_path, weight_decay=0.0)
     trainer = UR4RecV2MoETrainer(config, central)
     # the centralised epoch with the client's random stream for its negatives (dropout: global RNG in both)
     generator = client_generator(config["seed"], 0, 0, torch.device("cpu"))
     torch.manual_seed(7)
     trainer._train_epoch(train_data, 0, loss_func=partial(central.calculate_window_loss, generator=generator))
 
-    _, _, _, federated = tiny_run(tmp_path)  # same seed: same initial weights
+    _, _, _, federated = tiny_run(tmp_path, weight_decay=0.0)  # same seed: same initial weights
     windows = SequenceWindows(train_data, federated, config["train_batch_size"], torch.device("cpu"), config["seed"])
     everyone = FedMemClient(0, windows.user_ids.unique(), windows)
     settings = default_local_settings(  # the centralised trainer's optimizer, batch size and learning rate
@@ -47,13 +48,10 @@ def test_one_client_with_all_users_and_one_local_epoch_equals_one_centralised_ep
     for name, value in central.state_dict().items():
         if name.startswith("memory.prototype"):
             continue  # global prototypes exist only in the federated model
-        ours = federated.state_dict()[name]
-        if name == "user_embedding.weight":  # row 0 (padding) is nobody's: only centralised weight decay moves it
-            ours, value = ours[1:], value[1:]
-        torch.testing.assert_close(ours, value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(federated.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _recorded_round(tmp_path, min_entries: int = 5, round_idx: int = 0, **overrides):
+def _recorded_round(tmp_path, min_entries: int = 5, round_idx: int = 0, weight_decay: float = 0.0, **overrides):
     """One round of one-user clients on the tiny dataset, every positive written to memory -> (model, report,
     what each client sent)."""
     config, _, (train_data, _, _), model = tiny_run(
@@ -62,7 +60,7 @@ def _recorded_round(tmp_path, min_entries: int = 5, round_idx: int = 0, **overri
     windows = SequenceWindows(train_data, model, 16, torch.device("cpu"), config["seed"])
     clients = [FedMemClient(i, user[None], windows) for i, user in enumerate(windows.user_ids.unique())]
     sent: list[ClientResult] = []
-    settings = default_local_settings(num_prototypes=2, prototype_min_entries=min_entries)
+    settings = default_local_settings(num_prototypes=2, prototype_min_entries=min_entries, weight_decay=weight_decay)
     server = FedMemServer(model, clients, windows, FedMemStrategy(num_prototypes=2), settings)
     run = server.backend.run
 
@@ -75,6 +73,21 @@ def _recorded_round(tmp_path, min_entries: int = 5, round_idx: int = 0, **overri
     report = server.run_round(round_idx)
     server.assemble_private_state()
     return model, report, sent
+
+
+def test_weight_decay_keeps_the_item_rows_sparse_and_decays_the_dense_parameters(tmp_path):
+    # a sampled loss (two negatives): a client scores a few items, not the whole catalogue as CE does
+    sampled = {"loss_type": "BPR", "train_neg_num": 2}
+    _, _, plain = _recorded_round(tmp_path / "plain", **sampled)
+    model, _, decayed = _recorded_round(tmp_path / "decayed", weight_decay=0.1, **sampled)
+    for without, with_decay in zip(plain, decayed, strict=True):
+        # the same item rows travel: a row the client never scored is not decayed into a changed row
+        assert len(with_decay.changed_rows["item_embedding.weight"]) < model.n_items - 1
+        assert torch.equal(
+            without.changed_rows["item_embedding.weight"], with_decay.changed_rows["item_embedding.weight"]
+        )
+    dense = [name for name in plain[0].update if name != "item_embedding.weight"]
+    assert any(not torch.equal(plain[0].update[name], decayed[0].update[name]) for name in dense)
 
 
 def test_clients_send_parameter_updates_and_prototypes_never_their_memory(tmp_path):

@@ -158,7 +158,7 @@ class VectorizedBackend:
         params = {
             name: value.expand(count, *value.shape).clone() for name, value in {**global_params, **per_user}.items()
         }  # [n, ...]
-        optimizer = local_optimizer(list(params.values()), settings)
+        optimizer = local_optimizer(params, settings, model.per_item_parameters)
         device = windows.user_ids.device
         generators = [client_generator(settings.seed, round_idx, client.client_id, device) for client in chunk]
         loss_module = _PointsLoss(model)

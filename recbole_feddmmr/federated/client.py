@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from functools import partial
 
 import numpy as np
@@ -20,12 +20,21 @@ from recbole_feddmmr.federated.state import ClientStateStore, Residents
 from recbole_feddmmr.trainer import train_steps
 
 
-def local_optimizer(params: list[Tensor], settings: LocalSettings) -> torch.optim.Optimizer:
+def local_optimizer(
+    params: dict[str, Tensor], settings: LocalSettings, row_tables: Collection[str]
+) -> torch.optim.Optimizer:
     """A client's fresh optimizer for one round (elementwise, so one over stacked client copies is each
-    client's own)."""
+    client's own). ``row_tables`` (the per-item tables) get no weight decay: the optimizer would decay every
+    row, so a row the client never scored would count as changed, and its sparse upload would become the
+    whole table (and row-wise aggregation would count every client on every row)."""
+    groups = [
+        {"params": [p for name, p in params.items() if name not in row_tables], "weight_decay": settings.weight_decay},
+        {"params": [p for name, p in params.items() if name in row_tables], "weight_decay": 0.0},
+    ]
+    groups = [group for group in groups if group["params"]]
     if settings.local_optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.local_lr, weight_decay=settings.weight_decay)
-    return torch.optim.Adam(params, lr=settings.local_lr, weight_decay=settings.weight_decay)
+        return torch.optim.SGD(groups, lr=settings.local_lr)
+    return torch.optim.Adam(groups, lr=settings.local_lr)
 
 
 def proximal_term(params: dict[str, Tensor], global_params: dict[str, Tensor], mu: float) -> Tensor:
@@ -179,7 +188,8 @@ class FedMemClient:
         global_params, settings, round_idx = instructions.parameters, instructions.settings, instructions.round_idx
         load_parameters(model, global_params)
         model.train()
-        optimizer = local_optimizer([p for p in model.parameters() if p.requires_grad], settings)
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        optimizer = local_optimizer(trainable, settings, model.per_item_parameters)
         proximal = None
         if settings.fedprox_mu > 0:
             proximal = partial(proximal_term, dict(model.named_parameters()), global_params, settings.fedprox_mu)

@@ -36,7 +36,7 @@ class LocalSettings:
     seed: int
     # user-level DP (privacy.py): the client clips its whole upload to this L2 norm and weighs 1 (None: off)
     clip_norm: float | None = None
-    weight_decay: float = 0.0  # the local optimizer's L2 penalty (the model's weight_decay, as centralised runs)
+    weight_decay: float = 0.0  # the local optimizer's L2 penalty (the model's weight_decay), item tables excepted
     # secure aggregation (secure.py): the client sends dense, pre-weighted tensors the server only sums
     secure_aggregation: bool = False
     aggregation: str = "mean"  # how the server aggregates (a sum-ready upload is weighted for it)
