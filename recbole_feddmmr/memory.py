@@ -374,8 +374,12 @@ class LocalDynamicMemory(nn.Module):
         prototype_mask = self.prototype_valid.expand(batch, -1)  # [B, G]
         features = self.features
 
-        def with_prototypes(user_slots: Tensor, prototypes: Tensor) -> Tensor:
-            return torch.cat([user_slots, prototypes.expand(batch, -1, -1)], dim=1)  # [B, K + G, F]
+        def with_prototypes(table: Tensor, prototypes: Tensor) -> Tensor:
+            """``table`` [N, F], ``prototypes`` [G, F] -> [B, K + G, F]: one gather from the catalogue's rows
+            followed by the prototypes' (a copy of [N + G, F]), not a gather and then a copy of [B, K + G, F]."""
+            prototype_rows = torch.arange(prototypes.size(0), device=items.device) + table.size(0)  # [G]
+            rows = torch.cat([items, prototype_rows.expand(batch, -1)], dim=1)  # [B, K + G]
+            return torch.cat([table, prototypes]).index_select(0, rows.flatten()).view(*rows.shape, -1)
 
         def mask(modality: str) -> Tensor:
             if not getattr(self, f"store_{modality}"):
@@ -386,9 +390,9 @@ class LocalDynamicMemory(nn.Module):
             return torch.cat([visible & available, prototype_mask], dim=1)
 
         readout = MemoryReadout(
-            visual=with_prototypes(features.visual[items], self.prototype_visual) if self.store_visual else None,
+            visual=with_prototypes(features.visual, self.prototype_visual) if self.store_visual else None,
             visual_mask=mask("visual"),
-            text=with_prototypes(features.text[items], self.prototype_text) if self.store_text else None,
+            text=with_prototypes(features.text, self.prototype_text) if self.store_text else None,
             text_mask=mask("text"),
         )
         self.seconds += time.perf_counter() - started

@@ -18,6 +18,8 @@ from recbole_feddmmr.model.layers import (
     candidate_dot,
     masked_softmax,
 )
+from recbole_feddmmr.model.losses import balance_penalty, load_balance_loss
+from recbole_feddmmr.vmapping import vmap_mode
 
 B, K, N, H = 3, 5, 7, 16
 
@@ -84,16 +86,50 @@ def test_content_expert_ignores_what_masked_slots_hold():
 
 def test_router_weights_sum_to_one_and_switched_off_experts_get_zero():
     router = ItemCentricRouter(item_emb_dim=8, hidden_dim=16, num_experts=3, dropout=0.0)
-    live = torch.ones(B, N, 3, dtype=torch.bool)
-    live[0, :, 1] = False  # visual off for user 0
-    live[:, 2, 2] = False  # semantic off for item 2
-    weights = router(torch.randn(N, 8), live)
+    item_live, user_live = torch.ones(N, 3, dtype=torch.bool), torch.ones(B, 3, dtype=torch.bool)
+    user_live[0, 1] = False  # visual off for user 0
+    item_live[2, 2] = False  # semantic off for item 2
+    weights = router(torch.randn(N, 8), item_live, user_live).dense()
     assert weights.shape == (B, N, 3)
     torch.testing.assert_close(weights.sum(-1), torch.ones(B, N))
     assert torch.all(weights[0, :, 1] == 0) and torch.all(weights[:, 2, 2] == 0)
-    only_seq = torch.zeros(B, N, 3, dtype=torch.bool)
-    only_seq[..., 0] = True
-    assert torch.equal(router(torch.randn(N, 8), only_seq)[..., 0], torch.ones(B, N))
+    only_seq = torch.tensor([True, False, False]).expand(B, 3)
+    assert torch.equal(router(torch.randn(N, 8), item_live, only_seq).dense()[..., 0], torch.ones(B, N))
+
+
+def _dense_router(router: ItemCentricRouter, candidate_id, item_live, user_live, index):
+    """The router as it was first written: one masked softmax over every (user, candidate) pair."""
+    logits = router.mlp(candidate_id)  # [U, X]
+    live = item_live[None] & user_live[:, None]  # [B, U, X]
+    if index is not None:
+        logits, live = logits[index], live[torch.arange(B)[:, None], index]  # [B, C, X]
+    return masked_softmax(logits, live)
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_factored_routing_equals_a_softmax_over_every_user_and_candidate(indexed):
+    torch.manual_seed(0)
+    router = ItemCentricRouter(item_emb_dim=8, hidden_dim=16, num_experts=3, dropout=0.0)
+    candidate_id, item_live = torch.randn(N, 8), torch.rand(N, 3) > 0.3
+    user_live = torch.rand(B, 3) > 0.4
+    item_live[:, 0] = user_live[:, 0] = True  # the sequential expert is live everywhere
+    user_live[1] = True  # one user with every expert live, so the balance loss has pairs
+    user_live[0, 1:] = False  # and one with the sequential expert alone: two patterns at least
+    index = torch.randint(N, (B, 4)) if indexed else None
+    routing = router(candidate_id, item_live, user_live, index)
+    dense = _dense_router(router, candidate_id, item_live, user_live, index)  # [B, C, X]
+    torch.testing.assert_close(routing.dense(), dense)
+    users, candidates = [torch.randn(B, H) for _ in range(3)], [torch.randn(N, H) for _ in range(3)]
+    scores = [candidate_dot(c, u, index) for u, c in zip(users, candidates, strict=True)]  # [B, C] per expert
+    torch.testing.assert_close(routing.score(users, candidates), (dense * torch.stack(scores, dim=-1)).sum(-1))
+    skipped = routing.score([users[0], None, users[2]], [candidates[0], None, candidates[2]])
+    torch.testing.assert_close(skipped, dense[..., 0] * scores[0] + dense[..., 2] * scores[2])
+    with vmap_mode():  # the per-expert form that torch.func.vmap runs gives the same scores
+        torch.testing.assert_close(routing.score(users, candidates), (dense * torch.stack(scores, dim=-1)).sum(-1))
+    enabled, point_weight = torch.tensor([True, True, True]), torch.tensor([1.0, 1.0, 0.0])
+    torch.testing.assert_close(
+        balance_penalty(*routing.load_balance(enabled, point_weight)), load_balance_loss(dense, enabled, point_weight)
+    )
 
 
 def test_candidate_dot_shared_indexed_and_per_user_agree():

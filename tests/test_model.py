@@ -143,10 +143,10 @@ def test_calculate_loss_is_the_sampled_loss_plus_weighted_load_balance(tmp_path,
     candidates = torch.cat([batch["item_id"][:, None], negatives], 1)
     user, seq, length = batch["user_id"], batch["item_id_list"], batch["item_length"]
     memory = model.read_memory(user, seq, length, batch["timestamp"])
-    scores, weights = model.score_candidates(model.encode_sequence(seq, length, user), memory, candidates)
+    scores, routing = model.score_candidates(model.encode_sequence(seq, length, user), memory, candidates)
     torch.testing.assert_close(rec_loss, reference(model, scores, negatives))
     torch.testing.assert_close(
-        weighted_lb, model.load_balance_weight * load_balance_loss(weights, model.expert_enabled)
+        weighted_lb, model.load_balance_weight * load_balance_loss(routing.dense(), model.expert_enabled)
     )
 
 

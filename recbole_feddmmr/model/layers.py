@@ -15,6 +15,7 @@ once per distinct item.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +34,6 @@ def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     """
     filled = torch.where(mask, logits, torch.finfo(logits.dtype).min)
     return torch.softmax(filled, dim=dim) * mask
-
-
-def select_candidates(shared: Tensor, index: Tensor | None) -> Tensor:
-    """Rows of ``shared`` [U, ...] picked by ``index`` [B, C] -> [B, C, ...]; ``shared`` itself if no index."""
-    return shared if index is None else shared[index]
 
 
 def candidate_dot(candidate: Tensor, user: Tensor, index: Tensor | None = None) -> Tensor:
@@ -154,7 +150,8 @@ class MemoryProfile(nn.Module):
             raise ConfigError(f"sasrec_hidden_dim={hidden_dim} must be divisible by the readout's {num_heads} heads")
         self.num_heads = num_heads
         self.query = nn.Linear(hidden_dim, hidden_dim)
-        self.key = nn.Linear(feature_dim, hidden_dim)
+        # no key bias: q . b_k is the same for every slot, so the softmax over slots would cancel it (zero gradient)
+        self.key = nn.Linear(feature_dim, hidden_dim, bias=False)
         self.value = nn.Linear(feature_dim, hidden_dim)
         self.out = nn.Linear(hidden_dim, hidden_dim)
         self.dropout = KeyedDropout(dropout)
@@ -162,20 +159,26 @@ class MemoryProfile(nn.Module):
     def attention(self, seq_repr: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
         """``seq_repr`` [B, H], ``memory`` [B, K, F], ``memory_mask`` [B, K] -> weights [B, h, K] (rows sum to 1,
         or to 0 where no slot is valid)."""
-        batch, slots, _ = memory.shape
+        batch = seq_repr.size(0)
         head_dim = self.query.out_features // self.num_heads
         query = self.query(seq_repr).view(batch, self.num_heads, head_dim)  # [B, h, d]
-        key = self.key(memory).view(batch, slots, self.num_heads, head_dim)  # [B, K, h, d]
-        logits = torch.einsum("bhd,bkhd->bhk", query, key) / math.sqrt(head_dim)  # [B, h, K]
+        # q . W_k m = (W_k^T q) . m: the query goes back to feature space ([B, h, F], B rows)
+        # instead of every slot to key space ([B, K, H], B x K rows)
+        key_weight = self.key.weight.view(self.num_heads, head_dim, -1)  # [h, d, F]
+        query_features = torch.einsum("bhd,hdf->bhf", query, key_weight)  # [B, h, F]
+        logits = torch.einsum("bhf,bkf->bhk", query_features, memory) / math.sqrt(head_dim)  # [B, h, K]
         return masked_softmax(logits, memory_mask[:, None, :])
 
     def forward(self, seq_repr: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
         """-> profile [B, H]."""
-        batch, slots, _ = memory.shape
+        batch = seq_repr.size(0)
         weights = self.dropout(self.attention(seq_repr, memory, memory_mask))  # [B, h, K]
-        value = self.value(memory).view(batch, slots, self.num_heads, -1)  # [B, K, h, d]
-        context = torch.einsum("bhk,bkhd->bhd", weights, value).reshape(batch, -1)  # [B, H]
-        return self.out(context)
+        # sum_k a_k (W_v m_k + b_v) = W_v (sum_k a_k m_k) + b_v sum_k a_k: pool the slots first, project B x h rows
+        pooled = torch.einsum("bhk,bkf->bhf", weights, memory)  # [B, h, F]
+        value_weight = self.value.weight.view(self.num_heads, -1, pooled.size(-1))  # [h, d, F]
+        value_bias = self.value.bias.view(self.num_heads, -1)  # [h, d]
+        context = torch.einsum("bhf,hdf->bhd", pooled, value_weight) + weights.sum(-1, keepdim=True) * value_bias
+        return self.out(context.reshape(batch, -1))  # [B, h, d] -> [B, H]
 
 
 class ContentExpert(nn.Module):
@@ -198,13 +201,92 @@ class ContentExpert(nn.Module):
         """``seq_repr`` [B, H], ``memory`` [B, K, F], ``memory_mask`` [B, K] -> [B, H]."""
         return self.user_proj(seq_repr) + self.profile(seq_repr, memory, memory_mask)
 
+    def candidate_vector(self, candidate: Tensor) -> Tensor:
+        """``candidate`` [U, F] features -> [U, H]."""
+        return self.candidate_proj(candidate)
+
     def forward(
         self, seq_repr: Tensor, candidate: Tensor, memory: Tensor, memory_mask: Tensor, index: Tensor | None = None
     ) -> Tensor:
         """``candidate`` [U, F] features (item-only work, once per distinct item), ``index`` [B, C] into them
         (``None``: every user scores all U) -> scores [B, C] (or [B, U])."""
         user = self.user_vector(seq_repr, memory, memory_mask)  # [B, H]
-        return candidate_dot(self.candidate_proj(candidate), user, index)
+        return candidate_dot(self.candidate_vector(candidate), user, index)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The router's weights in factored form, never a dense ``[B, N, X]`` tensor unless asked for.
+
+    Whether an expert is live for (user, item) is ``item_live[item] & user_live[user]`` (the item has the
+    feature, the user's memory has a slot of it), and the router's logits depend on the item alone, so a
+    user's weights depend on the user only through the pattern of experts live for them: one of ``2^X``.
+    ``table`` holds the weights of every (pattern, distinct candidate); fusing scores and the balance loss
+    read it per user through ``pattern`` and never run a softmax over users x items.
+    """
+
+    table: Tensor  # [2^X, U, X] weights, rows sum to 1 over the live experts (0 where none is)
+    pattern: Tensor  # [B] long, bit e set where expert e is live for the user
+    item_live: Tensor  # [U, X] bool
+    user_live: Tensor  # [B, X] bool
+    index: Tensor | None  # [B, C] rows of ``table``'s U per user; None: every user scores all U
+
+    def dense(self) -> Tensor:
+        """The weights per (user, candidate) -> [B, C, X] (or [B, U, X]); analysis and tests, not training."""
+        if self.index is None:
+            return self.table[self.pattern]
+        return self.table[self.pattern[:, None], self.index]
+
+    def score(self, users: list[Tensor | None], candidates: list[Tensor | None]) -> Tensor:
+        """The fused score ``sum_e w_e(user, candidate) * users[e] . candidates[e]`` -> [B, C] (or [B, U]).
+
+        ``users[e]`` [B, H] and ``candidates[e]`` [U, H] are expert e's user and candidate vectors (``None`` for
+        an expert live nowhere, which is skipped). Scoring all U candidates folds the weights into the
+        candidate side: users of one pattern share ``w_e(candidate)``, so their scores are one matrix product
+        ``[B_p, X H] x [X H, U]`` per pattern present, with no elementwise pass over [B, U] per expert.
+        """
+        experts = [e for e, user in enumerate(users) if user is not None]
+        if self.index is not None:  # C candidates per user (sampled losses): few, mix the gathered scores densely
+            weights = self.dense()  # [B, C, X]
+            return sum(weights[..., e] * candidate_dot(candidates[e], users[e], self.index) for e in experts)
+        if in_vmap_mode():  # per-pattern grouping has data-dependent shapes: one [B, U] product per expert
+            return sum(
+                self.table[:, :, e].index_select(0, self.pattern) * candidate_dot(candidates[e], users[e])
+                for e in experts
+            )
+        user_cat = torch.cat([users[e] for e in experts], dim=1)  # [B, X H]
+
+        def folded(pattern: Tensor) -> Tensor:  # the candidates weighted by that pattern's weights -> [U, X H]
+            return torch.cat([self.table[pattern, :, e, None] * candidates[e] for e in experts], dim=1)
+
+        present = self.pattern.unique()  # usually one or two: users with and without memory
+        if present.numel() == 1:
+            return user_cat @ folded(present[0]).T  # [B, U]
+        scores = user_cat.new_empty(user_cat.size(0), self.table.size(1))  # [B, U]
+        for pattern in present:  # at most 2^X patterns, never a loop over users or items
+            rows = (self.pattern == pattern).nonzero().squeeze(1)  # [B_p]
+            scores[rows] = user_cat[rows] @ folded(pattern).T
+        return scores
+
+    def load_balance(self, enabled: Tensor, point_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The sums behind the load-balance loss (see ``losses.load_balance_loss``): over the (user, candidate)
+        pairs where every enabled expert is live (the router had the full choice), the summed weights of the
+        enabled experts [E] and the number of pairs []. ``point_weight`` [B]: users with weight 0 are left out.
+        """
+        experts = enabled.nonzero().squeeze(1)  # [E]
+        full_user = self.user_live.index_select(1, experts).all(dim=1)  # [B]
+        if point_weight is not None:
+            full_user = full_user & (point_weight > 0)
+        full_item = self.item_live.index_select(1, experts).all(dim=1).to(self.table.dtype)  # [U]
+        # a fully live user's pattern has exactly the enabled experts' bits set
+        full_pattern = (enabled.long() << torch.arange(enabled.numel(), device=enabled.device)).sum()
+        weights = self.table[full_pattern].index_select(1, experts)  # [U, E]
+        if self.index is None:
+            per_item = full_item * full_user.sum()  # [U] pairs per candidate
+        else:
+            counted = (full_user[:, None] & torch.ones_like(self.index, dtype=torch.bool)).to(self.table.dtype)
+            per_item = torch.zeros_like(full_item).index_add(0, self.index.flatten(), counted.flatten()) * full_item
+        return per_item @ weights, per_item.sum()
 
 
 class ItemCentricRouter(nn.Module):
@@ -224,14 +306,24 @@ class ItemCentricRouter(nn.Module):
         )
 
     def forward(
-        self, candidate_id: Tensor, expert_live: Tensor, index: Tensor | None = None, items: Tensor | None = None
-    ) -> Tensor:
-        """``candidate_id`` [N, E] or [B, N, E], ``expert_live`` [B, N, X] bool -> weights [B, N, X], rows sum to 1.
+        self,
+        candidate_id: Tensor,
+        item_live: Tensor,
+        user_live: Tensor,
+        index: Tensor | None = None,
+        items: Tensor | None = None,
+    ) -> Routing:
+        """``candidate_id`` [U, E], ``item_live`` [U, X] and ``user_live`` [B, X] bool (an expert is live for a
+        pair where both are), ``index`` [B, C] into the U candidates (None: all U for every user) -> Routing.
 
-        ``items`` [N]: the item ids of the rows of a shared ``candidate_id`` [N, E], so that keyed dropout
-        masks follow the item, not its row (see :func:`keyed_dropout`).
+        ``items`` [U]: the item ids of the rows of ``candidate_id``, so that keyed dropout masks follow the
+        item, not its row (see :func:`keyed_dropout`).
         """
         hidden = candidate_id
         for layer in self.mlp:  # once per item
             hidden = layer(hidden, items) if isinstance(layer, KeyedDropout) else layer(hidden)
-        return masked_softmax(select_candidates(hidden, index), expert_live)  # [B, N, X]
+        bits = torch.arange(hidden.size(-1), device=hidden.device)  # [X]
+        patterns = ((torch.arange(2 ** bits.numel(), device=hidden.device)[:, None] >> bits) & 1).bool()  # [2^X, X]
+        table = masked_softmax(hidden, item_live & patterns[:, None, :])  # [2^X, U, X]
+        pattern = (user_live.long() << bits).sum(dim=1)  # [B]: the row of ``patterns`` equal to the user's
+        return Routing(table, pattern, item_live, user_live, index)

@@ -115,15 +115,20 @@ def load_balance_loss(router_weights: Tensor, enabled: Tensor, point_weight: Ten
     the router had the full choice: elsewhere an expert is off for want of a feature or of memory,
     its weight is exactly 0 (masked softmax), and counting those pairs would push the router to
     overweight that expert wherever it is live. No such pair: the loss is 0. ``point_weight`` [B]
-    leaves out padded points (weight 0). Written with masks only (no data-dependent shapes), so it
-    runs under ``torch.func.vmap``.
+    leaves out padded points (weight 0). The definition on dense weights; training computes the same sums
+    from the router's factored weights (``layers.Routing.load_balance``) and calls :func:`balance_penalty`.
     """
     weights = router_weights.index_select(-1, enabled.nonzero().squeeze(1))  # [B, C, E]
     full_choice = (weights > 0).all(dim=-1)  # [B, C]; live experts get weight > 0, switched-off ones exactly 0
     if point_weight is not None:
         full_choice = full_choice & (point_weight[:, None] > 0)
-    pairs = full_choice.sum()
-    usage = (weights * full_choice[..., None]).sum(dim=(0, 1)) / pairs.clamp(min=1)  # [E]
+    return balance_penalty((weights * full_choice[..., None]).sum(dim=(0, 1)), full_choice.sum())
+
+
+def balance_penalty(weight_sums: Tensor, pairs: Tensor) -> Tensor:
+    """``weight_sums`` [E] of the enabled experts over ``pairs`` [] (user, candidate) pairs -> the load-balance
+    loss ``sum_e (mean w_e - 1/E)^2``, 0 without pairs. Masks only, no data-dependent branch (vmap-safe)."""
+    usage = weight_sums / pairs.clamp(min=1)  # [E]
     loss = ((usage - 1.0 / usage.numel()) ** 2).sum()
     return torch.where(pairs > 0, loss, loss * 0.0)
 

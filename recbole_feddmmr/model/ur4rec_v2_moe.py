@@ -31,18 +31,18 @@ from recbole_feddmmr.model.dropout import keyed_dropout
 from recbole_feddmmr.model.layers import (
     ContentExpert,
     ItemCentricRouter,
+    Routing,
     SASRecBackbone,
     candidate_dot,
-    select_candidates,
 )
 from recbole_feddmmr.model.losses import (
     PredictionPoints,
     TrainingLoss,
+    balance_penalty,
     bpr_loss,
     full_softmax_loss,
     gbce_beta,
     gbce_loss,
-    load_balance_loss,
     sample_by_weight,
     sample_negatives,
     sampled_softmax_loss,
@@ -243,13 +243,14 @@ class UR4RecV2MoE(SequentialRecommender):
         candidates: Tensor | None = None,
         *,
         all_items: bool = False,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Routing | None]:
         """Scores and router weights of candidates for each user.
 
         ``candidates``: [B, C] item ids per user, or ``None`` for all items (shared, [N]).
         Item-only work runs once per distinct candidate of the batch, or with
         ``all_items`` once per item of the catalogue (a fixed shape, as ``torch.func.vmap`` needs).
-        -> final scores [B, C] (or [B, N]), router weights [B, C, X].
+        -> final scores [B, C] (or [B, N]) and the router's :class:`Routing` (``None`` with the experts off:
+        the sequential expert's weight is 1).
         """
         if candidates is None:
             items, index = torch.arange(self.n_items, device=seq_repr.device), None  # [N], shared by all users
@@ -260,10 +261,15 @@ class UR4RecV2MoE(SequentialRecommender):
             items, index = torch.unique(candidates, return_inverse=True)  # [U], [B, C]
         features = self.item_features
         item_id_emb = self.item_embedding(items)  # [U, E]
-        sequential_scores = candidate_dot(self.item_proj(item_id_emb), seq_repr, index)  # [B, C]
-        no_expert = torch.zeros_like(sequential_scores)
-        expert_scores = [sequential_scores, no_expert, no_expert]
-        live = [torch.ones_like(sequential_scores, dtype=torch.bool), no_expert.bool(), no_expert.bool()]
+        sequential_candidates = self.item_proj(item_id_emb)  # [U, H]
+        if not self.content_experts_on:  # the sequential expert alone: its weight is 1, no router
+            return candidate_dot(sequential_candidates, seq_repr, index), None  # [B, C]
+        # each expert as (user vector [B, H], candidate vector [U, H]); None: not live for anyone here
+        users: list[Tensor | None] = [seq_repr, None, None]
+        candidates: list[Tensor | None] = [sequential_candidates, None, None]
+        live_items = torch.ones(len(items), dtype=torch.bool, device=seq_repr.device)  # [U]
+        live_users = torch.ones(seq_repr.size(0), dtype=torch.bool, device=seq_repr.device)  # [B]
+        item_live, user_live = [live_items, ~live_items, ~live_items], [live_users, ~live_users, ~live_users]
         user_memory = {"visual": (memory.visual, memory.visual_mask), "semantic": (memory.text, memory.text_mask)}
 
         for slot, name in ((1, "visual"), (2, "semantic")):
@@ -271,19 +277,16 @@ class UR4RecV2MoE(SequentialRecommender):
             if not self.expert_enabled[slot] or memory_feats is None:
                 continue
             available = features.visual_available if name == "visual" else features.text_available
-            user_has_memory = memory_mask.any(dim=1)[:, None]  # [B, 1]
-            live[slot] = select_candidates(available[items], index) & user_has_memory  # [B, C]
+            item_live[slot], user_live[slot] = available[items], memory_mask.any(dim=1)  # [U], [B]
             expert = self.visual_expert if name == "visual" else self.semantic_expert
-            candidate = features.visual[items] if name == "visual" else features.text[items]  # [U, F]
-            expert_scores[slot] = expert(seq_repr, candidate, memory_feats.to(seq_repr.dtype), memory_mask, index)
+            feature = features.visual[items] if name == "visual" else features.text[items]  # [U, F]
+            users[slot] = expert.user_vector(seq_repr, memory_feats.to(seq_repr.dtype), memory_mask)  # [B, H]
+            candidates[slot] = expert.candidate_vector(feature)  # [U, H]
 
-        if not self.content_experts_on:  # the sequential expert alone: its weight is 1, no router
-            only = torch.zeros(len(EXPERTS), device=sequential_scores.device)
-            only[0] = 1.0
-            return sequential_scores, only.expand(*sequential_scores.shape, -1)  # [B, C], [B, C, X]
-        router_weights = self.router(item_id_emb, torch.stack(live, dim=-1), index, items)  # [B, C, X]
-        final = (router_weights * torch.stack(expert_scores, dim=-1)).sum(dim=-1)  # [B, C]
-        return final, router_weights
+        routing = self.router(
+            item_id_emb, torch.stack(item_live, dim=1), torch.stack(user_live, dim=1), index, items
+        )  # item_live [U, X], user_live [B, X]
+        return routing.score(users, candidates), routing  # [B, C]
 
     # ----------------------------------------------------------------- memory
     def read_memory(
@@ -353,7 +356,7 @@ class UR4RecV2MoE(SequentialRecommender):
         ``negatives`` [P, N] (BPR / SSM; drawn here when ``None``); ``weight`` [P] 0 for padded points.
         """
         if self.loss_type == "CE":
-            scores, router_weights = self.score_candidates(seq_repr, memory)  # [P, n_items]
+            scores, routing = self.score_candidates(seq_repr, memory)  # [P, n_items]
             surprise = None
             if self.writes_memory:  # negatives = every item but the positive and the padding item 0
                 raw = scores.detach()
@@ -365,7 +368,7 @@ class UR4RecV2MoE(SequentialRecommender):
             if negatives is None:
                 negatives = self.sample_negatives(positives)  # [P, N]
             candidates = torch.cat([positives[:, None], negatives], dim=1)  # [P, 1 + N]
-            scores, router_weights = self.score_candidates(seq_repr, memory, candidates, all_items=all_items)
+            scores, routing = self.score_candidates(seq_repr, memory, candidates, all_items=all_items)
             valid = None if self.negative_distribution == "uniform" else negatives != positives[:, None]  # [P, N]
             if self.loss_type == "BPR":
                 rec_loss = bpr_loss(scores, weight, valid)
@@ -374,7 +377,9 @@ class UR4RecV2MoE(SequentialRecommender):
             else:  # gBCE
                 rec_loss = gbce_loss(scores, self.gbce_beta, weight, valid)
             surprise = surprise_of(scores.detach()) if self.writes_memory else None
-        lb_loss = load_balance_loss(router_weights, self.expert_enabled, weight)
+        if routing is None:  # the sequential expert alone: nothing to balance
+            return rec_loss, scores.new_zeros(()), surprise
+        lb_loss = balance_penalty(*routing.load_balance(self.expert_enabled, weight))
         return rec_loss, self.load_balance_weight * lb_loss, surprise
 
     def sample_negatives(self, positives: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -502,4 +507,7 @@ class UR4RecV2MoE(SequentialRecommender):
     def router_weights_for(self, interaction) -> Tensor:
         """Router weights of every item for the batch's users, [B, n_items, X] (analysis, e.g. expert usage)."""
         _, _, _, seq_repr, memory = self._read_batch(interaction)
-        return self.score_candidates(seq_repr, memory)[1]
+        scores, routing = self.score_candidates(seq_repr, memory)  # [B, n_items]
+        if routing is None:  # the sequential expert alone: weight 1
+            return torch.stack([torch.ones_like(scores), torch.zeros_like(scores), torch.zeros_like(scores)], dim=-1)
+        return routing.dense()
