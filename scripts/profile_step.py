@@ -77,7 +77,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     lines = [
         f"Profiled steps of `{' '.join(sys.argv[1:])}` on {args.dataset}; commit {git_commit()}; "
-        f"{machine_description()}; {torch.get_num_threads()} torch thread(s).",
+        f"{machine_description()}.",
         "",
     ]
     reference = None

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TEST_DATA, tiny_run
 
+from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.memory import ItemFeatures, RecentHistoryMemory
 from recbole_feddmmr.model.losses import (
     bpr_loss,
@@ -280,3 +281,29 @@ def test_padded_points_of_weight_zero_change_no_loss():
         load_balance_loss(router[:2], all_on).item(), rel=1e-6
     )
     assert load_balance_loss(router, all_on, torch.zeros(3)).item() == 0.0  # no real point: no balance to keep
+
+
+def test_excluded_unseen_items_leave_the_softmax_and_get_no_gradient(tmp_path):
+    _, _, splits, model = tiny_run(tmp_path, exclude_unseen_items=True, memory_type="history")  # no writes
+    counts = torch.bincount(splits[0]._dataset.inter_feat["item_id"], minlength=model.n_items)
+    assert torch.equal(model.unseen_items, counts == 0)  # the training split's items with no interaction
+    batch = _batch(splits)
+    in_batch = set(batch["item_id"].tolist()) | set(batch["item_id_list"].flatten().tolist())
+    # pretend two more items were never seen in training (the tiny data may have none): in no input, no target
+    unseen = [item for item in range(1, model.n_items) if item not in in_batch][:2]
+    assert len(unseen) == 2
+    model.unseen_items[unseen] = True
+    model.eval()
+    model.zero_grad()
+    rec_loss, _ = model.calculate_loss(batch)
+    rec_loss.backward()
+    assert torch.equal(model.item_embedding.weight.grad[unseen], torch.zeros(2, model.item_emb_dim))
+    # the same loss by hand: cross-entropy over the seen items
+    user, seq, length = batch["user_id"], batch["item_id_list"], batch["item_length"]
+    memory = model.read_memory(user, seq, length, batch["timestamp"])
+    scores, _ = model.score_candidates(model.encode_sequence(seq, length, user), memory)  # [B, n_items]
+    scores = scores.masked_fill(model.unseen_items, float("-inf"))
+    scores[:, 0] = float("-inf")
+    torch.testing.assert_close(rec_loss, torch.nn.functional.cross_entropy(scores, batch["item_id"]))
+    with pytest.raises(ConfigError, match="exclude_unseen_items"):
+        tiny_run(tmp_path / "ssm", exclude_unseen_items=True, loss_type="SSM")

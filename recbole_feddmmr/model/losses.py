@@ -50,11 +50,16 @@ def weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
     return (values * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def full_softmax_loss(scores: Tensor, positives: Tensor, weight: Tensor | None = None) -> Tensor:
+def full_softmax_loss(
+    scores: Tensor, positives: Tensor, weight: Tensor | None = None, excluded: Tensor | None = None
+) -> Tensor:
     """``scores`` [P, n_items] of the whole catalogue (column 0 = the padding item, never a target),
-    ``positives`` [P] -> mean cross-entropy of each positive among every item (RecBole's SASRec's CE)."""
+    ``positives`` [P] -> mean cross-entropy of each positive among every item (RecBole's SASRec's CE);
+    ``excluded`` [n_items] bool: items left out of the softmax (never a positive)."""
     padding_item = scores.new_zeros(1, dtype=torch.long)
     scores = scores.index_fill(1, padding_item, float("-inf"))  # [P, n_items]
+    if excluded is not None:
+        scores = scores.masked_fill(excluded, float("-inf"))
     return weighted_mean(F.cross_entropy(scores, positives, reduction="none"), weight)
 
 

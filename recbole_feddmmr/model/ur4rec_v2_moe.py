@@ -115,6 +115,15 @@ class UR4RecV2MoE(SequentialRecommender):
             )
             counts[1:] += 1.0
         self.register_buffer("negative_weights", counts, persistent=False)  # [n_items] (popularity only)
+        # an item with no training interaction (e.g. one added after the training data was collected) is left
+        # out of the training softmax: otherwise CE would push its score down with no evidence against it
+        unseen = None
+        if config["exclude_unseen_items"]:
+            if self.loss_type != "CE":
+                raise ConfigError("exclude_unseen_items applies to loss_type CE (the full-catalogue softmax)")
+            unseen = torch.ones(self.n_items, dtype=torch.bool)
+            unseen[torch.as_tensor(list(dataset.item_counter.keys()), dtype=torch.long)] = False
+        self.register_buffer("unseen_items", unseen, persistent=False)  # [n_items] bool, or None
         self.gbce_beta = gbce_beta(self.train_neg_num, self.n_items - 1, config["gbce_t"])
         dropout = config["dropout"]
 
@@ -363,7 +372,7 @@ class UR4RecV2MoE(SequentialRecommender):
                 positive_score = raw.gather(1, positives[:, None]).squeeze(1)  # [P]
                 mean_negative = (raw.sum(dim=1) - positive_score - raw[:, 0]) / (self.n_items - 2)  # [P]
                 surprise = 1.0 - torch.sigmoid(positive_score - mean_negative)
-            rec_loss = full_softmax_loss(scores, positives, weight)
+            rec_loss = full_softmax_loss(scores, positives, weight, self.unseen_items)
         else:
             if negatives is None:
                 negatives = self.sample_negatives(positives)  # [P, N]
