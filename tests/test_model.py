@@ -305,5 +305,9 @@ def test_excluded_unseen_items_leave_the_softmax_and_get_no_gradient(tmp_path):
     scores = scores.masked_fill(model.unseen_items, float("-inf"))
     scores[:, 0] = float("-inf")
     torch.testing.assert_close(rec_loss, torch.nn.functional.cross_entropy(scores, batch["item_id"]))
+    # at scoring time the sequential expert is off for them: the content experts alone weigh
+    weights = model.router_weights_for(batch)  # [B, n_items, X]
+    assert torch.equal(weights[:, unseen, 0], torch.zeros(len(batch["item_id"]), 2))
+    assert weights[:, 1:][..., 0].max() > 0  # and on for the items seen in training
     with pytest.raises(ConfigError, match="exclude_unseen_items"):
         tiny_run(tmp_path / "ssm", exclude_unseen_items=True, loss_type="SSM")

@@ -279,6 +279,8 @@ class UR4RecV2MoE(SequentialRecommender):
         live_items = torch.ones(len(items), dtype=torch.bool, device=seq_repr.device)  # [U]
         live_users = torch.ones(seq_repr.size(0), dtype=torch.bool, device=seq_repr.device)  # [B]
         item_live, user_live = [live_items, ~live_items, ~live_items], [live_users, ~live_users, ~live_users]
+        if self.unseen_items is not None:  # an item never trained on has an untrained ID: the content experts score it
+            item_live[0] = ~self.unseen_items[items]
         user_memory = {"visual": (memory.visual, memory.visual_mask), "semantic": (memory.text, memory.text_mask)}
 
         for slot, name in ((1, "visual"), (2, "semantic")):
