@@ -225,6 +225,10 @@ def test_a_federated_runs_throughput_counts_the_samples_its_rounds_trained():
     epochs = {"label": "epochs", "model": "SASRec", **scores, "train_seconds": 6.0, "train_samples_per_second": 500.0}
     federated.update(label="federated", model="UR4RecV2MoE", **scores)
     assert ratios_against([epochs, federated], "epochs")["federated"]["train_samples_per_second"] == pytest.approx(0.1)
+    # a baseline that scores 0 (an ID-only model on cold items) gives no ratio rather than a crash
+    epochs["test_full"] = {"ndcg@10": 0.0}
+    against_zero = ratios_against([epochs, federated], "epochs")["federated"]
+    assert against_zero["test_full_ndcg@10"] is None and against_zero["test_uni100_ndcg@10"] == pytest.approx(1.0)
 
 
 def test_the_cold_item_protocol_trains_and_validates_on_no_cold_item_and_tests_on_one(tmp_path):

@@ -307,7 +307,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def ratios_against(runs: list[dict[str, Any]], label: str) -> dict[str, dict[str, float]]:
+def ratio(value: float, baseline: float) -> float | None:
+    """``value / baseline``; ``None`` where the baseline is 0 (e.g. an ID-only model on cold items), not a crash."""
+    return value / baseline if baseline else None
+
+
+def ratios_against(runs: list[dict[str, Any]], label: str) -> dict[str, dict[str, float | None]]:
     """Every other run's test NDCG@10 (full, uni100) and throughput divided by those of run ``label``."""
     matches = [run for run in runs if run.get("label", run["model"]) == label]
     if not matches:
@@ -315,9 +320,9 @@ def ratios_against(runs: list[dict[str, Any]], label: str) -> dict[str, dict[str
     baseline = matches[0]
     return {
         run.get("label", run["model"]): {
-            "test_full_ndcg@10": run["test_full"]["ndcg@10"] / baseline["test_full"]["ndcg@10"],
-            "test_uni100_ndcg@10": run["test_uni100"]["ndcg@10"] / baseline["test_uni100"]["ndcg@10"],
-            "train_samples_per_second": train_samples_per_second(run) / train_samples_per_second(baseline),
+            "test_full_ndcg@10": ratio(run["test_full"]["ndcg@10"], baseline["test_full"]["ndcg@10"]),
+            "test_uni100_ndcg@10": ratio(run["test_uni100"]["ndcg@10"], baseline["test_uni100"]["ndcg@10"]),
+            "train_samples_per_second": ratio(train_samples_per_second(run), train_samples_per_second(baseline)),
         }
         for run in runs
         if run is not baseline

@@ -86,10 +86,17 @@ def format_runs(report: dict[str, Any]) -> str:
     for key, ratios in report.items():
         if key.startswith("ratios_vs_"):
             for model, values in ratios.items():
+                full, uni100, throughput = (
+                    "n/a (baseline 0)" if values[name] is None else f"x{values[name]:.{digits}f}"
+                    for name, digits in (
+                        ("test_full_ndcg@10", 3),
+                        ("test_uni100_ndcg@10", 3),
+                        ("train_samples_per_second", 2),
+                    )
+                )
                 lines.append(
-                    f"\n{model} / {key[len('ratios_vs_') :]}: test NDCG@10 x{values['test_full_ndcg@10']:.3f} (full), "
-                    f"x{values['test_uni100_ndcg@10']:.3f} (uni100); "
-                    f"training throughput x{values['train_samples_per_second']:.2f}"
+                    f"\n{model} / {key[len('ratios_vs_') :]}: test NDCG@10 {full} (full), {uni100} (uni100); "
+                    f"training throughput {throughput}"
                 )
     lines.append(provenance(report))
     return "\n".join(lines)
