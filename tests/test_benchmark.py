@@ -231,6 +231,25 @@ def test_a_federated_runs_throughput_counts_the_samples_its_rounds_trained():
     assert against_zero["test_full_ndcg@10"] is None and against_zero["test_uni100_ndcg@10"] == pytest.approx(1.0)
 
 
+def test_paired_differences_by_hand_and_no_ratio_against_a_baseline_that_scores_zero():
+    from recbole_feddmmr.experiments.comparison import format_table, paired, summarize
+
+    def run(label: str, seed: int, ndcg: float) -> dict:
+        return {"label": label, "seed": seed, "test_full": {"ndcg@10": ndcg}}
+
+    runs = [run("ours", 1, 0.12), run("ours", 2, 0.10), run("theirs", 1, 0.10), run("theirs", 2, 0.10)]
+    comparison = paired(runs, "ours", "theirs")
+    # differences 0.02 and 0.00: mean 0.01, std 0.0141, standard error 0.01 -> not beyond 2 standard errors
+    assert comparison["differences"] == pytest.approx([0.02, 0.0])
+    assert comparison["standard_error"] == pytest.approx(0.01)
+    assert not comparison["exceeds_seed_noise"] and comparison["ratio_of_means"] == pytest.approx(1.1)
+    zero = [run("ours", 1, 0.01), run("theirs", 1, 0.0)]  # an ID-only model on cold items scores 0
+    comparison = paired(zero, "ours", "theirs")
+    assert comparison["ratio_of_means"] is None and comparison["mean_difference"] == pytest.approx(0.01)
+    report = {"runs": zero, "seeds": [1], "summary": summarize(zero), "paired": comparison}
+    assert "no ratio (its mean is 0); one seed: no standard error" in format_table(report)
+
+
 def test_the_cold_item_protocol_trains_and_validates_on_no_cold_item_and_tests_on_one(tmp_path):
     from recbole_feddmmr.experiments.cold_items import MIN_HISTORY, write_cold_dataset
     from recbole_feddmmr.features.atomic import read_atomic

@@ -76,7 +76,8 @@ def best_baseline(summary: dict[str, dict[str, Any]], column: str = "ndcg@10") -
 
 def paired(runs: list[dict[str, Any]], ours: str, theirs: str, column: str = "ndcg@10") -> dict[str, Any] | None:
     """Seed-by-seed differences ``ours - theirs`` of ``column``: mean, standard error, and whether the mean
-    exceeds seed noise (|mean| > 2 standard errors; needs 2+ common seeds). ``None`` without common seeds."""
+    exceeds seed noise (|mean| > 2 standard errors; needs 2+ common seeds), and the ratio of means (``None`` where
+    the baseline's mean is 0). ``None`` without common seeds."""
     by_seed = {(run["label"], run["seed"]): metric_of(run, column) for run in runs}
     seeds = sorted(
         {seed for label, seed in by_seed if label == ours} & {seed for label, seed in by_seed if label == theirs}
@@ -85,6 +86,7 @@ def paired(runs: list[dict[str, Any]], ours: str, theirs: str, column: str = "nd
         return None
     differences = [by_seed[(ours, seed)] - by_seed[(theirs, seed)] for seed in seeds]
     error = stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else None
+    baseline_mean = mean(by_seed[(theirs, s)] for s in seeds)
     return {
         "ours": ours,
         "baseline": theirs,
@@ -94,7 +96,8 @@ def paired(runs: list[dict[str, Any]], ours: str, theirs: str, column: str = "nd
         "mean_difference": mean(differences),
         "standard_error": error,
         "exceeds_seed_noise": error is not None and abs(mean(differences)) > 2 * error,
-        "ratio_of_means": mean(by_seed[(ours, s)] for s in seeds) / mean(by_seed[(theirs, s)] for s in seeds),
+        # None where the baseline scores 0 (an ID-only model on cold items): no ratio, not a crash
+        "ratio_of_means": mean(by_seed[(ours, s)] for s in seeds) / baseline_mean if baseline_mean else None,
     }
 
 
@@ -173,7 +176,12 @@ def format_table(report: dict[str, Any]) -> str:
             f"\nPaired over seeds {comparison['seeds']}: {comparison['ours']} - {comparison['baseline']} "
             f"(best RecBole baseline) test {comparison['metric']} {comparison['mean_difference']:+.4f}"
             + (f" ± {error:.4f} (standard error)" if error is not None else "")
-            + f", x{comparison['ratio_of_means']:.3f} of its mean; {noise}"
+            + (
+                f", x{comparison['ratio_of_means']:.3f} of its mean"
+                if comparison["ratio_of_means"] is not None
+                else ", no ratio (its mean is 0)"
+            )
+            + f"; {noise}"
         )
     if missing:
         lines.append(f"\nNot trained yet, so not in this table ({len(missing)}): {', '.join(missing)}")
