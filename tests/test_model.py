@@ -283,6 +283,36 @@ def test_padded_points_of_weight_zero_change_no_loss():
     assert load_balance_loss(router, all_on, torch.zeros(3)).item() == 0.0  # no real point: no balance to keep
 
 
+def test_expert_loss_adds_each_content_experts_own_cross_entropy(tmp_path):
+    _, _, splits, model = tiny_run(tmp_path, expert_loss_weight=0.5, memory_type="history")
+    batch = _batch(splits)
+    model.eval()  # no dropout: the loss by hand below sees the same vectors
+    rec_loss, _ = model.calculate_loss(batch)
+    user, seq, length, target = batch["user_id"], batch["item_id_list"], batch["item_length"], batch["item_id"]
+    memory = model.read_memory(user, seq, length, batch["timestamp"])
+    seq_repr = model.encode_sequence(seq, length, user)
+    fused, _ = model.score_candidates(seq_repr, memory)  # [B, n_items]
+    expected = torch.nn.functional.cross_entropy(fused.index_fill(1, torch.tensor([0]), float("-inf")), target)
+    features, terms = model.item_features, 0
+    for expert, table, available, feats, mask in (
+        (model.visual_expert, features.visual, features.visual_available, memory.visual, memory.visual_mask),
+        (model.semantic_expert, features.text, features.text_available, memory.text, memory.text_mask),
+    ):
+        if table is None or feats is None:
+            continue
+        own = expert.user_vector(seq_repr, feats, mask) @ expert.candidate_vector(table).T  # [B, n_items]
+        own = own.masked_fill(~available, float("-inf"))  # the padding item has no feature either
+        points = mask.any(dim=1) & available[target]  # users with memory of the modality, positives with the feature
+        assert points.any()
+        expected = expected + 0.5 * torch.nn.functional.cross_entropy(own[points], target[points])
+        terms += 1
+    assert terms >= 1  # the tiny dataset has text features
+    torch.testing.assert_close(rec_loss, expected)
+    for bad, match in (({"expert_loss_weight": -1.0}, ">= 0"), ({"expert_loss_weight": 0.5, "loss_type": "SSM"}, "CE")):
+        with pytest.raises(ConfigError, match=match):
+            tiny_run(tmp_path / "bad", **bad)
+
+
 def test_excluded_unseen_items_leave_the_softmax_and_get_no_gradient(tmp_path):
     _, _, splits, model = tiny_run(tmp_path, exclude_unseen_items=True, memory_type="history")  # no writes
     counts = torch.bincount(splits[0]._dataset.inter_feat["item_id"], minlength=model.n_items)

@@ -12,12 +12,15 @@ feature, or the user's memory holds no slot of that modality.
 Loss: BPR of the positive against ``train_neg_num`` uniformly sampled negatives
 (never the positive), SSM (softmax cross-entropy over the positive and those
 negatives), or full-softmax CE over all items; plus ``load_balance_weight *
-sum_e (mean router weight_e - 1/E)^2`` over the E experts the dataset enables.
+sum_e (mean router weight_e - 1/E)^2`` over the E experts the dataset enables; with CE, plus
+``expert_loss_weight`` times each content expert's own CE over the items it scores (its score alone, not
+weighted by the router), so that a content expert learns to rank on its own.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +53,15 @@ from recbole_feddmmr.model.losses import (
 )
 
 EXPERTS = ("sequential", "visual", "semantic")
+
+
+class ExpertVectors(NamedTuple):
+    """Each expert's user vectors [B, H] and candidate vectors [U, H] (``None`` where it is live nowhere)."""
+
+    users: list[Tensor | None]
+    candidates: list[Tensor | None]
+
+
 # CE: softmax over the whole catalogue (RecBole's SASRec and BERT4Rec train so); SSM: sampled softmax with the
 # logQ correction; gBCE: generalised BCE over sampled negatives (gSASRec); BPR: the seed's pairwise loss
 LOSS_TYPES = ("CE", "SSM", "gBCE", "BPR")
@@ -124,6 +136,13 @@ class UR4RecV2MoE(SequentialRecommender):
             unseen = torch.ones(self.n_items, dtype=torch.bool)
             unseen[torch.as_tensor(list(dataset.item_counter.keys()), dtype=torch.long)] = False
         self.register_buffer("unseen_items", unseen, persistent=False)  # [n_items] bool, or None
+        # each content expert's own CE, so that it ranks by itself where the sequential expert cannot (an item
+        # with an untrained ID); without it a content expert is trained only as a minor part of the mixture
+        self.expert_loss_weight = config["expert_loss_weight"] or 0.0
+        if self.expert_loss_weight < 0:
+            raise ConfigError(f"expert_loss_weight must be >= 0, got {self.expert_loss_weight}")
+        if self.expert_loss_weight and self.loss_type != "CE":
+            raise ConfigError("expert_loss_weight applies to loss_type CE (each expert's full-catalogue softmax)")
         self.gbce_beta = gbce_beta(self.train_neg_num, self.n_items - 1, config["gbce_t"])
         dropout = config["dropout"]
 
@@ -253,13 +272,25 @@ class UR4RecV2MoE(SequentialRecommender):
         *,
         all_items: bool = False,
     ) -> tuple[Tensor, Routing | None]:
-        """Scores and router weights of candidates for each user.
+        """Scores and router weights of candidates for each user (see :meth:`_score`)."""
+        scores, routing, _ = self._score(seq_repr, memory, candidates, all_items=all_items)
+        return scores, routing
+
+    def _score(
+        self,
+        seq_repr: Tensor,
+        memory: MemoryReadout,
+        candidates: Tensor | None = None,
+        *,
+        all_items: bool = False,
+    ) -> tuple[Tensor, Routing | None, ExpertVectors | None]:
+        """Scores, router weights and each expert's vectors of candidates for each user.
 
         ``candidates``: [B, C] item ids per user, or ``None`` for all items (shared, [N]).
         Item-only work runs once per distinct candidate of the batch, or with
         ``all_items`` once per item of the catalogue (a fixed shape, as ``torch.func.vmap`` needs).
-        -> final scores [B, C] (or [B, N]) and the router's :class:`Routing` (``None`` with the experts off:
-        the sequential expert's weight is 1).
+        -> final scores [B, C] (or [B, N]), the router's :class:`Routing` and the experts' :class:`ExpertVectors`
+        (both ``None`` with the experts off: the sequential expert's weight is 1).
         """
         if candidates is None:
             items, index = torch.arange(self.n_items, device=seq_repr.device), None  # [N], shared by all users
@@ -272,7 +303,7 @@ class UR4RecV2MoE(SequentialRecommender):
         item_id_emb = self.item_embedding(items)  # [U, E]
         sequential_candidates = self.item_proj(item_id_emb)  # [U, H]
         if not self.content_experts_on:  # the sequential expert alone: its weight is 1, no router
-            return candidate_dot(sequential_candidates, seq_repr, index), None  # [B, C]
+            return candidate_dot(sequential_candidates, seq_repr, index), None, None  # [B, C]
         # each expert as (user vector [B, H], candidate vector [U, H]); None: not live for anyone here
         users: list[Tensor | None] = [seq_repr, None, None]
         candidates: list[Tensor | None] = [sequential_candidates, None, None]
@@ -297,7 +328,7 @@ class UR4RecV2MoE(SequentialRecommender):
         routing = self.router(
             item_id_emb, torch.stack(item_live, dim=1), torch.stack(user_live, dim=1), index, items
         )  # item_live [U, X], user_live [B, X]
-        return routing.score(users, candidates), routing  # [B, C]
+        return routing.score(users, candidates), routing, ExpertVectors(users, candidates)  # [B, C]
 
     # ----------------------------------------------------------------- memory
     def read_memory(
@@ -366,8 +397,9 @@ class UR4RecV2MoE(SequentialRecommender):
 
         ``negatives`` [P, N] (BPR / SSM; drawn here when ``None``); ``weight`` [P] 0 for padded points.
         """
+        experts = None
         if self.loss_type == "CE":
-            scores, routing = self.score_candidates(seq_repr, memory)  # [P, n_items]
+            scores, routing, experts = self._score(seq_repr, memory)  # [P, n_items]
             surprise = None
             if self.writes_memory:  # negatives = every item but the positive and the padding item 0
                 raw = scores.detach()
@@ -390,8 +422,34 @@ class UR4RecV2MoE(SequentialRecommender):
             surprise = surprise_of(scores.detach()) if self.writes_memory else None
         if routing is None:  # the sequential expert alone: nothing to balance
             return rec_loss, scores.new_zeros(()), surprise
+        if self.expert_loss_weight and experts is not None:
+            own = self.content_expert_loss(experts, routing, positives, weight)
+            rec_loss = rec_loss + self.expert_loss_weight * own
         lb_loss = balance_penalty(*routing.load_balance(self.expert_enabled, weight))
         return rec_loss, self.load_balance_weight * lb_loss, surprise
+
+    def content_expert_loss(
+        self, experts: ExpertVectors, routing: Routing, positives: Tensor, weight: Tensor | None = None
+    ) -> Tensor:
+        """Sum over the live content experts of each one's own full-catalogue CE, ``experts`` of P points
+        scored against all items, ``positives`` [P], ``weight`` [P] -> [].
+
+        Expert e's softmax runs over the items it can score (``routing.item_live[:, e]``; the items left out of
+        the main softmax stay out), on its points whose user has memory of its modality and whose positive has
+        its feature. The sequential expert has no term: the fused CE already trains it as the main scorer.
+        """
+        total = positives.new_zeros((), dtype=experts.users[0].dtype)
+        for e in range(1, len(EXPERTS)):
+            if experts.users[e] is None:
+                continue
+            scores = experts.users[e] @ experts.candidates[e].T  # [P, n_items]
+            excluded = ~routing.item_live[:, e]  # [n_items]
+            if self.unseen_items is not None:
+                excluded = excluded | self.unseen_items
+            point_weight = routing.user_live[:, e] & routing.item_live[positives, e]  # [P]
+            point_weight = point_weight.to(scores.dtype) * (1.0 if weight is None else weight)
+            total = total + full_softmax_loss(scores, positives, point_weight, excluded)
+        return total
 
     def sample_negatives(self, positives: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``train_neg_num`` negatives per positive [P] -> [P, N]: uniform over the other items (never the
