@@ -16,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+from recbole_feddmmr.atomic_write import replaced_when_whole
 from recbole_feddmmr.errors import MissingFileError
 from recbole_feddmmr.features.atomic import item_token_order, ml100k_item_texts, read_atomic, write_itememb
 from recbole_feddmmr.features.text import encode_texts, load_sentence_encoder
@@ -57,8 +58,8 @@ def prepare_ml100k(target_dir: str | Path, encoder=None, show_progress: bool = T
     for suffix in ML100K_COPIED:
         destination = target / f"{ML100K}.{suffix}"
         if not destination.exists():
-            shutil.copyfile(source / f"{ML100K}.{suffix}", destination.with_name(destination.name + ".tmp"))
-            destination.with_name(destination.name + ".tmp").replace(destination)
+            with replaced_when_whole(destination) as partial:
+                shutil.copyfile(source / f"{ML100K}.{suffix}", partial)
     itememb = target / f"{ML100K}.itememb"
     if not itememb.exists():
         started = time.perf_counter()

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recbole_feddmmr.atomic_write import replaced_when_whole
 from recbole_feddmmr.errors import ConfigError, run_cli
 from recbole_feddmmr.features.atomic import write_itememb
 
@@ -110,9 +111,8 @@ def write_planted(target_dir: str | Path, spec: PlantedSpec = PlantedSpec(), ove
         "clip_shuffled": visual[permutation],
     }
     header = ["user_id:token", "item_id:token", "timestamp:float"]
-    partial = inter_path.with_name(inter_path.name + ".tmp")  # renamed when whole, as write_itememb does
-    interactions.to_csv(partial, sep="\t", index=False, header=header)
-    partial.replace(inter_path)
+    with replaced_when_whole(inter_path) as partial:  # as write_itememb does
+        interactions.to_csv(partial, sep="\t", index=False, header=header)
     write_itememb(itememb_path, items["item_id"][used].astype(str).tolist(), columns)
     logger.info(
         f"wrote {target}: {len(interactions)} interactions, {spec.num_users} users, {int(used.sum())} items, "

@@ -256,9 +256,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides = command_settings(settings, **budget, **device)
     seeds = [args.seed + offset for offset in range(args.seeds)]
     cold_max, protocol = COLD_MAX_TRAIN_INTERACTIONS, {}
-    if args.cold_items is not None:
-        data_root = Path(overrides.get("data_path", "dataset_atomic"))
+    data_root = Path(overrides.get("data_path", "dataset_atomic"))
+    if not args.no_train or args.cold_items is not None:
+        # built here once: jobs side by side would otherwise all build it on first use, at the same time
         ensure_dataset(args.dataset, data_root / args.dataset)
+    if args.cold_items is not None:
         cold = write_cold_dataset(data_root / args.dataset, args.dataset, args.cold_items, args.cold_seed, data_root)
         tested = f"{cold.cold_users} of {cold.users} users tested on one"
         print(f"cold-item protocol: {cold.name}, {len(cold.cold_item_ids)} cold items, {tested}", flush=True)

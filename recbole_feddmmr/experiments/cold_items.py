@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from recbole_feddmmr.atomic_write import replaced_when_whole
 from recbole_feddmmr.config import properties_dir
 from recbole_feddmmr.errors import ConfigError, MissingFileError
 from recbole_feddmmr.features.atomic import read_atomic
@@ -116,6 +117,5 @@ def write_cold_dataset(source: Path, dataset: str, share: float, seed: int, data
 
 def write_atomic(path: Path, header: list[str], frame: pd.DataFrame) -> None:
     """``frame`` (string cells, columns named without their types) as an atomic file with ``header``."""
-    partial = path.with_name(path.name + ".partial")
-    frame.to_csv(partial, sep="\t", index=False, header=header, quoting=csv.QUOTE_NONE)
-    partial.replace(path)
+    with replaced_when_whole(path) as partial:
+        frame.to_csv(partial, sep="\t", index=False, header=header, quoting=csv.QUOTE_NONE)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from recbole_feddmmr import compat
+from recbole_feddmmr.atomic_write import replaced_when_whole
 from recbole_feddmmr.config import parse_overrides, setting_value
 from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.provenance import git_commit, machine_description, peak_rss_mb, usable_cpus
@@ -267,9 +268,8 @@ def write_json(path: str | Path, data: Any) -> Path:
     """``data`` as JSON at ``path``, written to a temporary name and renamed: a results file is whole or absent."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=1, default=str))
-    partial.replace(path)
+    with replaced_when_whole(path) as partial:
+        partial.write_text(json.dumps(data, indent=1, default=str))
     return path
 
 

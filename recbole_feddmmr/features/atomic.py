@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from recbole_feddmmr.atomic_write import replaced_when_whole
 from recbole_feddmmr.errors import DataFileError
 
 
@@ -45,12 +45,10 @@ def write_itememb(
         name: [" ".join(f"{v:.7g}" for v in row) if keep else "" for row, keep in zip(matrix, masks[name], strict=True)]
         for name, matrix in features.items()
     }
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with replaced_when_whole(path) as partial, open(partial, "w", encoding="utf-8") as handle:
         handle.write(header + "\n")
         for row, item_id in enumerate(item_ids):
             handle.write("\t".join([str(item_id)] + [rendered[name][row] for name in features]) + "\n")
-    os.replace(tmp, path)
     return path
 
 
