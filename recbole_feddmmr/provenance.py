@@ -37,7 +37,8 @@ def machine_description() -> str:
 
 def git_commit() -> str:
     """The short commit of the checkout this package runs from, with ``-dirty`` when tracked files differ from
-    it (a figure then came from uncommitted code); ``unknown`` for an installed copy outside a checkout."""
+    it (a figure then came from uncommitted code); ``unknown`` for an installed copy outside a checkout.
+    Changes under ``results/`` do not count: a run rewrites the committed tables there, which is not code."""
 
     def git(*arguments: str) -> str:
         return subprocess.run(
@@ -48,7 +49,10 @@ def git_commit() -> str:
         # the checkout must be this project's: an installed copy can sit inside another repository (pyenv's)
         if Path(git("rev-parse", "--show-toplevel")).resolve() != PACKAGE_DIR.parent:
             return "unknown"
-        commit, changes = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        commit, changes = (
+            git("rev-parse", "--short", "HEAD"),
+            git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"),
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{commit}-dirty" if changes else commit
