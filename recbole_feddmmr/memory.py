@@ -357,7 +357,8 @@ class LocalDynamicMemory(nn.Module):
         self, user_ids: Tensor, top_k: int = 20, before: Tensor | None = None
     ) -> MemoryReadout:
         """The ``top_k`` highest-utility slots of each user, visible only if their time < ``before``,
-        followed by the G global prototype slots (valid once set; prototypes carry no time).
+        followed by the G global prototype slots once any is set (prototypes carry no time; before that, and
+        always in centralised training, G = 0: columns that every row would mask cost reads for nothing)
 
         ``user_ids`` [B], ``before`` [B] the sample's prediction time (``None``: every slot is visible)
         -> features [B, K + G, Fv] / [B, K + G, Ft] (``None`` for a modality not stored), masks [B, K + G];
@@ -371,12 +372,15 @@ class LocalDynamicMemory(nn.Module):
         visible = torch.isfinite(top_utility)  # [B, K]
         items = self.item_ids[user_ids[:, None], slots].clamp(min=0)  # [B, K] (an empty slot reads item 0)
         batch = user_ids.numel()
-        prototype_mask = self.prototype_valid.expand(batch, -1)  # [B, G]
+        with_global = bool(self.prototype_valid.any())  # the same for every client of a round (server state)
+        prototype_mask = self.prototype_valid.expand(batch, -1)[:, : self.prototype_valid.numel() * with_global]
         features = self.features
 
         def with_prototypes(table: Tensor, prototypes: Tensor) -> Tensor:
             """``table`` [N, F], ``prototypes`` [G, F] -> [B, K + G, F]: one gather from the catalogue's rows
             followed by the prototypes' (a copy of [N + G, F]), not a gather and then a copy of [B, K + G, F]."""
+            if not with_global:
+                return table.index_select(0, items.flatten()).view(*items.shape, -1)  # [B, K, F]
             prototype_rows = torch.arange(prototypes.size(0), device=items.device) + table.size(0)  # [G]
             rows = torch.cat([items, prototype_rows.expand(batch, -1)], dim=1)  # [B, K + G]
             return torch.cat([table, prototypes]).index_select(0, rows.flatten()).view(*rows.shape, -1)

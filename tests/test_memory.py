@@ -258,3 +258,26 @@ def test_entry_features_are_what_prototypes_summarise():
     visual, text = ids.expand(-1, FV), -ids.expand(-1, FT)  # the catalogue's rows of items 5 and 6
     torch.testing.assert_close(memory.entry_features(torch.tensor([1])), torch.cat([visual, text], 1))
     assert memory.entry_features(torch.tensor([0])).shape == (0, FV + FT)
+
+
+def test_prototype_columns_appear_once_a_prototype_is_set_and_unset_ones_change_no_profile():
+    memory = make(capacity=4, surprise_threshold=0.0, num_global_prototypes=2)
+    write(memory, 1, [40, 41], [0.9, 0.9], [1, 2])
+    users, before = torch.tensor([1, 0]), torch.tensor([9.0, 9.0])
+    unset = memory.retrieve_multimodal_memory(users, top_k=3, before=before)
+    assert unset.text.shape == (2, 3, FT) and unset.text_mask.shape == (2, 3)  # no column for an unset prototype
+    # the same read with the two invalid prototype columns that earlier reads carried: the profile is unchanged
+    padded_text = torch.cat([unset.text, torch.full((2, 2, FT), 7.0)], dim=1)
+    padded_mask = torch.cat([unset.text_mask, torch.zeros(2, 2, dtype=torch.bool)], dim=1)
+    expert = ContentExpert(FT, 4, num_heads=2, dropout=0.0)
+    seq_repr = torch.randn(2, 4)
+    assert torch.allclose(
+        expert.user_vector(seq_repr, unset.text, unset.text_mask),
+        expert.user_vector(seq_repr, padded_text, padded_mask),
+        atol=1e-6,
+    )
+    memory.set_global_prototypes(torch.tensor([[5.0, 5.0, 5.0, -5.0, -5.0]]))  # one of two: [g, Fv + Ft]
+    read = memory.retrieve_multimodal_memory(users, top_k=3, before=before)
+    assert read.text.shape == (2, 5, FT)
+    assert read.text_mask[:, 3:].tolist() == [[True, False], [True, False]]  # every user reads the set one
+    assert read.text[0, 3].tolist() == [-5.0, -5.0]
