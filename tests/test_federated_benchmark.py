@@ -90,3 +90,26 @@ def test_round_sweep_times_every_backend_at_every_client_count(tmp_path):
     assert all(seconds > 0 for seconds in rows.values())
     assert report["sweep"]["payoff"]["over_vectorized"][12] == {"ray:2": rows[("ray:2", 12)] / rows[("vectorized", 12)]}
     assert json.loads(out.read_text())["sweep"]["rounds"] == report["sweep"]["rounds"]
+
+
+def test_settings_cost_times_each_setting_from_one_start_and_counts_the_dense_uploads(tmp_path):
+    out = tmp_path / "cost.json"
+    settings = dict(TINY_CONFIG, checkpoint_dir=str(tmp_path / "saved"), num_memory_prototypes=2)
+    settings.pop("epochs")
+    overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in settings.items()]
+    labels = ["FedAvg[]", "DP[dp_clip_norm=1.0,dp_noise_multiplier=1.0]", "secure[secure_aggregation=true]"]
+    arguments = ["--dataset", "tiny", "--compare_settings", *labels, "--compare_rounds", "2", "--sampled_clients", "3"]
+    report = main([*arguments, "--out", str(out), *overrides])
+    assert json.loads(out.read_text()) == report and main(["--report", str(out)]) == report
+    fedavg, dp, secure = report["cost"]["settings"]
+    assert [row["label"] for row in report["cost"]["settings"]] == labels
+    assert all(row["clients"] == 3 for row in (fedavg, dp, secure))
+    assert fedavg["x_seconds"] == 1.0 and dp["x_seconds"] == pytest.approx(
+        dp["seconds_per_round"] / fedavg["seconds_per_round"]
+    )
+    assert secure["x_bytes_up"] == pytest.approx(secure["bytes_up_per_round"] / fedavg["bytes_up_per_round"])
+    # secure aggregation uploads every item row (dense) and no prototypes; DP sends no prototypes either
+    assert dp["bytes_up_per_round"] < fedavg["bytes_up_per_round"] < secure["bytes_up_per_round"]
+    assert secure["settings"] == {"secure_aggregation": True}
+    with pytest.raises(SystemExit):
+        main(["--dataset", "tiny", "--compare_settings", "FedAvg[]", "--sampled_clients", "0", *overrides])

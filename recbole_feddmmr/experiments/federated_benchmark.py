@@ -14,6 +14,12 @@ peak RSS after each, and peak CUDA memory on a GPU. ``--speed_only`` runs only t
 
     python -m recbole_feddmmr.experiments.federated_benchmark --dataset ml-100k --speed_only --backends vectorized
 
+The cost of the privacy and robustness options, in one process from the same initial model and client sample
+(``--compare_settings``): seconds and bytes per round of each setting, with ratios to the first:
+
+    python -m recbole_feddmmr.experiments.federated_benchmark --dataset ml-100k --compare_rounds 3 \
+        --compare_settings "FedAvg[]" "DP[dp_clip_norm=1.0,dp_noise_multiplier=1.0]" "median[robust_aggregation=median]"
+
 With ``--jobs 2`` the tasks run in two processes side by side (one torch thread each, set
 ``OMP_NUM_THREADS=1``); the speed ratios are always taken inside one process. Results are written
 after each task, so a cut-off run still reports what finished.
@@ -25,6 +31,7 @@ import copy
 import dataclasses
 import logging
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,6 +56,7 @@ from recbole_feddmmr.experiments.tables import (
     FEDERATED_SPEED_BACKENDS,
     format_federated_benchmark,
     format_interleaved,
+    format_settings_cost,
     format_sweep,
     sweep_seconds,
 )
@@ -302,6 +310,53 @@ def measure_round_sweep(
     return {"device": str(config["device"]), "cpus": os.cpu_count(), "rounds": rows}
 
 
+def measure_settings_cost(
+    dataset: str, overrides: dict[str, Any], labels: list[str], clients: int, rounds: int
+) -> dict[str, Any]:
+    """Seconds and bytes per round of each federated setting ``NAME[key=value,...]`` (NAME is only its label),
+    sequential backend (the robust rules need each upload), ``clients`` per round: per setting one untimed
+    warm-up round, then ``rounds`` timed rounds, each from the same initial model and client sample."""
+    from recbole_feddmmr.federated.trainer import FederatedTrainer
+    from recbole_feddmmr.quick_start import prepare_run
+
+    rows = []
+    for label in labels:
+        _, settings = parse_run(label)
+        config, (train_data, _, _), model = prepare_run(
+            "UR4RecV2MoE", dataset, config_dict={**overrides, **settings, "clients_per_round": clients}
+        )
+        initial = copy.deepcopy(model.state_dict())
+        backend = make_backend("sequential", config["device"])
+        seconds, up, down = [], [], []
+        for index in range(rounds + 1):  # index 0 is the warm-up
+            model.load_state_dict(initial)
+            init_seed(config["seed"], config["reproducibility"])
+            trainer = FederatedTrainer(config, model)
+            server = trainer.build_server(train_data, trainer.federated, backend=backend)
+            report = server.run_round(0)
+            server.assemble_private_state()
+            if index:
+                seconds.append(report.seconds)
+                up.append(report.bytes_up)
+                down.append(report.bytes_down)
+        rows.append(
+            {
+                "label": label,
+                "settings": settings,
+                "clients": report.clients,
+                "seconds_per_round": statistics.median(seconds),
+                "bytes_up_per_round": statistics.median(up),
+                "bytes_down_per_round": statistics.median(down),
+            }
+        )
+        logging.getLogger(__name__).info(f"cost: {label}: {rows[-1]['seconds_per_round']:.2f} s per round")
+    first = rows[0]
+    for row in rows:
+        row["x_seconds"] = row["seconds_per_round"] / first["seconds_per_round"]
+        row["x_bytes_up"] = row["bytes_up_per_round"] / first["bytes_up_per_round"]
+    return {"device": str(config["device"]), "clients": clients, "timed_rounds": rounds, "settings": rows}
+
+
 def payoff(sweep: dict[str, Any], baseline: str = "vectorized") -> dict[str, Any]:
     """Per client count, each backend's seconds over the baseline's; and the smallest count from which a Ray
     pool is at least as fast as the baseline (None: at no measured count)."""
@@ -382,6 +437,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="PARTS",
         help="only time an epoch and a full round of the first --backends, cut into PARTS parts run in turn",
     )
+    parser.add_argument(
+        "--compare_settings",
+        nargs="+",
+        default=None,
+        metavar="NAME[key=value,...]",
+        help="only time rounds of each federated setting (sequential backend, --sampled_clients per round); "
+        "ratios against the first",
+    )
+    parser.add_argument("--compare_rounds", type=int, default=3, help="timed rounds per --compare_settings setting")
     parser.add_argument("--out", default="results/federated_benchmark.json")
     parser.add_argument("--report", metavar="JSON", help="only print the table of an existing results file")
     args, settings = parser.parse_known_args(argv)
@@ -413,6 +477,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = new_report("federated-sweep", MODULE, argv, sweep=sweep)
         write_json(out, report)
         print(format_sweep(sweep) + f"\n\nwrote {out}")
+        return report
+    if args.compare_settings:
+        logging.basicConfig(level=logging.INFO)
+        if args.sampled_clients < 1:
+            parser.error("--compare_settings times rounds of --sampled_clients clients: give at least 1")
+        cost = measure_settings_cost(
+            args.dataset, federated, args.compare_settings, args.sampled_clients, args.compare_rounds
+        )
+        report = new_report("federated-settings-cost", MODULE, argv, cost=cost)
+        write_json(out, report)
+        print(format_settings_cost(cost) + provenance(report) + f"\nwrote {out}")
         return report
     if args.speed_only and args.no_speed:
         parser.error("--speed_only and --no_speed exclude each other")

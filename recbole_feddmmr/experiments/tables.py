@@ -124,6 +124,24 @@ def format_sweep(sweep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_settings_cost(cost: dict[str, Any]) -> str:
+    """Seconds and MB (10^6 bytes) per round of each federated setting, with ratios to the first."""
+    first = cost["settings"][0]["label"]
+    lines = [
+        f"per round of {cost['clients']} clients on {cost['device']}, sequential backend, median of "
+        f"{cost['timed_rounds']} timed rounds from the same initial model; ratios against {first}:",
+        "| setting | s per round | x seconds | MB up | x bytes up | MB down |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in cost["settings"]:
+        lines.append(
+            f"| {row['label']} | {row['seconds_per_round']:.2f} | x{row['x_seconds']:.2f} | "
+            f"{row['bytes_up_per_round'] / 1e6:.1f} | x{row['x_bytes_up']:.2f} | "
+            f"{row['bytes_down_per_round'] / 1e6:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def format_interleaved(timing: dict[str, Any]) -> str:
     parts = ", ".join(f"{seconds:.1f}" for seconds in timing["epoch_part_seconds"])
     return (
