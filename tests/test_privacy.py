@@ -149,3 +149,25 @@ def test_dp_settings_that_cannot_run_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="adds no noise"):
         FederatedSettings.from_config(tiny_config(tmp_path, federated=True, dp_clip_norm=1.0))
     assert math.isinf(PrivacyAccountant(PrivacySettings(1.0, 0.0, 1e-3, "fixed"), 10, 2).epsilon(1))
+
+
+def test_privacy_budget_table_is_monotone_and_its_calibrated_multipliers_spend_their_targets(capsys):
+    from recbole_feddmmr.experiments.privacy_budget import budget_table, main
+
+    budget = budget_table(943, 16, "fixed", 1e-3, [1.0, 2.0], [10, 100], [4.0])
+    (low, high) = budget["epsilon"]
+    assert low["epsilon"][0] < low["epsilon"][1] and high["epsilon"][0] < high["epsilon"][1]  # more rounds
+    assert high["epsilon"][1] < low["epsilon"][1]  # more noise
+    for rounds, noise in zip(budget["rounds"], budget["calibrated"][0]["noise_multiplier"], strict=True):
+        spent = PrivacyAccountant(PrivacySettings(1.0, noise, 1e-3, "fixed"), 943, 16).epsilon(rounds)
+        assert spent <= 4.0 * 1.001 and spent > 4.0 * 0.95  # the smallest noise that spends at most the target
+    poisson = budget_table(943, 16, "poisson", 1e-3, [1.0], [100], [])
+    assert poisson["epsilon"][0]["epsilon"][0] < low["epsilon"][1]  # fixed cohorts: replace-one, twice the reach
+    with pytest.raises(ConfigError, match="clients_per_round"):
+        budget_table(943, 2000, "fixed", 1e-3, [1.0], [10], [])
+    report = main(["--users", "100", "--noise_multipliers", "1", "--rounds", "10", "--target_epsilons", "8"])
+    assert report["budget"]["delta"] == pytest.approx(0.01)  # 1 / users, as dp_delta defaults
+    assert "| 1 | " in capsys.readouterr().out
+    from recbole_feddmmr.experiments.report import format_results
+
+    assert "target epsilon" in format_results(report)  # the report command prints its file

@@ -6,8 +6,8 @@ Every results file names its kind (``"kind"``), which picks the table: ``benchma
 seeds), ``runs`` (a table of runs), ``run`` (one run: a benchmark cell, a study's run), ``evaluated``
 (checkpoints evaluated on test), ``search`` (a Tune search's best trial), ``federated-benchmark``,
 ``federated-sweep``, ``federated-settings-cost``, ``federated-interleaved``, ``federated-scale``,
-``federated-accuracy``. Under each table: the command, commit and machine the file records ("not recorded"
-where it has none).
+``federated-accuracy``, ``privacy-budget``. Under each table: the command, commit and machine the file
+records ("not recorded" where it has none).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ FORMATTERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "search": tables.format_search,
     "federated-benchmark": tables.format_federated_benchmark,
     "federated-sweep": lambda report: tables.format_sweep(report["sweep"]) + provenance(report),
+    "privacy-budget": lambda report: tables.format_budget(report["budget"]) + provenance(report),
     "federated-settings-cost": lambda report: tables.format_settings_cost(report["cost"]) + provenance(report),
     "federated-interleaved": lambda report: tables.format_interleaved(report["interleaved"]) + provenance(report),
     "federated-scale": tables.format_scale,

@@ -142,6 +142,27 @@ def format_settings_cost(cost: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_budget(budget: dict[str, Any]) -> str:
+    """The privacy budget: epsilon per (noise multiplier, rounds), calibrated multiplier per (target, rounds)."""
+    header = "| " + " | ".join(f"{count} rounds" for count in budget["rounds"]) + " |"
+    rule = "|---|" + "---|" * len(budget["rounds"])
+    lines = [
+        f"{budget['users']} users, {budget['clients_per_round']} clients per round ({budget['sampling']} sampling), "
+        f"delta {budget['delta']:.3g}; epsilon after each number of rounds:",
+        "",
+        "| noise multiplier " + header,
+        rule,
+    ]
+    for row in budget["epsilon"]:
+        lines.append(f"| {row['noise_multiplier']:g} | " + " | ".join(f"{e:.3g}" for e in row["epsilon"]) + " |")
+    lines += ["", "The noise multiplier that spends the target epsilon in that many rounds:", ""]
+    lines += ["| target epsilon " + header, rule]
+    for row in budget["calibrated"]:
+        cells = " | ".join(f"{z:.3f}" for z in row["noise_multiplier"])
+        lines.append(f"| {row['target_epsilon']:g} | {cells} |")
+    return "\n".join(lines)
+
+
 def format_interleaved(timing: dict[str, Any]) -> str:
     parts = ", ".join(f"{seconds:.1f}" for seconds in timing["epoch_part_seconds"])
     return (
