@@ -373,7 +373,10 @@ class LocalDynamicMemory(nn.Module):
         items = self.item_ids[user_ids[:, None], slots].clamp(min=0)  # [B, K] (an empty slot reads item 0)
         batch = user_ids.numel()
         with_global = bool(self.prototype_valid.any())  # the same for every client of a round (server state)
-        prototype_mask = self.prototype_valid.expand(batch, -1)[:, : self.prototype_valid.numel() * with_global]
+        # [B, G], or [B, 0] before any prototype is set
+        prototype_mask = (
+            self.prototype_valid.expand(batch, -1) if with_global else self.prototype_valid.new_zeros(batch, 0)
+        )
         features = self.features
 
         def with_prototypes(table: Tensor, prototypes: Tensor) -> Tensor:

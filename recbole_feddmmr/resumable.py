@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from recbole.utils import early_stopping
 
+from recbole_feddmmr.atomic_write import replaced_when_whole
 from recbole_feddmmr.checkpoints import read_checkpoint, with_trusted_checkpoints
 from recbole_feddmmr.errors import CheckpointError
 from recbole_feddmmr.fingerprint import config_fingerprint
@@ -55,9 +56,8 @@ def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
 def save_atomically(state: dict[str, Any], path: Path) -> None:
     """``torch.save`` to a temporary name, then a rename: a kill during the write leaves the old file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with replaced_when_whole(path) as partial:
+        torch.save(state, partial)
 
 
 class ResumableFitMixin:

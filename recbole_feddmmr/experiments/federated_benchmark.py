@@ -279,13 +279,28 @@ def sweep_backend(spec: str, chunk_targets: int, cpus: int | None):
     raise ConfigError(f"sweep backend {spec!r}: use sequential, vectorized or ray:N (N actors)")
 
 
+def round_from_start(config, model, initial: dict[str, Any], train_data, backend, **settings: Any):
+    """Round 0 of a federated server built from ``initial`` (the model's state) and the run's seed, with
+    ``settings`` replacing fields of the federated settings of ``config`` -> its ``RoundReport``. Every call
+    starts from the same model and draws the same clients, so the rounds of a sweep differ only by
+    ``settings`` or ``backend``."""
+    from recbole_feddmmr.federated.trainer import FederatedTrainer
+
+    model.load_state_dict(initial)
+    init_seed(config["seed"], config["reproducibility"])
+    trainer = FederatedTrainer(config, model)
+    server = trainer.build_server(train_data, dataclasses.replace(trainer.federated, **settings), backend=backend)
+    report = server.run_round(0)
+    server.assemble_private_state()
+    return report
+
+
 def measure_round_sweep(
     dataset: str, overrides: dict[str, Any], backends: list[str], client_counts: list[int], chunk_targets: int | None
 ) -> dict[str, Any]:
     """Seconds of one round per backend and clients per round (0 = all), in one process from the same initial
     model and client sample. Each backend first runs one untimed round of the smallest count, so a Ray
     pool's start (actors, model replicas) is not billed to the first timed round."""
-    from recbole_feddmmr.federated.trainer import FederatedTrainer
     from recbole_feddmmr.quick_start import prepare_run
 
     config, (train_data, _, _), model = prepare_run("UR4RecV2MoE", dataset, config_dict=overrides)
@@ -295,13 +310,9 @@ def measure_round_sweep(
     for spec in backends:
         backend = sweep_backend(spec, chunk_targets, os.cpu_count() or 1)
         for index, count in enumerate([min([c for c in client_counts if c] or [0]), *client_counts]):
-            model.load_state_dict(initial)
-            init_seed(config["seed"], config["reproducibility"])
-            trainer = FederatedTrainer(config, model)
-            settings = dataclasses.replace(trainer.federated, clients_per_round=count or None, client_fraction=1.0)
-            server = trainer.build_server(train_data, settings, backend=backend)
-            report = server.run_round(0)
-            server.assemble_private_state()
+            report = round_from_start(
+                config, model, initial, train_data, backend, clients_per_round=count or None, client_fraction=1.0
+            )
             if index:  # index 0 is the warm-up
                 rows.append({"backend": spec, "clients": report.clients, "seconds": report.seconds})
                 logging.getLogger(__name__).info(f"sweep: {spec}, {report.clients} clients: {report.seconds:.2f} s")
@@ -316,7 +327,6 @@ def measure_settings_cost(
     """Seconds and bytes per round of each federated setting ``NAME[key=value,...]`` (NAME is only its label),
     sequential backend (the robust rules need each upload), ``clients`` per round: per setting one untimed
     warm-up round, then ``rounds`` timed rounds, each from the same initial model and client sample."""
-    from recbole_feddmmr.federated.trainer import FederatedTrainer
     from recbole_feddmmr.quick_start import prepare_run
 
     rows = []
@@ -329,12 +339,7 @@ def measure_settings_cost(
         backend = make_backend("sequential", config["device"])
         seconds, up, down = [], [], []
         for index in range(rounds + 1):  # index 0 is the warm-up
-            model.load_state_dict(initial)
-            init_seed(config["seed"], config["reproducibility"])
-            trainer = FederatedTrainer(config, model)
-            server = trainer.build_server(train_data, trainer.federated, backend=backend)
-            report = server.run_round(0)
-            server.assemble_private_state()
+            report = round_from_start(config, model, initial, train_data, backend)
             if index:
                 seconds.append(report.seconds)
                 up.append(report.bytes_up)
