@@ -16,8 +16,8 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 
 
-def read_requirements() -> list[str]:
-    lines = (HERE / "requirements.txt").read_text().splitlines()
+def read_requirements(name: str = "requirements.txt") -> list[str]:
+    lines = (HERE / name).read_text().splitlines()
     return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 
@@ -32,7 +32,7 @@ setup(
     package_dir={"recbole_feddmmr.properties": "properties"},
     package_data={"recbole_feddmmr.properties": ["*.yaml", "model/*.yaml", "dataset/*.yaml"]},
     install_requires=read_requirements(),
-    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={"dev": ["pytest>=8", "ruff>=0.6"], "flower": read_requirements("requirements-flower.txt")},
     py_modules=["run_recbole_feddmmr"],
     entry_points={"console_scripts": ["recbole-feddmmr=run_recbole_feddmmr:cli"]},
 )

@@ -2,7 +2,8 @@
 # Installs recbole_feddmmr and everything it needs, offline-capable apart from PyPI.
 #
 #   bash scripts/install.sh          # runtime
-#   bash scripts/install.sh --dev    # runtime + pytest/ruff
+#   bash scripts/install.sh --dev    # runtime + pytest/ruff + the Flower integration (its tests run in CI)
+#   bash scripts/install.sh --flower # runtime + the Flower integration (recbole_feddmmr.flower)
 #
 # Why a script and not only `pip install .`: RecBole 1.2.1's wheel pins
 # ray<=2.6.3, which has no wheels for Python 3.12 and breaks on numpy 2. We need
@@ -21,6 +22,8 @@ fi
 "$PY" -m pip install --no-deps recbole==1.2.1
 if [[ "${1:-}" == "--dev" ]]; then
     "$PY" -m pip install -r requirements-dev.txt
+elif [[ "${1:-}" == "--flower" ]]; then
+    "$PY" -m pip install -r requirements-flower.txt
 fi
 # Non-editable on purpose: the properties must travel with the installed package.
 "$PY" -m pip install --no-deps .

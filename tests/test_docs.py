@@ -74,6 +74,10 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     "recbole_feddmmr.experiments.federated_study": EntryPoint(
         {"--rounds": "2", "--epochs": "1", "--eval_every": "1", "--time_budget": "120"}, slow=True, promise=r"\| run \|"
     ),
+    "recbole_feddmmr.flower": EntryPoint({"--rounds": "2", "--eval_every": "1"}, slow=True, promise=r'"test_result"'),
+    "recbole_feddmmr.experiments.flower_benchmark": EntryPoint(
+        {"--rounds": "2", "--eval_every": "1"}, slow=True, promise=r"Flower / in-house seconds per round"
+    ),
     "recbole_feddmmr.experiments.federated_scale": EntryPoint(
         {"--users": "30 60", "--rounds": "1", "--clients_per_round": "4"}, slow=True, promise=r"users \(clients\)"
     ),

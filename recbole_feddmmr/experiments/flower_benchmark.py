@@ -1,0 +1,96 @@
+"""The same federated run on the in-house sequential backend and on Flower's simulation engine, one after
+the other in one command: seconds per round of each (and their ratio), wall time with start-up, and test
+NDCG@10 of both (needs the flower extra).
+
+    python -m recbole_feddmmr.experiments.flower_benchmark --dataset ml-100k --supernodes 2 \\
+        --out results/flower_ml-100k.json --rounds=50 --eval_every=25
+
+``--key=value`` items are the run's settings (federated training is implied). A round's seconds are the
+server's wall time from selecting its clients to the aggregated model (Flower: messages to the SuperNodes,
+their training, the replies and the aggregation), validations excluded.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from recbole_feddmmr.errors import ConfigError, run_cli
+from recbole_feddmmr.experiments.runner import begin_command, command_settings, new_report, write_json
+
+MODULE = "recbole_feddmmr.experiments.flower_benchmark"
+
+
+def in_house_run(model: str, dataset: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The run on the in-house sequential backend -> its per-round seconds, best round, test metrics, wall time."""
+    from recbole_feddmmr.federated.trainer import FederatedTrainer
+    from recbole_feddmmr.quick_start import prepare_run
+
+    started = time.perf_counter()
+    settings = {**config, "federated": True, "federated_backend": "sequential"}
+    run_config, (train_data, valid_data, test_data), model_instance = prepare_run(model, dataset, config_dict=settings)
+    trainer = FederatedTrainer(run_config, model_instance)
+    trainer.fit(train_data, valid_data, saved=True)
+    test = trainer.evaluate(test_data, load_best_model=True)
+    return {
+        "round_seconds": [report.seconds for report in trainer.round_reports],
+        "best_round": trainer.best_epoch,
+        "test_result": {name: float(value) for name, value in test.items()},
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def flower_run(model: str, dataset: str, config: dict[str, Any], supernodes: int, out: Path) -> dict[str, Any]:
+    """The run on Flower's simulation engine -> the same fields."""
+    from recbole_feddmmr.flower.app import simulate
+
+    started = time.perf_counter()
+    settings = {"dataset": dataset, "model": model, "config": config, "out": str(out.with_suffix(".flower-run.json"))}
+    result = simulate(settings, supernodes)
+    return {
+        "round_seconds": [record["seconds"] for record in result["rounds"]],
+        "best_round": result["best_round"],
+        "test_result": {name: value for name, value in result["test_result"].items() if name != "users"},
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser, argv = begin_command(MODULE, __doc__, argv)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--model", default="UR4RecV2MoE")
+    parser.add_argument("--supernodes", type=int, default=2)
+    parser.add_argument("--out", default="results/flower_ml-100k.json")
+    arguments, rest = parser.parse_known_args(argv)
+    if arguments.supernodes < 1:
+        raise ConfigError(f"--supernodes must be >= 1, got {arguments.supernodes}")
+    config = command_settings(rest)
+    out = Path(arguments.out)
+    report = new_report("flower-cost", MODULE, argv, dataset=arguments.dataset, supernodes=arguments.supernodes)
+    runs = {
+        "in-house sequential": in_house_run(arguments.model, arguments.dataset, config),
+        "flower simulation": flower_run(arguments.model, arguments.dataset, config, arguments.supernodes, out),
+    }
+    for run in runs.values():
+        run["mean_round_seconds"] = statistics.fmean(run["round_seconds"])
+    baseline, flower = runs["in-house sequential"], runs["flower simulation"]
+    report |= {
+        "runs": runs,
+        "round_time_ratio": flower["mean_round_seconds"] / baseline["mean_round_seconds"],
+        "test_ndcg@10": {label: run["test_result"]["ndcg@10"] for label, run in runs.items()},
+    }
+    write_json(out, report)
+    for label, run in runs.items():
+        print(
+            f"{label:<20} {run['mean_round_seconds']:.3f} s per round over {len(run['round_seconds'])} rounds, "
+            f"wall {run['wall_seconds']:.0f} s, best round {run['best_round']}, "
+            f"test NDCG@10 {run['test_result']['ndcg@10']:.4f}"
+        )
+    print(f"Flower / in-house seconds per round: x{report['round_time_ratio']:.2f}  ({out})")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,155 @@
+"""The Flower integration (recbole_feddmmr.flower; needs the flower extra, part of the dev install): its
+rounds equal the in-house sequential backend's, its federated evaluation equals RecBole's evaluator, uploads
+survive the trip through Flower's records, and the base package never imports flwr."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, TINY_CONFIG, tiny_run
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from recbole_feddmmr.federated.messages import ClientResult
+from recbole_feddmmr.federated.trainer import FederatedTrainer
+from recbole_feddmmr.flower.app import make_client_app, serve, simulate
+from recbole_feddmmr.flower.records import add_client_result, client_results
+
+# five of the twelve one-user clients a round (so the sampler matters), a validation after every round
+FEDERATED = {
+    "federated": True,
+    "federated_backend": "sequential",
+    "rounds": 3,
+    "local_batch_size": 8,
+    "num_memory_prototypes": 2,
+    "memory_surprise_threshold": 0.0,  # every positive written: memories large enough for prototypes
+    "stopping_step": 5,
+    "clients_per_round": 5,
+    "eval_every": 1,
+    "resume_every_s": 0,
+    "metric_decimal_place": 10,  # RecBole rounds its metrics; the comparison wants them whole
+}
+
+
+class InProcessGrid:
+    """Flower's Grid in this process: a message goes to the ClientApp of its node with that node's Context,
+    whose state persists between messages as a SuperNode's does."""
+
+    def __init__(self, client_app, num_nodes: int) -> None:
+        self.client_app = client_app
+        self.contexts = {
+            100 + index: Context(
+                run_id=1, node_id=100 + index, node_config={"partition-id": index, "num-partitions": num_nodes},
+                state=RecordDict(), run_config={},
+            )
+            for index in range(num_nodes)
+        }  # fmt: skip
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [self.client_app(message, self.contexts[message.metadata.dst_node_id]) for message in messages]
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What a ServerApp run sets before it builds messages (Flower's Message needs a run id)."""
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def settings_of(tmp_path, **overrides) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = {**TINY_CONFIG, "checkpoint_dir": str(tmp_path / "saved"), **FEDERATED, **overrides}
+    return {"dataset": "tiny", "model": "UR4RecV2MoE", "config": config, "out": str(tmp_path / "flower.json")}
+
+
+def in_house_run(tmp_path, **overrides):
+    """The same run on the in-house sequential backend -> (trainer, test result)."""
+    config, _, (train_data, valid_data, test_data), model = tiny_run(tmp_path, **{**FEDERATED, **overrides})
+    trainer = FederatedTrainer(config, model)
+    trainer.fit(train_data, valid_data, saved=True)
+    return trainer, trainer.evaluate(test_data, load_best_model=True)
+
+
+def assert_same_run(flower_result: dict, parameters: dict, trainer: FederatedTrainer, test_result: dict) -> None:
+    in_house_valid = [report.valid_score for report in trainer.round_reports]
+    assert [record["valid_score"] for record in flower_result["rounds"]] == pytest.approx(in_house_valid, abs=1e-6)
+    assert [record["clients"] for record in flower_result["rounds"]] == [r.clients for r in trainer.round_reports]
+    assert flower_result["best_round"] == trainer.best_epoch
+    for name, value in trainer.server.global_params.items():  # the global model after the last round
+        torch.testing.assert_close(parameters["final"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for name, value in test_result.items():  # federated test of the best round = RecBole's test of its checkpoint
+        assert flower_result["test_result"][name] == pytest.approx(value, abs=1e-6), name
+    assert flower_result["test_result"]["users"] == 12
+
+
+def test_rounds_on_two_supernodes_equal_the_in_house_sequential_backend(tmp_path, task_identity):
+    trainer, test_result = in_house_run(tmp_path / "in-house")
+    settings = settings_of(tmp_path / "flower")
+    result, parameters = serve(InProcessGrid(make_client_app(settings), 2), settings, 2)
+    assert_same_run(result, parameters, trainer, test_result)
+    assert result["clients"] == 12 and all(record["clients"] == 5 for record in result["rounds"])
+
+
+def test_rowwise_fedadam_runs_as_in_house(tmp_path, task_identity):
+    # the strategy is the in-house one: its server optimizer and row-wise aggregation come with it; 3 nodes
+    overrides = {"server_optimizer": "fedadam", "server_lr": 0.01, "aggregation": "rowwise", "rounds": 2}
+    trainer, test_result = in_house_run(tmp_path / "in-house", **overrides)
+    settings = settings_of(tmp_path / "flower", **overrides)
+    result, parameters = serve(InProcessGrid(make_client_app(settings), 3), settings, 3)
+    assert_same_run(result, parameters, trainer, test_result)
+
+
+def test_a_client_upload_survives_flowers_records():
+    upload = ClientResult(
+        update={"item_embedding.weight": torch.randn(3, 4), "router.bias": torch.randn(2)},
+        num_samples=7,
+        prototypes=torch.randn(2, 5),
+        prototype_counts=torch.tensor([3.0, 4.0]),
+        mean_loss=1.25,
+        client_id=9,
+        changed_rows={"item_embedding.weight": torch.tensor([1, 5, 8])},
+        weight=None,
+    )
+    private = ClientResult(
+        {"router.bias": torch.ones(2)}, 2, torch.zeros(0, 0), torch.zeros(0), client_id=3, weight=1.0
+    )
+    content = RecordDict()
+    add_client_result(content, upload)
+    add_client_result(content, private)
+    back = client_results(content)
+    assert [result.client_id for result in back] == [3, 9]  # client id order, whatever the insertion order
+    assert back[0].weight == 1.0 and back[1].weight is None and back[1].num_samples == 7
+    for name in ("update", "changed_rows"):
+        assert set(getattr(back[1], name)) == set(getattr(upload, name))
+        for key, value in getattr(upload, name).items():
+            assert torch.equal(getattr(back[1], name)[key], value)
+    assert torch.equal(back[1].prototypes, upload.prototypes) and back[1].mean_loss == 1.25
+    assert back[1].num_bytes() == upload.num_bytes()  # the item table travels as its 3 changed rows only
+
+
+def test_the_base_package_does_not_import_flwr(tmp_path):
+    code = (
+        "import sys, recbole_feddmmr.quick_start, recbole_feddmmr.federated, recbole_feddmmr.experiments.benchmark; "
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'flwr'], 'flwr imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.ray
+def test_flowers_simulation_engine_runs_the_same_rounds(tmp_path):
+    # the real engine: Ray actors run the ClientApps, each SuperNode's state kept by Flower between rounds
+    overrides = {"rounds": 2}
+    trainer, test_result = in_house_run(tmp_path / "in-house", **overrides)
+    result = simulate(settings_of(tmp_path / "flower", **overrides), num_supernodes=2)
+    parameters = torch.load(tmp_path / "flower" / "flower.pth", weights_only=True)
+    assert_same_run(result, parameters, trainer, test_result)
