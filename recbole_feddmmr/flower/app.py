@@ -219,3 +219,8 @@ def simulate(settings: dict[str, Any], num_supernodes: int = 2, cpus_per_node: f
     if not Path(settings["out"]).exists():  # the ServerApp failed: Flower logs its error and returns
         raise RuntimeError("the Flower simulation ended without a result (see its log above)")
     return json.loads(Path(settings["out"]).read_text())
+
+
+# the apps a Flower command loads by name (``recbole_feddmmr.flower.app:server_app``), settings from its run config
+server_app = make_server_app()
+client_app = make_client_app()
