@@ -4,6 +4,7 @@ survive the trip through Flower's records, and the base package never imports fl
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -153,3 +154,20 @@ def test_flowers_simulation_engine_runs_the_same_rounds(tmp_path):
     result = simulate(settings_of(tmp_path / "flower", **overrides), num_supernodes=2)
     parameters = torch.load(tmp_path / "flower" / "flower.pth", weights_only=True)
     assert_same_run(result, parameters, trainer, test_result)
+
+
+def test_the_app_deployed_on_a_superlink_and_two_supernodes_trains_and_evaluates(tmp_path):
+    # scripts/flower_deploy.sh: real processes talking over loopback; the ServerApp and ClientApps run as
+    # Flower launches them (flwr-serverapp / flwr-clientapp), loading the apps by name from flower_app/
+    config = {**settings_of(tmp_path / "deployed", rounds=2)["config"]}
+    out = tmp_path / "deployed" / "run.json"
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "flower_deploy.sh"), "tiny", str(out), "2", json.dumps(config)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert result["supernodes"] == 2 and result["clients"] == 12
+    assert [record["clients"] for record in result["rounds"]] == [5, 5]
+    assert result["test_result"]["users"] == 12 and 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
+    assert not subprocess.run(["pgrep", "-f", str(out)], capture_output=True).stdout  # nothing left running
