@@ -5,6 +5,7 @@ survive the trip through Flower's records, and the base package never imports fl
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -151,7 +152,9 @@ def test_flowers_simulation_engine_runs_the_same_rounds(tmp_path):
     # the real engine: Ray actors run the ClientApps, each SuperNode's state kept by Flower between rounds
     overrides = {"rounds": 2}
     trainer, test_result = in_house_run(tmp_path / "in-house", **overrides)
+    pythonpath = os.environ.get("PYTHONPATH")
     result = simulate(settings_of(tmp_path / "flower", **overrides), num_supernodes=2)
+    assert os.environ.get("PYTHONPATH") == pythonpath  # Flower's Ray backend changed it; simulate puts it back
     parameters = torch.load(tmp_path / "flower" / "flower.pth", weights_only=True)
     assert_same_run(result, parameters, trainer, test_result)
 

@@ -42,12 +42,15 @@ def in_house_run(model: str, dataset: str, config: dict[str, Any]) -> dict[str, 
     }
 
 
-def flower_run(model: str, dataset: str, config: dict[str, Any], supernodes: int, out: Path) -> dict[str, Any]:
-    """The run on Flower's simulation engine -> the same fields."""
+def flower_run(
+    model: str, dataset: str, config: dict[str, Any], supernodes: int, out: Path, command: str
+) -> dict[str, Any]:
+    """The run on Flower's simulation engine -> the same fields (``command``: this benchmark's, for its record)."""
     from recbole_feddmmr.flower.app import simulate
 
     started = time.perf_counter()
-    settings = {"dataset": dataset, "model": model, "config": config, "out": str(out.with_suffix(".flower-run.json"))}
+    settings = {"dataset": dataset, "model": model, "config": config, "command": command,
+                "out": str(out.with_suffix(".flower-run.json"))}  # fmt: skip
     result = simulate(settings, supernodes)
     return {
         "round_seconds": [record["seconds"] for record in result["rounds"]],
@@ -71,7 +74,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = new_report("flower-cost", MODULE, argv, dataset=arguments.dataset, supernodes=arguments.supernodes)
     runs = {
         "in-house sequential": in_house_run(arguments.model, arguments.dataset, config),
-        "flower simulation": flower_run(arguments.model, arguments.dataset, config, arguments.supernodes, out),
+        "flower simulation": flower_run(
+            arguments.model, arguments.dataset, config, arguments.supernodes, out, report["command"]
+        ),
     }
     for run in runs.values():
         run["mean_round_seconds"] = statistics.fmean(run["round_seconds"])

@@ -6,8 +6,8 @@ Every results file names its kind (``"kind"``), which picks the table: ``benchma
 seeds), ``runs`` (a table of runs), ``run`` (one run: a benchmark cell, a study's run), ``evaluated``
 (checkpoints evaluated on test), ``search`` (a Tune search's best trial), ``federated-benchmark``,
 ``federated-sweep``, ``federated-settings-cost``, ``federated-interleaved``, ``federated-scale``,
-``federated-accuracy``, ``privacy-budget``. Under each table: the command, commit and machine the file
-records ("not recorded" where it has none).
+``federated-accuracy``, ``privacy-budget``, ``flower-cost``, ``flower-run``. Under each table: the command,
+commit and machine the file records ("not recorded" where it has none).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ FORMATTERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "federated-interleaved": lambda report: tables.format_interleaved(report["interleaved"]) + provenance(report),
     "federated-scale": tables.format_scale,
     "federated-accuracy": tables.format_accuracy,
+    "flower-cost": lambda report: tables.format_flower_cost(report) + provenance(report),
+    "flower-run": lambda report: tables.format_flower_run(report) + provenance(report),
 }
 
 

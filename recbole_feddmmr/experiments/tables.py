@@ -265,3 +265,35 @@ def format_scale(report: dict[str, Any]) -> str:
         )
     lines.append(provenance(report))
     return "\n".join(lines)
+
+
+def format_flower_cost(report: dict[str, Any]) -> str:
+    """The in-house sequential backend against Flower's simulation: seconds per round, wall time, test NDCG@10."""
+    lines = [
+        f"{report['dataset']}, {report['supernodes']} SuperNodes:",
+        "",
+        "| run | rounds | seconds per round | wall seconds | best round | test NDCG@10 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, run in report["runs"].items():
+        lines.append(
+            f"| {label} | {len(run['round_seconds'])} | {run['mean_round_seconds']:.3f} | {run['wall_seconds']:.0f} | "
+            f"{run['best_round']} | {run['test_result']['ndcg@10']:.4f} |"
+        )
+    lines += ["", f"Flower / in-house seconds per round: x{report['round_time_ratio']:.2f}"]
+    return "\n".join(lines)
+
+
+def format_flower_run(run: dict[str, Any]) -> str:
+    """One Flower run: its federation, best round and the validation and test metrics of that round."""
+    valid, test = run["best_valid_result"], run["test_result"]
+    names = [name for name in test if name != "users"]
+    lines = [
+        f"{run['settings']['model']} on {run['settings']['dataset']}: {run['clients']} clients on {run['supernodes']} "
+        f"SuperNodes, {len(run['rounds'])} rounds in {run['seconds']:.0f} s, best round {run['best_round']}",
+        "",
+        "| metric | valid | test |",
+        "|---|---|---|",
+        *(f"| {name} | {valid.get(name, float('nan')):.4f} | {test[name]:.4f} |" for name in names),
+    ]
+    return "\n".join(lines)

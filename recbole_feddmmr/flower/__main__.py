@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     arguments, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if arguments.supernodes < 1:
         raise ConfigError(f"--supernodes must be >= 1, got {arguments.supernodes}")
+    command = " ".join(["python -m recbole_feddmmr.flower", *(sys.argv[1:] if argv is None else argv)])
     settings = {"dataset": arguments.dataset, "model": arguments.model, "config": parse_overrides(rest),
-                "out": arguments.out}  # fmt: skip
+                "out": arguments.out, "command": command}  # fmt: skip
     result = simulate(settings, arguments.supernodes, arguments.cpus_per_node)
     summary = {key: result[key] for key in ("best_round", "best_valid_result", "test_result", "seconds")}
     print(json.dumps(summary, indent=1))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,7 @@ def serve(grid: Grid, settings: dict[str, Any], num_nodes: int) -> tuple[dict[st
         timeout=REPLY_TIMEOUT_S))  # fmt: skip
     result = {
         "kind": "flower-run",
+        "command": settings.get("command"),  # what started the run, when the caller said
         "settings": settings,
         "supernodes": num_nodes,
         "clients": len(server.clients),
@@ -210,12 +212,21 @@ def simulate(settings: dict[str, Any], num_supernodes: int = 2, cpus_per_node: f
     if not settings.get("out"):
         raise ConfigError("simulate needs settings['out'], the JSON file the ServerApp writes")
     Path(settings["out"]).unlink(missing_ok=True)  # a result after the run is this run's
-    run_simulation(
-        make_server_app(settings, num_supernodes),
-        make_client_app(settings),
-        num_supernodes=num_supernodes,
-        backend_config={"client_resources": {"num_cpus": cpus_per_node, "num_gpus": 0.0}},
-    )
+    # Flower's Ray backend sets this process's PYTHONPATH to its sys.path for the actors and leaves it so: put
+    # it back, or every later subprocess of the caller would import from wherever this process did
+    pythonpath = os.environ.get("PYTHONPATH")
+    try:
+        run_simulation(
+            make_server_app(settings, num_supernodes),
+            make_client_app(settings),
+            num_supernodes=num_supernodes,
+            backend_config={"client_resources": {"num_cpus": cpus_per_node, "num_gpus": 0.0}},
+        )
+    finally:
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
     if not Path(settings["out"]).exists():  # the ServerApp failed: Flower logs its error and returns
         raise RuntimeError("the Flower simulation ended without a result (see its log above)")
     return json.loads(Path(settings["out"]).read_text())
