@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--supernodes", type=int, default=2, help="virtual SuperNodes (partition groups)")
     parser.add_argument("--cpus_per_node", type=float, default=1.0, help="CPUs Ray gives each ClientApp")
     parser.add_argument("--out", required=True, help="the run's JSON (its parameters go next to it as .pth)")
-    arguments, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    arguments, rest = parser.parse_known_args(argv)
     if arguments.supernodes < 1:
         raise ConfigError(f"--supernodes must be >= 1, got {arguments.supernodes}")
-    command = " ".join(["python -m recbole_feddmmr.flower", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m recbole_feddmmr.flower", *argv])
     settings = {"dataset": arguments.dataset, "model": arguments.model, "config": parse_overrides(rest),
                 "out": arguments.out, "command": command}  # fmt: skip
     result = simulate(settings, arguments.supernodes, arguments.cpus_per_node)

@@ -132,6 +132,11 @@ def serve(grid: Grid, settings: dict[str, Any], num_nodes: int) -> tuple[dict[st
     round, ``best_prototypes``). Users' private rows stay on their nodes."""
     federation = build_federation(settings)  # the server's own, fresh
     server, trainer, config = federation.server, federation.trainer, federation.config
+    if server.availability.deadline_s is not None:
+        raise ConfigError(
+            "round_deadline_s is not supported in a Flower run: a round waits for every selected SuperNode "
+            "(client_dropout is)"
+        )
     nodes = wait_for_nodes(grid, num_nodes)
     node_of_client = {}
     for reply in _query(grid, nodes, "describe"):
@@ -142,11 +147,6 @@ def serve(grid: Grid, settings: dict[str, Any], num_nodes: int) -> tuple[dict[st
     arrays = global_arrays(server)
     valid_metric, bigger = config["valid_metric"].lower(), config["valid_metric_bigger"]
     best_score, cur_step, best, history = (-float("inf") if bigger else float("inf")), 0, None, []
-    if server.availability.deadline_s is not None:
-        raise ConfigError(
-            "round_deadline_s is not supported in a Flower run: a round waits for every selected SuperNode "
-            "(client_dropout is)"
-        )
     budget = trainer.federated.time_budget_s
     started = time.perf_counter()
     for server_round in range(1, trainer.rounds + 1):

@@ -37,7 +37,6 @@ class FedDMMRStrategy(Strategy):
         self.node_of_client = node_of_client
         self.prototypes: Tensor | None = None  # the merged prototypes every client reads next
         self.memory_clock = 0  # the memory clock at the end of the last round
-        self.last_round = None  # (clients, samples, mean loss, bytes up) of the last aggregated round
 
     def summary(self) -> None:
         strategy = self.server.strategy
