@@ -4,6 +4,7 @@ survive the trip through Flower's records, and the base package never imports fl
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -18,10 +19,14 @@ pytest.importorskip("flwr")
 from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from recbole_feddmmr.errors import ConfigError
+from recbole_feddmmr.federated.aggregation import UpdateAccumulator, sum_ready_upload
 from recbole_feddmmr.federated.messages import ClientResult
 from recbole_feddmmr.federated.trainer import FederatedTrainer
 from recbole_feddmmr.flower.app import make_client_app, serve, simulate
+from recbole_feddmmr.flower.node import build_federation
 from recbole_feddmmr.flower.records import add_client_result, client_results
+from recbole_feddmmr.flower.secagg import UploadLayout
 
 # five of the twelve one-user clients a round (so the sampler matters), a validation after every round
 FEDERATED = {
@@ -57,7 +62,10 @@ class InProcessGrid:
         return list(self.contexts)
 
     def send_and_receive(self, messages, *, timeout=None):
-        return [self.client_app(message, self.contexts[message.metadata.dst_node_id]) for message in messages]
+        # each node gets its own copy, as over a wire (SecAgg+'s server sends one content object to every node)
+        return [
+            self.client_app(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id]) for message in messages
+        ]
 
 
 @pytest.fixture
@@ -108,6 +116,95 @@ def test_rowwise_fedadam_runs_as_in_house(tmp_path, task_identity):
     settings = settings_of(tmp_path / "flower", **overrides)
     result, parameters = serve(InProcessGrid(make_client_app(settings), 3), settings, 3)
     assert_same_run(result, parameters, trainer, test_result)
+
+
+class RecordingGrid(InProcessGrid):
+    """An in-process grid that keeps every reply the server received."""
+
+    def __init__(self, client_app, num_nodes: int) -> None:
+        super().__init__(client_app, num_nodes)
+        self.replies = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.replies.extend(replies)
+        return replies
+
+
+# SecAgg+ on the tiny dataset: a node's weight (its clients' training targets) stays below 64, so the
+# quantisation step, scaled by max_weight / total weight, is small enough to compare with the plain round
+SECURE = {"secure_aggregation": True, "secagg_max_weight": 64.0}
+
+
+def test_a_secagg_plus_round_equals_the_plain_secure_round_within_the_quantisation_bound(tmp_path, task_identity):
+    # one round from the same initial model: the only difference is SecAgg+'s quantisation of the uploads
+    trainer, _ = in_house_run(tmp_path / "in-house", rounds=1, **SECURE)
+    settings = settings_of(tmp_path / "flower", rounds=1, **SECURE)
+    grid = RecordingGrid(make_client_app(settings), 2)
+    result, parameters = serve(grid, settings, 2)
+    (record,) = result["rounds"]
+    bound = record["secagg_error_bound"]
+    assert record["clients"] == 5 and 0 < bound < 1e-6  # 2 nodes * 2 / 2^24 * 64 / (the round's 34 targets)
+    for name, value in trainer.server.global_params.items():  # FedAvg, server lr 1: the update's error itself
+        assert (parameters["final"][name] - value).abs().max() <= bound + 1e-6, name
+    initial = build_federation(settings).server.global_params
+    moved = sum(int((parameters["final"][name] - value).abs().gt(1e-4).sum()) for name, value in initial.items())
+    assert moved > 100  # the round moved the model by far more than the bound
+    # what crossed from the nodes to the server: SecAgg+'s keys, shares and masked integer vectors, no array
+    secagg_replies = [reply.content for reply in grid.replies if "secaggplus_configs" in reply.content]
+    assert all(not len(record) for content in secagg_replies for record in content.array_records.values())
+    masked = [content["secaggplus_configs"]["masked_params"] for content in secagg_replies
+              if "masked_params" in content["secaggplus_configs"]]  # fmt: skip
+    assert len(masked) == 2  # both nodes took part (a node without a selected client uploads zeros, masked)
+
+
+def test_secagg_plus_rounds_track_the_in_house_secure_run(tmp_path, task_identity):
+    overrides = {"rounds": 3, "aggregation": "rowwise", **SECURE}  # row counts travel masked too
+    trainer, test_result = in_house_run(tmp_path / "in-house", **overrides)
+    settings = settings_of(tmp_path / "flower", **overrides)
+    result, parameters = serve(InProcessGrid(make_client_app(settings), 3), settings, 3)
+    in_house_valid = [report.valid_score for report in trainer.round_reports]
+    assert [record["valid_score"] for record in result["rounds"]] == pytest.approx(in_house_valid, abs=1e-3)
+    for name, value in trainer.server.global_params.items():
+        torch.testing.assert_close(parameters["final"][name], value, rtol=0, atol=1e-4, msg=name)
+    assert result["test_result"]["ndcg@10"] == pytest.approx(test_result["ndcg@10"], abs=1e-3)
+
+
+def test_the_secagg_upload_layout_turns_the_secure_mean_back_into_the_sums():
+    # two nodes' sums (mean and rowwise), as SecAgg+ would combine them: sum_i w_i p_i / sum_i w_i
+    shapes = {"item_embedding.weight": torch.Size([4, 2]), "router.bias": torch.Size([3])}
+    layout = UploadLayout.of({name: torch.zeros(shape) for name, shape in shapes.items()},
+                             {"item_embedding.weight": shapes["item_embedding.weight"]}, "rowwise")  # fmt: skip
+    accumulators, weights = [], [3.0, 5.0]
+    for seed, weight in zip((1, 2), weights, strict=True):
+        accumulator = UpdateAccumulator("rowwise", {"item_embedding.weight": shapes["item_embedding.weight"]})
+        update = {
+            name: torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for name, shape in shapes.items()
+        }
+        update["item_embedding.weight"][seed] = 0.0  # a row this node's client did not change
+        weighted, row_weights = sum_ready_upload(update, weight, "rowwise", ["item_embedding.weight"])
+        accumulator.add_summable(weighted, weight, row_weights)
+        accumulators.append(accumulator)
+    node_arrays = [layout.encode(accumulator) for accumulator in accumulators]
+    assert layout.elements == 8 + 3 + 4 and [array.shape for array in node_arrays[0]] == [(4, 2), (3,), (4,)]
+    secure_mean = [sum(w * arrays[k] for w, arrays in zip(weights, node_arrays, strict=True)) / sum(weights)
+                   for k in range(3)]  # fmt: skip
+    update, row_weights = layout.decode(secure_mean, sum(weights))
+    for name in shapes:
+        torch.testing.assert_close(update[name], accumulators[0].total[name] + accumulators[1].total[name])
+    row_counts = row_weights["item_embedding.weight"]
+    assert row_counts.tolist() == [8.0, 5.0, 3.0, 8.0]  # row 1 changed by the weight-5 node only, row 2 by the other
+    empty = layout.encode(UpdateAccumulator("rowwise", {"item_embedding.weight": shapes["item_embedding.weight"]}))
+    assert all(not array.any() for array in empty)  # a node that trained no client uploads zeros
+
+
+def test_secagg_plus_refuses_an_upload_it_would_clip(tmp_path, task_identity):
+    settings = settings_of(tmp_path, rounds=1, **SECURE, secagg_clipping_range=1e-6)
+    with pytest.raises(ConfigError, match="secagg_clipping_range"):
+        serve(InProcessGrid(make_client_app(settings), 2), settings, 2)
+    settings = settings_of(tmp_path, rounds=1, **SECURE)
+    with pytest.raises(ConfigError, match="at least 2 SuperNodes"):
+        serve(InProcessGrid(make_client_app(settings), 1), settings, 1)
 
 
 def test_a_client_upload_survives_flowers_records():

@@ -1,6 +1,10 @@
 """The same federated run on the in-house sequential backend and on Flower's simulation engine, one after
 the other in one command: seconds per round of each (and their ratio), wall time with start-up, and test
-NDCG@10 of both (needs the flower extra).
+NDCG@10 of both, and how far apart the two runs' final global parameters are (needs the flower extra).
+
+With ``--secure_aggregation=true`` the in-house run sums the sum-ready uploads as they are and the Flower run
+sums them through SecAgg+: with ``--rounds=1`` the parameters' difference is one round's quantisation error,
+printed beside the bound the Flower run reports for it.
 
     python -m recbole_feddmmr.experiments.flower_benchmark --dataset ml-100k --supernodes 2 \\
         --out results/flower_ml-100k.json --rounds=50 --eval_every=25
@@ -16,6 +20,8 @@ import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from recbole_feddmmr.errors import ConfigError, run_cli
 from recbole_feddmmr.experiments.runner import begin_command, command_settings, new_report, write_json
@@ -35,6 +41,7 @@ def in_house_run(model: str, dataset: str, config: dict[str, Any]) -> dict[str, 
     trainer.fit(train_data, valid_data, saved=True)
     test = trainer.evaluate(test_data, load_best_model=True)
     return {
+        "final_parameters": trainer.server.global_params,  # compared, not written
         "round_seconds": [report.seconds for report in trainer.round_reports],
         "best_round": trainer.best_epoch,
         "test_result": {name: float(value) for name, value in test.items()},
@@ -53,6 +60,10 @@ def flower_run(
                 "out": str(out.with_suffix(".flower-run.json"))}  # fmt: skip
     result = simulate(settings, supernodes)
     return {
+        "final_parameters": torch.load(out.with_suffix(".flower-run.pth"), weights_only=True)["final"],
+        "secagg_error_bounds": [
+            record["secagg_error_bound"] for record in result["rounds"] if "secagg_error_bound" in record
+        ],
         "round_seconds": [record["seconds"] for record in result["rounds"]],
         "best_round": result["best_round"],
         "test_result": {name: value for name, value in result["test_result"].items() if name != "users"},
@@ -81,7 +92,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for run in runs.values():
         run["mean_round_seconds"] = statistics.fmean(run["round_seconds"])
     baseline, flower = runs["in-house sequential"], runs["flower simulation"]
+    flower_final, baseline_final = flower.pop("final_parameters"), baseline.pop("final_parameters")
     report |= {
+        "final_parameters_max_abs_difference": max(
+            float((flower_final[name] - value).abs().max()) for name, value in baseline_final.items()
+        ),
         "runs": runs,
         "round_time_ratio": flower["mean_round_seconds"] / baseline["mean_round_seconds"],
         "test_ndcg@10": {label: run["test_result"]["ndcg@10"] for label, run in runs.items()},
@@ -93,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"wall {run['wall_seconds']:.0f} s, best round {run['best_round']}, "
             f"test NDCG@10 {run['test_result']['ndcg@10']:.4f}"
         )
+    print(f"final global parameters, largest difference: {report['final_parameters_max_abs_difference']:.3g}")
+    if flower["secagg_error_bounds"]:
+        print(f"SecAgg+ quantisation bound of round 0: {flower['secagg_error_bounds'][0]:.3g}")
     print(f"Flower / in-house seconds per round: x{report['round_time_ratio']:.2f}  ({out})")
     return report
 

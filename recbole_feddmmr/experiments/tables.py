@@ -281,6 +281,13 @@ def format_flower_cost(report: dict[str, Any]) -> str:
             f"{run['best_round']} | {run['test_result']['ndcg@10']:.4f} |"
         )
     lines += ["", f"Flower / in-house seconds per round: x{report['round_time_ratio']:.2f}"]
+    if "final_parameters_max_abs_difference" in report:  # reports before this field lack it
+        lines.append(
+            f"final global parameters, largest difference: {report['final_parameters_max_abs_difference']:.3g}"
+        )
+    bounds = report["runs"]["flower simulation"].get("secagg_error_bounds")
+    if bounds:
+        lines.append(f"SecAgg+ quantisation bound of round 0: {bounds[0]:.3g}")
     return "\n".join(lines)
 
 

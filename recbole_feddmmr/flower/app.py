@@ -29,7 +29,15 @@ from recbole_feddmmr.atomic_write import replaced_when_whole
 from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.flower.node import SuperNode, build_federation, federation_of
 from recbole_feddmmr.flower.records import record_tensors
-from recbole_feddmmr.flower.strategy import FedDMMRStrategy, global_arrays
+from recbole_feddmmr.flower.secagg import (
+    SecAggSettings,
+    is_secagg_fit,
+    quantisation_bound,
+    run_secure_round,
+    secagg_train,
+    secure_aggregation_mod,
+)
+from recbole_feddmmr.flower.strategy import FedDMMRStrategy, global_arrays, round_metrics
 from recbole_feddmmr.provenance import git_commit, machine_description
 
 logger = logging.getLogger(__name__)
@@ -68,9 +76,12 @@ def make_client_app(settings: dict[str, Any] | None = None) -> ClientApp:
             return Message(RecordDict(), reply_to=message)
         return Message(supernode.describe(), reply_to=message)
 
-    @app.train()
+    @app.train(mods=[secure_aggregation_mod])
     def train(message: Message, context: Context) -> Message:
-        return Message(node(context).train(message.content, context.state), reply_to=message)
+        supernode = node(context)
+        if is_secagg_fit(message.content):  # a SecAgg+ round (secure_aggregation: true)
+            return Message(secagg_train(supernode, message.content, context.state), reply_to=message)
+        return Message(supernode.train(message.content, context.state), reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
@@ -88,7 +99,7 @@ def make_server_app(settings: dict[str, Any] | None = None, num_nodes: int | Non
     def main(grid: Grid, context: Context) -> None:
         run_settings = settings_from(context.run_config, settings)
         nodes = num_nodes or int(context.run_config.get("num-supernodes", 2))
-        result, parameters = serve(grid, run_settings, nodes)
+        result, parameters = serve(grid, run_settings, nodes, context)
         if run_settings.get("out"):
             out = Path(run_settings["out"])
             with replaced_when_whole(out.with_suffix(".pth")) as temporary:
@@ -126,10 +137,14 @@ def wait_for_nodes(grid: Grid, count: int, wait_s: float = NODE_WAIT_S) -> list[
     return nodes[:count]
 
 
-def serve(grid: Grid, settings: dict[str, Any], num_nodes: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def serve(
+    grid: Grid, settings: dict[str, Any], num_nodes: int, context: Context | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Federated training and evaluation of ``settings`` over ``num_nodes`` SuperNodes (module docstring) ->
     (what the run did, the shared parameters: ``final`` after the last round, ``best`` of the best-validation
-    round, ``best_prototypes``). Users' private rows stay on their nodes."""
+    round, ``best_prototypes``). Users' private rows stay on their nodes. With ``secure_aggregation: true``
+    every training round runs Flower's SecAgg+ (:mod:`recbole_feddmmr.flower.secagg`); ``context``: the
+    ServerApp's, for its run id."""
     federation = build_federation(settings)  # the server's own, fresh
     server, trainer, config = federation.server, federation.trainer, federation.config
     if server.availability.deadline_s is not None:
@@ -144,6 +159,10 @@ def serve(grid: Grid, settings: dict[str, Any], num_nodes: int) -> tuple[dict[st
             node_of_client[int(client_id)] = reply.metadata.src_node_id
     strategy = FedDMMRStrategy(server, node_of_client)
     strategy.summary()
+    secagg = SecAggSettings.from_config(config) if server.settings.secure_aggregation else None
+    if secagg is not None:
+        logger.info(f"secure_aggregation: every round runs Flower's SecAgg+ over {len(nodes)} SuperNodes, {secagg}")
+        context = context or Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     arrays = global_arrays(server)
     valid_metric, bigger = config["valid_metric"].lower(), config["valid_metric_bigger"]
     best_score, cur_step, best, history = (-float("inf") if bigger else float("inf")), 0, None, []
@@ -153,9 +172,16 @@ def serve(grid: Grid, settings: dict[str, Any], num_nodes: int) -> tuple[dict[st
         if trainer._privacy_spent(server_round - 1):  # the next round would spend more than dp_target_epsilon
             break
         round_started = time.perf_counter()
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-                                        timeout=REPLY_TIMEOUT_S)  # fmt: skip
-        arrays, metrics = strategy.aggregate_train(server_round, replies)
+        if secagg is not None:
+            outcome, total_weight = run_secure_round(grid, context, strategy, server_round, nodes, secagg)
+            arrays, metrics = global_arrays(server), round_metrics(outcome)
+            metrics["secagg_error_bound"] = (
+                quantisation_bound(secagg, len(nodes), total_weight) if total_weight else 0.0
+            )
+        else:
+            replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+                                            timeout=REPLY_TIMEOUT_S)  # fmt: skip
+            arrays, metrics = strategy.aggregate_train(server_round, replies)
         record = {"round": server_round - 1, "seconds": time.perf_counter() - round_started, **dict(metrics)}
         if trainer.accountant is not None:  # user-level DP: epsilon spent after this round
             record["epsilon"] = trainer.accountant.step()

@@ -13,6 +13,7 @@ them only while it trains or evaluates them. Nothing private is in a reply.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -26,7 +27,7 @@ from torch import Tensor
 from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.federated.backends import SequentialBackend
 from recbole_feddmmr.federated.client import FedMemClient, load_parameters, train_in_turn
-from recbole_feddmmr.federated.messages import FitInstructions
+from recbole_feddmmr.federated.messages import ClientResult, FitInstructions
 from recbole_feddmmr.federated.server import FedMemServer
 from recbole_feddmmr.federated.trainer import FederatedTrainer
 from recbole_feddmmr.flower.records import add_client_result, record_tensors, tensors_record
@@ -94,31 +95,45 @@ class SuperNode:
     # ------------------------------------------------------------- training
     def train(self, content: RecordDict, state: RecordDict) -> RecordDict:
         """Train the clients the message names from its global parameters -> their uploads."""
+        self._set_prototypes(content)
+        config = content["config"]
+        results = self.train_clients(
+            [int(client_id) for client_id in config["clients"]],
+            record_tensors(content["parameters"]),
+            config,
+            state,
+        )
+        reply = RecordDict()
+        for result in results:
+            add_client_result(reply, result)
+        return reply
+
+    def train_clients(
+        self, client_ids: list[int], parameters: dict[str, Tensor], config: Mapping[str, Any], state: RecordDict
+    ) -> list[ClientResult]:
+        """Train these hosted clients from the global ``parameters`` in the round ``config`` names (``round``,
+        ``memory_clock``, ``memory_clock_per_epoch``) -> their uploads; their new private rows go to ``state``."""
         server = self.federation.server
         model, store = server.model, server.store
-        config = content["config"]
-        unknown = [client_id for client_id in config["clients"] if client_id not in self.clients]
+        unknown = [client_id for client_id in client_ids if client_id not in self.clients]
         if unknown:
             raise ConfigError(f"node {self.partition_id} hosts no client {unknown[:5]}")
-        clients = [self.clients[client_id] for client_id in config["clients"]]
-        self._set_prototypes(content)
+        clients = [self.clients[client_id] for client_id in client_ids]
         instructions = FitInstructions(
             round_idx=int(config["round"]),
-            parameters=record_tensors(content["parameters"]),
+            parameters=parameters,
             settings=server.settings,
             memory_clock=int(config["memory_clock"]),
             memory_clock_per_epoch=int(config["memory_clock_per_epoch"]),
             aggregation=server.strategy.aggregation,
             row_shapes=server.row_shapes,
         )
-        self._restore(store, state, [client.client_id for client in clients], PRIVATE)
-        reply = RecordDict()
-        for result in train_in_turn(model, clients, instructions, server.windows, store):
-            add_client_result(reply, result)
+        self._restore(store, state, client_ids, PRIVATE)
+        results = list(train_in_turn(model, clients, instructions, server.windows, store))
         store.release(model)
-        for client in clients:  # the trained clients' rows go back to the node's state, and only there
-            state[f"{PRIVATE}{client.client_id}"] = tensors_record(store.states.pop(client.client_id))
-        return reply
+        for client_id in client_ids:  # the trained clients' rows go back to the node's state, and only there
+            state[f"{PRIVATE}{client_id}"] = tensors_record(store.states.pop(client_id))
+        return results
 
     def keep_best(self, state: RecordDict) -> None:
         """The clients' current rows become their best-validation rows (the test evaluates those)."""

@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
 from recbole_feddmmr.errors import ConfigError
+from recbole_feddmmr.federated.messages import RoundAggregate
 from recbole_feddmmr.federated.server import FedMemServer
 from recbole_feddmmr.flower.records import client_results, tensors_record
 
@@ -53,10 +54,9 @@ class FedDMMRStrategy(Strategy):
         return content
 
     # ------------------------------------------------------------- training
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
-        """Round ``server_round`` (Flower counts from 1; the project's round index is one less)."""
+    def plan_round(self, server_round: int) -> tuple[dict[str, int], dict[int, list[int]]]:
+        """Round ``server_round`` (Flower counts from 1; the project's round index is one less): what every node
+        is told (round index, memory clock) and the selected clients of each node that hosts one."""
         server, round_idx = self.server, server_round - 1
         selected_idx, instructions = server.strategy.configure_fit(
             round_idx,
@@ -73,10 +73,17 @@ class FedDMMRStrategy(Strategy):
             per_node.setdefault(self.node_of_client[client.client_id], []).append(client.client_id)
         settings = {"round": round_idx, "memory_clock": instructions.memory_clock,
                     "memory_clock_per_epoch": instructions.memory_clock_per_epoch}  # fmt: skip
+        return settings, dict(sorted(per_node.items()))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """One message per SuperNode that hosts a client selected for round ``server_round``."""
+        settings, per_node = self.plan_round(server_round)
         return [
             Message(self._content(arrays, {**settings, **dict(config), "clients": clients}), dst_node_id=node,
                     message_type="train", group_id=str(server_round))
-            for node, clients in sorted(per_node.items())
+            for node, clients in per_node.items()
         ]  # fmt: skip
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
@@ -92,9 +99,7 @@ class FedDMMRStrategy(Strategy):
         server.global_params = outcome.parameters
         if outcome.prototypes is not None:
             self.prototypes = outcome.prototypes
-        metrics = MetricRecord({"clients": outcome.clients, "samples": outcome.samples,
-                                "mean_loss": outcome.mean_loss, "bytes_up": outcome.bytes_up})  # fmt: skip
-        return tensors_record(outcome.parameters), metrics
+        return tensors_record(outcome.parameters), round_metrics(outcome)
 
     # ----------------------------------------------------------- evaluation
     def configure_evaluate(
@@ -124,6 +129,12 @@ class FedDMMRStrategy(Strategy):
         if not users:
             raise RuntimeError("no SuperNode evaluated any user")
         return MetricRecord({name: value / users for name, value in totals.items()} | {"users": int(users)})
+
+
+def round_metrics(outcome: RoundAggregate) -> MetricRecord:
+    """What the server reports of a round."""
+    return MetricRecord({"clients": outcome.clients, "samples": outcome.samples, "mean_loss": outcome.mean_loss,
+                         "bytes_up": outcome.bytes_up})  # fmt: skip
 
 
 def global_arrays(server: FedMemServer) -> ArrayRecord:
