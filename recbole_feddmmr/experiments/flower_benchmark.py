@@ -43,6 +43,9 @@ def in_house_run(model: str, dataset: str, config: dict[str, Any]) -> dict[str, 
     return {
         "final_parameters": trainer.server.global_params,  # compared, not written
         "round_seconds": [report.seconds for report in trainer.round_reports],
+        "valid_scores": {
+            report.round_idx: report.valid_score for report in trainer.round_reports if report.valid_score is not None
+        },
         "best_round": trainer.best_epoch,
         "test_result": {name: float(value) for name, value in test.items()},
         "wall_seconds": time.perf_counter() - started,
@@ -65,6 +68,9 @@ def flower_run(
             record["secagg_error_bound"] for record in result["rounds"] if "secagg_error_bound" in record
         ],
         "round_seconds": [record["seconds"] for record in result["rounds"]],
+        "valid_scores": {
+            record["round"]: record["valid_score"] for record in result["rounds"] if "valid_score" in record
+        },
         "best_round": result["best_round"],
         "test_result": {name: value for name, value in result["test_result"].items() if name != "users"},
         "wall_seconds": time.perf_counter() - started,

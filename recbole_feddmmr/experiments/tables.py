@@ -272,13 +272,15 @@ def format_flower_cost(report: dict[str, Any]) -> str:
     lines = [
         f"{report['dataset']}, {report['supernodes']} SuperNodes:",
         "",
-        "| run | rounds | seconds per round | wall seconds | best round | test NDCG@10 |",
-        "|---|---|---|---|---|---|",
+        "| run | rounds | seconds per round | wall seconds | best round | validations | test NDCG@10 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, run in report["runs"].items():
+        valid = run.get("valid_scores", {})  # round -> score (JSON keys are strings); older reports lack them
+        validations = ", ".join(f"{float(score):.4f} ({round_idx})" for round_idx, score in valid.items()) or "-"
         lines.append(
             f"| {label} | {len(run['round_seconds'])} | {run['mean_round_seconds']:.3f} | {run['wall_seconds']:.0f} | "
-            f"{run['best_round']} | {run['test_result']['ndcg@10']:.4f} |"
+            f"{run['best_round']} | {validations} | {run['test_result']['ndcg@10']:.4f} |"
         )
     lines += ["", f"Flower / in-house seconds per round: x{report['round_time_ratio']:.2f}"]
     if "final_parameters_max_abs_difference" in report:  # reports before this field lack it
