@@ -23,13 +23,13 @@ samples and summed loss (the legacy ``FitRes`` fields), never an upload.
 Precision: stochastic rounding makes the quantisation unbiased; one round's error on an aggregated update
 entry is below ``nodes * 2 * clipping_range / quantization_range * max_weight / sum_i w_i``
 (:func:`quantisation_bound`), plus the quantisation of the weights themselves (relative error below
-``max_weight / (2 * w_i * quantization_range)``).
+``max_weight / (2 * w_i * quantization_range)``, and none when ``max_weight`` is a power of 2 that divides
+``quantization_range``, as by default: every integer weight then maps to an exact level).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -40,10 +40,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
-from flwr.server import ServerConfig, SimpleClientManager
+from flwr.server import ClientManager, ServerConfig, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -52,11 +53,10 @@ from torch import Tensor
 
 from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.federated.aggregation import UpdateAccumulator
-from recbole_feddmmr.federated.messages import RoundAggregate, ShardResult
+from recbole_feddmmr.federated.messages import ClientResult, RoundAggregate, ShardResult
 from recbole_feddmmr.flower.node import SuperNode
 from recbole_feddmmr.flower.records import tensors_record
-
-logger = logging.getLogger(__name__)
+from recbole_feddmmr.flower.strategy import FedDMMRStrategy
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def quantisation_bound(settings: SecAggSettings, nodes: int, total_weight: float
 
 # ------------------------------------------------------------------ node side
 def node_upload(
-    results: list, layout: UploadLayout, aggregation: str, row_shapes: dict, settings: SecAggSettings
+    results: list[ClientResult], layout: UploadLayout, aggregation: str, row_shapes: dict, settings: SecAggSettings
 ) -> RecordDict:
     """A node's trained clients' sum-ready uploads -> the legacy ``FitRes`` that ``secaggplus_mod`` masks:
     their per-sample mean, their total weight as ``num_examples``, and counts in clear."""
@@ -231,7 +231,7 @@ class SecAggPlusRound:
     ``aggregate_fit``): the project's client selection for the round, every node asked, and the in-house
     aggregation of the securely summed uploads."""
 
-    def __init__(self, strategy, nodes: list[int], settings: SecAggSettings) -> None:
+    def __init__(self, strategy: FedDMMRStrategy, nodes: list[int], settings: SecAggSettings) -> None:
         server = strategy.server
         if server.strategy.robust.on:
             raise ConfigError("SecAgg+ hides each upload: a robust rule, which needs them, cannot run with it")
@@ -242,7 +242,11 @@ class SecAggPlusRound:
         self.outcome: RoundAggregate | None = None
         self.total_weight = 0.0
 
-    def configure_fit(self, server_round: int, parameters, client_manager) -> list[tuple[GridClientProxy, FitIns]]:
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Every node's ``FitIns``: the server's own global parameters (``parameters``, the workflow's copy, is
+        unused) and the node's selected clients of the round, none for some."""
         round_config, per_node = self.strategy.plan_round(server_round)
         global_params = self.strategy.server.global_params
         shared = ndarrays_to_parameters([global_params[name].detach().cpu().numpy() for name in self.layout.shapes])
@@ -252,7 +256,11 @@ class SecAggPlusRound:
             for node in self.nodes
         ]
 
-    def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[None, dict]:
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[BaseException]
+    ) -> tuple[None, dict]:
+        """The securely summed uploads as one pre-aggregated shard -> ``FedMemStrategy.aggregate_fit`` (server
+        optimizer, row-wise division, DP noise); a failed node fails the round rather than drop out of it."""
         if failures:
             raise RuntimeError(f"SecAgg+ round {server_round}: {len(failures)} SuperNode(s) failed: {failures[:3]}")
         server = self.strategy.server
@@ -263,6 +271,7 @@ class SecAggPlusRound:
         if total_weight:  # every node's upload is the secure mean (SecAgg+ gives each result the aggregate)
             update, row_weights = self.layout.decode(parameters_to_ndarrays(fit_results[0].parameters), total_weight)
             folded.accumulator.add_summable(update, total_weight, row_weights)
+            # the nodes sent their clients' summed losses: the round's mean over clients, as one entry
             folded.losses = [math.fsum(float(r.metrics["loss_sum"]) for r in fit_results) / max(clients, 1)]
             folded.clients = clients
         folded.samples = sum(int(fit_result.metrics["samples"]) for fit_result in fit_results)
@@ -274,8 +283,14 @@ class SecAggPlusRound:
         return None, {}  # the new parameters are the server's own (the caller reads them), not the workflow's
 
 
-def run_secure_round(grid: Grid, context: Context, strategy, server_round: int, nodes: list[int],
-                     settings: SecAggSettings) -> tuple[RoundAggregate, float]:  # fmt: skip
+def run_secure_round(
+    grid: Grid,
+    context: Context,
+    strategy: FedDMMRStrategy,
+    server_round: int,
+    nodes: list[int],
+    settings: SecAggSettings,
+) -> tuple[RoundAggregate, float]:
     """Round ``server_round`` through SecAgg+ -> what the strategy made of it and the round's total weight.
     The server's global parameters are the round's result."""
     round_strategy = SecAggPlusRound(strategy, nodes, settings)
