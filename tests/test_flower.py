@@ -5,6 +5,7 @@ survive the trip through Flower's records, and the base package never imports fl
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,7 +27,7 @@ from recbole_feddmmr.federated.trainer import FederatedTrainer
 from recbole_feddmmr.flower.app import make_client_app, serve, simulate
 from recbole_feddmmr.flower.node import build_federation
 from recbole_feddmmr.flower.records import add_client_result, client_results
-from recbole_feddmmr.flower.secagg import UploadLayout
+from recbole_feddmmr.flower.secagg import SecAggSettings, UploadLayout, node_upload
 
 # five of the twelve one-user clients a round (so the sampler matters), a validation after every round
 FEDERATED = {
@@ -196,6 +197,34 @@ def test_the_secagg_upload_layout_turns_the_secure_mean_back_into_the_sums():
     assert row_counts.tolist() == [8.0, 5.0, 3.0, 8.0]  # row 1 changed by the weight-5 node only, row 2 by the other
     empty = layout.encode(UpdateAccumulator("rowwise", {"item_embedding.weight": shapes["item_embedding.weight"]}))
     assert all(not array.any() for array in empty)  # a node that trained no client uploads zeros
+
+
+def test_a_node_refuses_what_secagg_plus_would_corrupt_and_the_settings_refuse_an_overflow():
+    shapes = {"router.bias": torch.Size([3])}
+    layout = UploadLayout.of({"router.bias": torch.zeros(3)}, {}, "mean")
+
+    def upload(values, num_samples=4, clipping_range=1.0, max_weight=64.0):
+        weighted, _ = sum_ready_upload({"router.bias": torch.tensor(values)}, num_samples, "mean", [])
+        result = ClientResult(weighted, num_samples, torch.zeros(0, 0), torch.zeros(0), client_id=1,
+                              weight=num_samples, sum_ready=True)  # fmt: skip
+        return node_upload([result], layout, "mean", shapes, clipping_range, max_weight)
+
+    content = upload([0.5, -0.25, 0.0])
+    assert content["fitres.num_examples"]["num_examples"] == 4  # the node's weight, in clear
+    assert upload([0.5, -0.25, 0.0], num_samples=64) is not None  # the largest weight allowed
+    with pytest.raises(ConfigError, match="secagg_max_weight"):
+        upload([0.5, -0.25, 0.0], num_samples=65)
+    with pytest.raises(ConfigError, match="secagg_clipping_range"):
+        upload([1.5, 0.0, 0.0])
+    with pytest.raises(RuntimeError, match="not finite"):
+        upload([float("nan"), 0.0, 0.0])
+    settings = SecAggSettings(clipping_range=1.0, quantization_range=2**24, max_weight=2.0**16, num_shares=3,
+                              reconstruction_threshold=2)  # fmt: skip
+    settings.check(255)
+    with pytest.raises(ConfigError, match="overflow"):
+        settings.check(256)  # 256 x 2^24 quantised levels wrap around 2^32
+    with pytest.raises(ConfigError, match="even"):
+        dataclasses.replace(settings, quantization_range=2**24 + 1).check(2)
 
 
 def test_secagg_plus_refuses_an_upload_it_would_clip(tmp_path, task_identity):

@@ -32,17 +32,16 @@ from recbole_feddmmr.flower.records import record_tensors
 from recbole_feddmmr.flower.secagg import (
     SecAggSettings,
     is_secagg_fit,
-    quantisation_bound,
+    quantisation_bounds,
     run_secure_round,
     secagg_train,
     secure_aggregation_mod,
 )
-from recbole_feddmmr.flower.strategy import FedDMMRStrategy, global_arrays, round_metrics
+from recbole_feddmmr.flower.strategy import REPLY_TIMEOUT_S, FedDMMRStrategy, global_arrays, round_metrics
 from recbole_feddmmr.provenance import git_commit, machine_description
 
 logger = logging.getLogger(__name__)
 NODE_WAIT_S = 300  # how long the server waits for its SuperNodes to connect
-REPLY_TIMEOUT_S = 3600  # how long it waits for one round's replies
 
 
 def settings_from(run_config: dict[str, Any], settings: dict[str, Any] | None) -> dict[str, Any]:
@@ -175,9 +174,8 @@ def serve(
         if secagg is not None:
             outcome, total_weight = run_secure_round(grid, context, strategy, server_round, nodes, secagg)
             arrays, metrics = global_arrays(server), round_metrics(outcome)
-            metrics["secagg_error_bound"] = (
-                quantisation_bound(secagg, len(nodes), total_weight) if total_weight else 0.0
-            )
+            bounds = quantisation_bounds(secagg, len(nodes), total_weight)  # flower/secagg.py says which applies
+            metrics["secagg_error_bound"], metrics["secagg_sum_error_bound"] = bounds["mean"], bounds["sum"]
         else:
             replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
                                             timeout=REPLY_TIMEOUT_S)  # fmt: skip

@@ -9,22 +9,28 @@ strategy for one round, over :class:`~recbole_feddmmr.flower.strategy.FedDMMRStr
 :class:`~recbole_feddmmr.federated.strategy.FedMemStrategy`'s aggregation.
 
 What a node uploads. SecAgg+ computes the weighted mean ``sum_i w_i p_i / sum_i w_i`` of the nodes' float
-vectors ``p_i`` with weights ``w_i`` (each node's ``num_examples``), quantising every ``w_i p_i`` to an integer
-in ``[0, quantization_range)`` over ``[-clipping_range, clipping_range]`` before masking it. A node sums its
-trained clients' sum-ready uploads into ``s_i`` with total weight ``w_i`` and sends ``p_i = s_i / w_i``, a
-per-sample mean whose entries are of the size of one update (bounded by ``secagg_clipping_range``); the server
-multiplies the mean back by ``sum_i w_i`` to get the sum it aggregates in-house. Every node takes part in
-every round, a node without a selected client with a zero upload and weight 0: SecAgg+ needs two parties,
-and the server then cannot tell a node that trained from one that did not by its upload.
+vectors ``p_i`` with weights ``w_i`` (each node's ``num_examples``), quantising every ``(w_i / max_weight) p_i``
+to an integer in ``[0, quantization_range]`` over ``[-clipping_range, clipping_range]`` before masking it. A
+node sums its trained clients' sum-ready uploads into ``s_i`` with total weight ``w_i`` and sends
+``p_i = s_i / w_i``, a per-sample mean whose entries are of the size of one update (bounded by
+``secagg_clipping_range``; row-wise row counts per sample reach 1); the server multiplies the mean back by
+``sum_i w_i`` to get the sum it aggregates in-house. Every node takes part in every round, a node without a
+selected client with a zero upload and weight 0: SecAgg+ needs two parties, and the server then cannot tell
+a node that trained from one that did not by its upload.
 
 What the server still sees, as with SecAgg+ in any Flower app: each node's weight and its clients' count,
 samples and summed loss (the legacy ``FitRes`` fields), never an upload.
 
-Precision: stochastic rounding makes the quantisation unbiased; one round's error on an aggregated update
-entry is below ``nodes * 2 * clipping_range / quantization_range * max_weight / sum_i w_i``
-(:func:`quantisation_bound`), plus the quantisation of the weights themselves (relative error below
-``max_weight / (2 * w_i * quantization_range)``, and none when ``max_weight`` is a power of 2 that divides
-``quantization_range``, as by default: every integer weight then maps to an exact level).
+Precision: stochastic rounding makes the quantisation unbiased (it draws from numpy's global generator, so a
+SecAgg+ run is not bit-reproducible). One round's error on an entry of the summed uploads is below
+``nodes * 2 * clipping_range / quantization_range * max_weight``; on an entry of the aggregated update that is
+a mean over the round's weight (every parameter under ``mean`` aggregation, all but the item tables under
+``rowwise`` and ``sum``) it is below that over ``sum_i w_i`` (:func:`quantisation_bounds`); a ``rowwise`` item
+row divides the error by the row's count instead, and a ``sum`` item table keeps the error of the sum. The
+weights themselves are quantised with a relative error below ``max_weight / (2 * w_i * quantization_range)``,
+and exactly when ``max_weight`` is a power of 2 that divides ``quantization_range``, as by default (every
+integer weight then maps to a level). Under DP every client weighs 1, so a node's weight is its client count
+and a smaller ``secagg_max_weight`` gives a finer step.
 """
 
 from __future__ import annotations
@@ -41,13 +47,15 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ClientManager, ServerConfig, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from torch import Tensor
 
@@ -56,7 +64,7 @@ from recbole_feddmmr.federated.aggregation import UpdateAccumulator
 from recbole_feddmmr.federated.messages import ClientResult, RoundAggregate, ShardResult
 from recbole_feddmmr.flower.node import SuperNode
 from recbole_feddmmr.flower.records import tensors_record
-from recbole_feddmmr.flower.strategy import FedDMMRStrategy
+from recbole_feddmmr.flower.strategy import REPLY_TIMEOUT_S, FedDMMRStrategy
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,21 @@ class SecAggSettings:
             reconstruction_threshold=config["secagg_reconstruction_threshold"],
         )
 
+    def check(self, nodes: int) -> None:
+        """Refuse what SecAgg+ would get wrong without a word: a level past numpy's int32 cast, an odd number of
+        levels (zero would not be a level), or a sum of ``nodes`` quantised entries (each in ``[0, levels]``) that
+        wraps around the modulus."""
+        levels = self.quantization_range
+        if not 2 <= levels < 2**31 or levels % 2:
+            raise ConfigError(f"secagg_quantization_range must be even and in [2, 2^31), got {levels}")
+        if nodes * levels >= self.modulus_range:
+            raise ConfigError(
+                f"{nodes} SuperNodes x secagg_quantization_range={levels} overflow SecAgg+'s modulus 2^32: lower it "
+                f"below {self.modulus_range // nodes}"
+            )
+
     def workflow(self) -> SecAggPlusWorkflow:
+        """Flower's workflow with these parameters; a round waits ``timeout`` seconds at most for each exchange."""
         return SecAggPlusWorkflow(
             self.num_shares,
             self.reconstruction_threshold,
@@ -93,6 +115,7 @@ class SecAggSettings:
             clipping_range=self.clipping_range,
             quantization_range=self.quantization_range,
             modulus_range=self.modulus_range,
+            timeout=REPLY_TIMEOUT_S,
         )
 
 
@@ -146,17 +169,24 @@ class UploadLayout:
         return {name: value.view(self.shapes[name]) for name, value in update.items()}, row_weights
 
 
-def quantisation_bound(settings: SecAggSettings, nodes: int, total_weight: float) -> float:
-    """The largest error SecAgg+'s quantisation of the values can put on one entry of a round's aggregated
-    (mean) update: each node's ``w_i p_i / max_weight`` is rounded to one of ``quantization_range`` levels over
-    ``2 * clipping_range``, and the sum is divided by ``sum_i w_i / max_weight``."""
+def quantisation_bounds(settings: SecAggSettings, nodes: int, total_weight: float) -> dict[str, float]:
+    """The largest error SecAgg+'s quantisation can put on one round -> ``sum``: on an entry of the summed uploads
+    (each node's ``(w_i / max_weight) p_i`` is rounded to one of ``quantization_range`` levels over
+    ``2 * clipping_range``, and the sum is scaled back by ``max_weight``); ``mean``: on an entry of the update
+    that is the sum over the round's total weight ``total_weight``."""
     step = 2 * settings.clipping_range / settings.quantization_range
-    return nodes * step * settings.max_weight / total_weight
+    summed = nodes * step * settings.max_weight
+    return {"sum": summed, "mean": summed / total_weight if total_weight else 0.0}
 
 
 # ------------------------------------------------------------------ node side
 def node_upload(
-    results: list[ClientResult], layout: UploadLayout, aggregation: str, row_shapes: dict, settings: SecAggSettings
+    results: list[ClientResult],
+    layout: UploadLayout,
+    aggregation: str,
+    row_shapes: dict[str, torch.Size],
+    clipping_range: float,
+    max_weight: float,
 ) -> RecordDict:
     """A node's trained clients' sum-ready uploads -> the legacy ``FitRes`` that ``secaggplus_mod`` masks:
     their per-sample mean, their total weight as ``num_examples``, and counts in clear."""
@@ -168,17 +198,19 @@ def node_upload(
     weight = float(accumulator.weight)
     if weight != round(weight):
         raise ConfigError(f"SecAgg+ weighs a node by an integer number of examples, got weight {weight}")
-    if weight > settings.max_weight:
+    if weight > max_weight:
         raise ConfigError(
             f"a SuperNode's weight {weight:.0f} (its clients' training targets this round) exceeds "
-            f"secagg_max_weight={settings.max_weight:g}: raise it"
+            f"secagg_max_weight={max_weight:g}: raise it"
         )
     arrays = layout.encode(accumulator)
+    if not all(np.isfinite(array).all() for array in arrays):  # SecAgg+'s int cast would turn a NaN into a number
+        raise RuntimeError("a SuperNode's upload is not finite (NaN or inf): training diverged")
     largest = max((float(np.abs(array).max()) for array in arrays if array.size), default=0.0)
-    if largest > settings.clipping_range:  # SecAgg+ would clip it silently: refuse instead
+    if largest > clipping_range:  # SecAgg+ would clip it silently: refuse instead
         raise ConfigError(
             f"a SuperNode's per-sample upload reaches {largest:.3g}, beyond secagg_clipping_range="
-            f"{settings.clipping_range:g}: raise it (the quantisation step grows with it)"
+            f"{clipping_range:g}: raise it (the quantisation step grows with it)"
         )
     fit_result = FitRes(
         status=Status(Code.OK, ""),
@@ -201,7 +233,15 @@ def secagg_train(node: SuperNode, content: RecordDict, state: RecordDict) -> Rec
     layout = UploadLayout.of(server.global_params, server.row_shapes, aggregation)
     client_ids, parameters, config = fit_instructions(content, layout)
     results = node.train_clients(client_ids, parameters, config, state)
-    return node_upload(results, layout, aggregation, server.row_shapes, SecAggSettings.from_config(federation.config))
+    protocol = state.config_records[RECORD_KEY_STATE]  # what the server sent at this round's setup stage
+    return node_upload(
+        results,
+        layout,
+        aggregation,
+        server.row_shapes,
+        float(protocol["clipping_range"]),
+        float(protocol["max_weight"]),
+    )
 
 
 def secure_aggregation_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -237,6 +277,7 @@ class SecAggPlusRound:
             raise ConfigError("SecAgg+ hides each upload: a robust rule, which needs them, cannot run with it")
         if len(nodes) < 2:
             raise ConfigError("SecAgg+ needs at least 2 SuperNodes")
+        settings.check(len(nodes))
         self.strategy, self.nodes, self.settings = strategy, nodes, settings
         self.layout = UploadLayout.of(server.global_params, server.row_shapes, server.strategy.aggregation)
         self.outcome: RoundAggregate | None = None
@@ -261,8 +302,11 @@ class SecAggPlusRound:
     ) -> tuple[None, dict]:
         """The securely summed uploads as one pre-aggregated shard -> ``FedMemStrategy.aggregate_fit`` (server
         optimizer, row-wise division, DP noise); a failed node fails the round rather than drop out of it."""
-        if failures:
-            raise RuntimeError(f"SecAgg+ round {server_round}: {len(failures)} SuperNode(s) failed: {failures[:3]}")
+        if failures:  # Flower lists a node that failed to upload twice
+            reasons = sorted({str(failure) for failure in failures})
+            raise RuntimeError(f"SecAgg+ round {server_round}: SuperNodes failed: {reasons[:3]}")
+        if len(results) != len(self.nodes):  # a node that did not answer in time is unmasked as dropped
+            raise RuntimeError(f"SecAgg+ round {server_round}: {len(results)} of {len(self.nodes)} SuperNodes uploaded")
         server = self.strategy.server
         fit_results = [fit_result for _, fit_result in results]
         total_weight = float(sum(fit_result.num_examples for fit_result in fit_results))
@@ -283,6 +327,22 @@ class SecAggPlusRound:
         return None, {}  # the new parameters are the server's own (the caller reads them), not the workflow's
 
 
+class ReplyErrors:
+    """The grid the SecAgg+ workflow talks through: Flower's, keeping the reasons of its error replies (the
+    workflow itself logs only that it lost a node)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid, self.reasons = grid, []
+
+    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.reasons += [reply.error.reason for reply in replies if reply.has_error()]
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+
 def run_secure_round(
     grid: Grid,
     context: Context,
@@ -294,16 +354,23 @@ def run_secure_round(
     """Round ``server_round`` through SecAgg+ -> what the strategy made of it and the round's total weight.
     The server's global parameters are the round's result."""
     round_strategy = SecAggPlusRound(strategy, nodes, settings)
+    grid = ReplyErrors(grid)
     manager = SimpleClientManager()
     for node in nodes:
         manager.register(GridClientProxy(node, grid, context.run_id))
     fresh = Context(run_id=context.run_id, node_id=context.node_id, node_config={}, state=RecordDict(), run_config={})
-    legacy = LegacyContext(fresh, config=ServerConfig(num_rounds=1), strategy=round_strategy, client_manager=manager)
-    legacy.state.config_records["config"] = ConfigRecord({"current_round": server_round})
-    legacy.state.array_records["parameters"] = tensors_record({})  # unread: the round's parameters are the server's
+    legacy = LegacyContext(  # the workflow calls only configure_fit and aggregate_fit of its "strategy"
+        fresh,
+        config=ServerConfig(num_rounds=1),
+        strategy=round_strategy,
+        client_manager=manager,  # type: ignore[arg-type]
+    )
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = tensors_record({})  # unread: the parameters are the server's
     settings.workflow()(grid, legacy)
     if round_strategy.outcome is None:
-        raise RuntimeError(f"SecAgg+ round {server_round} halted before aggregating (see Flower's log above)")
+        reasons = sorted(set(grid.reasons)) or ["see Flower's log above"]
+        raise RuntimeError(f"SecAgg+ round {server_round} halted before aggregating: {reasons[:3]}")
     server = strategy.server
     server.global_params = round_strategy.outcome.parameters
     return round_strategy.outcome, round_strategy.total_weight

@@ -23,6 +23,7 @@ from recbole_feddmmr.federated.server import FedMemServer
 from recbole_feddmmr.flower.records import client_results, tensors_record
 
 logger = logging.getLogger(__name__)
+REPLY_TIMEOUT_S = 3600  # how long the server waits for one exchange's replies
 
 
 class FedDMMRStrategy(Strategy):
