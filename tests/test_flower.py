@@ -207,7 +207,7 @@ def test_a_node_refuses_what_secagg_plus_would_corrupt_and_the_settings_refuse_a
         weighted, _ = sum_ready_upload({"router.bias": torch.tensor(values)}, num_samples, "mean", [])
         result = ClientResult(weighted, num_samples, torch.zeros(0, 0), torch.zeros(0), client_id=1,
                               weight=num_samples, sum_ready=True)  # fmt: skip
-        return node_upload([result], layout, "mean", shapes, clipping_range, max_weight)
+        return node_upload([result], layout, UpdateAccumulator("mean", shapes), clipping_range, max_weight)
 
     content = upload([0.5, -0.25, 0.0])
     assert content["fitres.num_examples"]["num_examples"] == 4  # the node's weight, in clear

@@ -183,14 +183,13 @@ def quantisation_bounds(settings: SecAggSettings, nodes: int, total_weight: floa
 def node_upload(
     results: list[ClientResult],
     layout: UploadLayout,
-    aggregation: str,
-    row_shapes: dict[str, torch.Size],
+    accumulator: UpdateAccumulator,
     clipping_range: float,
     max_weight: float,
 ) -> RecordDict:
-    """A node's trained clients' sum-ready uploads -> the legacy ``FitRes`` that ``secaggplus_mod`` masks:
-    their per-sample mean, their total weight as ``num_examples``, and counts in clear."""
-    accumulator = UpdateAccumulator(aggregation, row_shapes)
+    """A node's trained clients' sum-ready uploads, summed into the empty ``accumulator`` -> the legacy
+    ``FitRes`` that ``secaggplus_mod`` masks: their per-sample mean, their total weight as ``num_examples``, and
+    counts in clear."""
     for result in results:
         if not result.sum_ready:
             raise ConfigError("SecAgg+ rounds need secure_aggregation: true (dense, pre-weighted uploads)")
@@ -227,18 +226,15 @@ def node_upload(
 
 def secagg_train(node: SuperNode, content: RecordDict, state: RecordDict) -> RecordDict:
     """A node's part of a SecAgg+ round: train its selected clients -> the ``FitRes`` ``secaggplus_mod`` masks."""
-    federation = node.federation
-    server = federation.server
-    aggregation = server.strategy.aggregation
-    layout = UploadLayout.of(server.global_params, server.row_shapes, aggregation)
+    server = node.federation.server
+    layout = UploadLayout.of(server.global_params, server.row_shapes, server.strategy.aggregation)
     client_ids, parameters, config = fit_instructions(content, layout)
     results = node.train_clients(client_ids, parameters, config, state)
     protocol = state.config_records[RECORD_KEY_STATE]  # what the server sent at this round's setup stage
     return node_upload(
         results,
         layout,
-        aggregation,
-        server.row_shapes,
+        server.strategy.new_accumulator(server.row_shapes),
         float(protocol["clipping_range"]),
         float(protocol["max_weight"]),
     )
@@ -371,6 +367,5 @@ def run_secure_round(
     if round_strategy.outcome is None:
         reasons = sorted(set(grid.reasons)) or ["see Flower's log above"]
         raise RuntimeError(f"SecAgg+ round {server_round} halted before aggregating: {reasons[:3]}")
-    server = strategy.server
-    server.global_params = round_strategy.outcome.parameters
+    strategy.apply(round_strategy.outcome)
     return round_strategy.outcome, round_strategy.total_weight

@@ -97,10 +97,14 @@ class FedDMMRStrategy(Strategy):
         results.sort(key=lambda result: result.client_id)  # the in-house order: the sum is order-exact
         server = self.server
         outcome = server.strategy.aggregate_fit(server.global_params, results, server.row_shapes, server_round - 1)
-        server.global_params = outcome.parameters
+        self.apply(outcome)
+        return tensors_record(outcome.parameters), round_metrics(outcome)
+
+    def apply(self, outcome: RoundAggregate) -> None:
+        """A round's outcome becomes the global model (and the prototypes, when clients sent any)."""
+        self.server.global_params = outcome.parameters
         if outcome.prototypes is not None:
             self.prototypes = outcome.prototypes
-        return tensors_record(outcome.parameters), round_metrics(outcome)
 
     # ----------------------------------------------------------- evaluation
     def configure_evaluate(
