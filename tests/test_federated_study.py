@@ -75,3 +75,31 @@ def test_the_table_compares_runs_at_equal_wall_time():
     assert summary_row(run, compare_at=100)["best_valid_within_s"] == 0.02  # 0.05 came after 120 s
     assert summary_row(run, compare_at=120)["best_valid_within_s"] == 0.05
     assert summary_row(run)["best_valid_within_s"] is None
+    assert summary_row(run)["target_exposure@10"] is None and summary_row(run)["epsilon"] is None
+
+
+def test_the_table_shows_exposure_and_epsilon_only_when_a_run_has_them(tmp_path):
+    from recbole_feddmmr.experiments.federated_study import summary_row, write_table
+
+    def run(label, exposure=None, epsilons=(None, None)):
+        rounds = [
+            {"valid_score": 0.02, "elapsed_seconds": 5.0 * i, "bytes_up": 1, "bytes_down": 1, "epsilon": e}
+            for i, e in enumerate(epsilons)
+        ]
+        result = {
+            "label": label, "best_valid_ndcg@10": 0.02, "best_epoch": 0, "epochs_trained": 2,
+            "test_full": {"hit@10": 0.1, "ndcg@10": 0.04}, "train_seconds": 1.0, "bytes_up_total": 2,
+            "bytes_down_total": 2, "rounds": rounds,
+        }  # fmt: skip
+        return result | ({"target_exposure@10": exposure} if exposure is not None else {})
+
+    plain = summary_row(run("plain"))
+    assert "ER@10" not in write_table([plain], tmp_path, "footer")
+    attacked = summary_row(run("attacked", exposure=0.25))
+    private = summary_row(run("private", epsilons=(1.5, 2.25)))
+    assert private["epsilon"] == 2.25  # the budget spent after the last round
+    table = write_table([plain, attacked, private], tmp_path, "footer").splitlines()
+    assert table[0].endswith("| target ER@10 | epsilon |")
+    assert table[2].endswith("| - | - |")
+    assert table[3].endswith("| 0.2500 | - |")
+    assert table[4].endswith("| - | 2.25 |")

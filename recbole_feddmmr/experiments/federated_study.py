@@ -97,6 +97,9 @@ def summary_row(run: dict[str, Any], compare_at: float | None = None) -> dict[st
         "test_ndcg@10": run["test_full"]["ndcg@10"],
         "wall_seconds": wall,
         "mb_up_down_per_round": traffic,
+        # under attack: the targets' exposure among the clean test users; under DP: the epsilon spent
+        "target_exposure@10": run.get("target_exposure@10"),
+        "epsilon": next((r["epsilon"] for r in reversed(rounds) if r.get("epsilon") is not None), None),
         "best_valid_within_s": max(
             (
                 entry["valid_score"]
@@ -116,19 +119,27 @@ def write_table(rows: list[dict[str, Any]], out: Path, footer: str, compare_at: 
         writer.writeheader()
         writer.writerows(rows)
     within = f" | best valid within {compare_at:.0f} s" if compare_at else ""
+    # columns only some studies have (attacks, DP) appear when one of their runs has them
+    optional = [
+        (key, title, form)
+        for key, title, form in (("target_exposure@10", "target ER@10", ".4f"), ("epsilon", "epsilon", ".2f"))
+        if any(row.get(key) is not None for row in rows)
+    ]
+    extra_titles = "".join(f" | {title}" for _, title, _ in optional)
     lines = [
         "| run | best valid NDCG@10 | best round/epoch | test HR@10 | test NDCG@10 | wall s (training + validation) "
-        f"| MB up+down per round{within} |",
-        "|---|---|---|---|---|---|---|" + ("---|" if compare_at else ""),
+        f"| MB up+down per round{extra_titles}{within} |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(optional) + ("---|" if compare_at else ""),
     ]
     for row in rows:
         traffic = "-" if row["mb_up_down_per_round"] is None else f"{row['mb_up_down_per_round']:.0f}"
+        extras = "".join(" | -" if row.get(key) is None else f" | {row[key]:{form}}" for key, _, form in optional)
         early = row.get("best_valid_within_s")
         early_text = (" | -" if early is None else f" | {early:.4f}") if compare_at else ""
         lines.append(
             f"| {row['run']} | {row['best_valid_ndcg@10']:.4f} | {row['best_round']} of {row['rounds_run']} "
             f"| {row['test_hit@10']:.4f} | {row['test_ndcg@10']:.4f} | {row['wall_seconds']:.0f} | {traffic}"
-            f"{early_text} |"
+            f"{extras}{early_text} |"
         )
     text = "\n".join(lines) + "\n\n" + footer + "\n"
     (out / "table.md").write_text(text)
