@@ -17,6 +17,18 @@ def test_the_plan_draws_the_malicious_clients_and_unpopular_targets_from_the_see
     assert plan.popular[:3] == (1, 2, 3)
 
 
+def test_the_targets_do_not_depend_on_the_attackers_share_and_are_named_without_attackers():
+    counts = torch.arange(40, -1, -1)  # item 0 padding (40, cleared by the plan), item 40 never seen
+    plans = [plan_attack("promote", f, 5.0, num_targets=3, num_clients=100, item_counts=counts, seed=3)
+             for f in (0.0, 0.01, 0.05, 0.1)]  # fmt: skip
+    assert [len(plan.malicious) for plan in plans] == [0, 1, 5, 10]
+    assert len({plan.targets for plan in plans}) == 1 and len(plans[0].targets) == 3
+    assert not plans[0].on  # the reference run: targets named, nobody malicious
+    assert plans[1].malicious < plans[2].malicious < plans[3].malicious  # nested: 1% of them are in the 5%
+    untargeted = plan_attack("scale", 0.05, 5.0, num_targets=3, num_clients=100, item_counts=counts, seed=3)
+    assert untargeted.targets == () and len(untargeted.malicious) == 5
+
+
 def test_a_promoting_upload_moves_the_targets_towards_the_popular_rows_and_leaves_the_rest_honest():
     table = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [1.0, 1.0], [-1.0, -1.0]])
     attack = AttackSettings("promote", 0.1, 3.0, frozenset({0}), targets=(4,), popular=(1, 2))
@@ -44,3 +56,5 @@ def test_a_federated_run_under_attack_reports_the_targets_exposure(tmp_path):
     result = run_model("UR4RecV2MoE", "tiny", settings)
     assert result["attack"]["kind"] == "promote" and len(result["attack"]["targets"]) == 2
     assert 0.0 <= result["target_exposure@10"] <= 1.0
+    clean = run_model("UR4RecV2MoE", "tiny", settings | {"attack_fraction": 0.0})  # the reference: no attacker
+    assert clean["attack"]["targets"] == result["attack"]["targets"] and "target_exposure@10" in clean

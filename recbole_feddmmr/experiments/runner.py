@@ -147,7 +147,8 @@ def run_model(
         result["live_experts"] = model_instance.live_experts
         result["expert_share"] = expert_share(model_instance, test_data, config["device"])
     attack = getattr(trainer, "attack", None)
-    if attack is not None and attack.on:  # the attack's success: its targets' exposure among the clean users
+    # the attack's success: its targets' exposure among the clean users (also with no attacker, as the reference)
+    if attack is not None and attack.targets:
         result["attack"] = {"kind": attack.kind, "fraction": attack.fraction, "targets": list(attack.targets)}
         result["target_exposure@10"] = target_exposure(
             model_instance, test_data, torch.tensor(attack.targets), trainer.attack_users, config["device"]

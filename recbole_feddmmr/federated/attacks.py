@@ -10,8 +10,11 @@ changes what it uploads:
 * ``sign_flip`` (untargeted): the whole update times ``-attack_scale``.
 
 The targets are ``attack_num_targets`` items drawn (seeded) among the least popular half of the catalogue,
-where a promotion is visible. What an attack achieves is measured as the targets' exposure, ER@10: the share
-of the clean users whose top 10 holds a target (experiments' ``run_model`` reports it).
+where a promotion is visible. They depend on the seed and the data only, not on ``attack_fraction``, and
+``attack: promote`` with ``attack_fraction: 0`` draws them with no client malicious: runs at every attacker
+share, and the run without attackers, measure the same items. What an attack achieves is measured as the
+targets' exposure, ER@10: the share of the clean users whose top 10 holds a target (experiments'
+``run_model`` reports it).
 """
 
 from __future__ import annotations
@@ -50,19 +53,27 @@ class AttackSettings:
 def plan_attack(
     kind: str, fraction: float, scale: float, num_targets: int, num_clients: int, item_counts: Tensor, seed: int
 ) -> AttackSettings:
-    """Which clients are malicious and which items they push: both drawn from ``seed``; the targets among the
-    least popular half of the items that have any training interaction (``item_counts`` [n_items], item 0 the
-    padding), the promoted rows' reference the 20 most popular items."""
-    if kind == "none" or fraction == 0.0:
+    """Which clients are malicious and which items they push, each drawn from ``seed`` in a stream of its own (so
+    the targets do not change with ``fraction``, and ``promote`` at fraction 0 names them with no attacker); the
+    targets among the least popular half of the items that have any training interaction (``item_counts``
+    [n_items], item 0 the padding), the promoted rows' reference the 20 most popular items."""
+    if kind == "none":
         return AttackSettings(kind, fraction, scale)
-    rng = np.random.default_rng([seed, 17])
-    malicious = frozenset(rng.choice(num_clients, size=max(1, round(fraction * num_clients)), replace=False).tolist())
+    malicious: frozenset[int] = frozenset()
+    if fraction > 0.0:
+        clients_rng = np.random.default_rng([seed, 17])
+        size = max(1, round(fraction * num_clients))
+        # the first clients of one seeded order: a larger share holds a smaller one's attackers
+        malicious = frozenset(clients_rng.permutation(num_clients)[:size].tolist())
+    if kind != "promote":  # untargeted: no target items
+        return AttackSettings(kind, fraction, scale, malicious)
     counts = item_counts.clone().double()
     counts[0] = -1
     order = torch.argsort(counts, descending=True)  # most popular first
     seen = order[counts[order] > 0]
     tail = seen[len(seen) // 2 :].numpy()
-    targets = tuple(sorted(rng.choice(tail, size=min(num_targets, len(tail)), replace=False).tolist()))
+    targets_rng = np.random.default_rng([seed, 18])
+    targets = tuple(sorted(targets_rng.choice(tail, size=min(num_targets, len(tail)), replace=False).tolist()))
     popular = tuple(seen[:20].tolist())
     return AttackSettings(kind, fraction, scale, malicious, targets, popular)
 
