@@ -269,6 +269,30 @@ def test_backbone_reads_history_features_only_when_asked(tmp_path, backbone_item
     assert sorted(model.backbone_feature_proj) == (["text", "visual"] if backbone_item_features else [])
 
 
+def test_input_item_dropout_zeroes_whole_input_items_in_training_only(tmp_path):
+    _, _, _, model = tiny_run(tmp_path, input_item_dropout=0.25)
+    seq = torch.randint(1, model.n_items, (64, 4))  # [B, L]
+    model.eval()
+    reference = model.sequence_item_repr(seq)  # [B, L, H]
+    torch.testing.assert_close(model.sequence_item_repr(seq), reference)  # evaluation: nothing dropped
+    model.train()
+    dropped_share = []
+    for _ in range(20):
+        masked = model.sequence_item_repr(seq)
+        dropped = (masked == 0).all(dim=-1)  # [B, L]: an item is dropped whole, its vector zero
+        kept_rows = ~dropped
+        # a kept item's input is exactly its evaluation input (no rescaling, unlike dropout of units)
+        torch.testing.assert_close(masked[kept_rows], reference[kept_rows])
+        dropped_share.append(dropped.float().mean().item())
+    # fast_dropout rounds the rate to 1/256: 0.25 stays 0.25; 20 x 256 draws put the mean within +-0.02
+    assert abs(np.mean(dropped_share) - 0.25) < 0.02
+
+
+def test_input_item_dropout_outside_zero_one_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="input_item_dropout"):
+        tiny_run(tmp_path, input_item_dropout=1.0)
+
+
 def test_padded_points_of_weight_zero_change_no_loss():
     scores = torch.tensor([[2.0, 1.0, 3.0], [0.0, -1.0, -2.0]])
     padded = torch.cat([scores, torch.tensor([[9.0, -9.0, 40.0]])])  # a padding row with extreme scores

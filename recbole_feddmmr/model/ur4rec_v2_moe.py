@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from recbole_feddmmr.errors import ConfigError
 from recbole_feddmmr.memory import ItemFeatures, LocalDynamicMemory, MemoryReadout, MemoryWrites, RecentHistoryMemory
-from recbole_feddmmr.model.dropout import keyed_dropout
+from recbole_feddmmr.model.dropout import fast_dropout, keyed_dropout
 from recbole_feddmmr.model.layers import (
     ContentExpert,
     ItemCentricRouter,
@@ -145,6 +145,11 @@ class UR4RecV2MoE(SequentialRecommender):
             raise ConfigError("expert_loss_weight applies to loss_type CE (each expert's full-catalogue softmax)")
         self.gbce_beta = gbce_beta(self.train_neg_num, self.n_items - 1, config["gbce_t"])
         dropout = config["dropout"]
+        # in training, each input item of a sequence is dropped (its input vector zeroed, its position kept) with
+        # this probability: BERT4Rec's masking as a regulariser of the causal backbone (the targets are unchanged)
+        self.input_item_dropout = config["input_item_dropout"] or 0.0
+        if not 0.0 <= self.input_item_dropout < 1.0:
+            raise ConfigError(f"input_item_dropout must be in [0, 1), got {self.input_item_dropout}")
 
         self.item_embedding = nn.Embedding(self.n_items, self.item_emb_dim, padding_idx=0)
         self.item_proj = nn.Linear(self.item_emb_dim, self.hidden_dim)  # ID embedding -> hidden size
@@ -247,7 +252,8 @@ class UR4RecV2MoE(SequentialRecommender):
 
     # ---------------------------------------------------------------- scoring
     def sequence_item_repr(self, item_seq: Tensor) -> Tensor:
-        """Backbone input of ``item_seq`` [B, L] -> [B, L, H]: projected ID embedding (+ projected item features).
+        """Backbone input of ``item_seq`` [B, L] -> [B, L, H]: projected ID embedding (+ projected item features),
+        in training with ``input_item_dropout`` of the items zeroed.
 
         With ``backbone_item_features`` the history items' text / visual features are added, so
         ``seq_repr`` carries the content of what the user met; a missing feature adds nothing.
@@ -255,6 +261,10 @@ class UR4RecV2MoE(SequentialRecommender):
         item_repr = self.item_proj(self.item_embedding(item_seq))  # [B, L, H]
         for name, projection in self.backbone_feature_proj.items():
             item_repr = item_repr + projection(getattr(self.item_features, name)[item_seq])
+        if self.training and self.input_item_dropout:
+            # one mask entry per (sequence, position), drawn as dropout's masks are (keyed in federated steps)
+            kept = fast_dropout(item_repr.new_ones(*item_seq.shape, 1), self.input_item_dropout, True) != 0  # [B, L, 1]
+            item_repr = item_repr * kept
         return item_repr
 
     def encode_sequence(self, item_seq: Tensor, item_seq_len: Tensor, user_ids: Tensor | None = None) -> Tensor:
@@ -292,6 +302,7 @@ class UR4RecV2MoE(SequentialRecommender):
         -> final scores [B, C] (or [B, N]), the router's :class:`Routing` and the experts' :class:`ExpertVectors`
         (both ``None`` with the experts off: the sequential expert's weight is 1).
         """
+        whole_catalogue = candidates is None or all_items  # items = every item id, in order
         if candidates is None:
             items, index = torch.arange(self.n_items, device=seq_repr.device), None  # [N], shared by all users
         elif all_items:
@@ -321,7 +332,9 @@ class UR4RecV2MoE(SequentialRecommender):
             available = features.visual_available if name == "visual" else features.text_available
             item_live[slot], user_live[slot] = available[items], memory_mask.any(dim=1)  # [U], [B]
             expert = self.visual_expert if name == "visual" else self.semantic_expert
-            feature = features.visual[items] if name == "visual" else features.text[items]  # [U, F]
+            table = features.visual if name == "visual" else features.text  # [n_items, F]
+            # the whole catalogue is the table itself: no [n_items, F] copy per step
+            feature = table if whole_catalogue else table[items]  # [U, F]
             users[slot] = expert.user_vector(seq_repr, memory_feats.to(seq_repr.dtype), memory_mask)  # [B, H]
             candidates[slot] = expert.candidate_vector(feature)  # [U, H]
 
