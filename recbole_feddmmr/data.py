@@ -7,6 +7,12 @@ in a window, as in the original SASRec. Each training target is trained exactly 
 first window starts at the first item, so its targets see exactly RecBole's input; later windows overlap
 the previous one by half and train only their second half, so such targets see between L/2 + 1 and L
 items of history (RecBole: L). The centralised trainer and the federated clients both read these windows.
+
+Interactions with the same timestamp have no order of their own: RecBole's split by time keeps the order
+of the atomic file among them (in ml-100k 51% of consecutive interactions of a user share their second).
+With ``shuffle_ties`` every epoch trains a fresh random order of each such run of tied items (the same
+order for every reader of that epoch), so the model is not fitted to an order the data does not have.
+Their times are equal, so the targets' times, and what the memory may show each target, do not change.
 """
 
 from __future__ import annotations
@@ -40,6 +46,14 @@ def user_sequences(user_ids: np.ndarray, item_lists: np.ndarray, item_lengths: n
     return sequences
 
 
+def tie_runs(times: np.ndarray) -> np.ndarray:
+    """Run id [T] of each element of one user's time sequence ``times`` [T]: consecutive equal times share
+    a run, ids increase along the sequence. The first element's time is unknown (-inf): a run of its own."""
+    starts = np.ones(len(times), dtype=bool)
+    starts[1:] = times[1:] != times[:-1]
+    return np.cumsum(starts) - 1
+
+
 def cut_windows(sequence: np.ndarray, max_len: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Windows (inputs [<=L], next items [<=L], train mask [<=L]) covering each target of ``sequence`` once.
 
@@ -66,7 +80,9 @@ class SequenceWindows:
     optimizer steps as RecBole's per-sample epoch.
     """
 
-    def __init__(self, train_data, model, batch_size: int, device: torch.device, seed: int) -> None:
+    def __init__(
+        self, train_data, model, batch_size: int, device: torch.device, seed: int, shuffle_ties: bool = False
+    ) -> None:
         feat = train_data._dataset.inter_feat
         max_len = feat[model.ITEM_SEQ].size(1)
         user_ids = feat[model.USER_ID].numpy()
@@ -80,13 +96,22 @@ class SequenceWindows:
             int(user_ids[rows[0]]): np.concatenate([[-np.inf], target_times[rows]]) for rows in rows_by_user(user_ids)
         }
         users, rows = [], []
+        # every user's sequence end to end ([T]) with each element's run of tied times, and each window's
+        # positions in it, so that an epoch can reorder tied items and re-read the windows with one gather
+        flat_items, flat_runs, flat_positions, offset, runs_before = [], [], [], 0, 0
         for user, sequence in sequences.items():
             time_windows = cut_windows(time_sequences[user], max_len)
-            for (inputs, nexts, mask), (_, next_times, _) in zip(
-                cut_windows(sequence, max_len), time_windows, strict=True
+            position_windows = cut_windows(offset + np.arange(len(sequence)), max_len)
+            for (inputs, nexts, mask), (_, next_times, _), (positions, _, _) in zip(
+                cut_windows(sequence, max_len), time_windows, position_windows, strict=True
             ):
                 users.append(user)
                 rows.append((inputs, nexts, mask, next_times))
+                flat_positions.append(positions)
+            runs = tie_runs(time_sequences[user])
+            flat_items.append(sequence)
+            flat_runs.append(runs_before + runs)
+            offset, runs_before = offset + len(sequence), runs_before + int(runs[-1]) + 1
         count = len(rows)
         self.user_ids = torch.tensor(users, dtype=torch.long, device=device)  # [W]
         self.windows = torch.zeros(count, max_len, dtype=torch.long)  # [W, L]
@@ -107,6 +132,15 @@ class SequenceWindows:
         self.windows_per_batch = max(1, round(batch_size * count / self.num_targets))
         self.shuffle = train_data.shuffle
         self.seed = seed
+        self.shuffle_ties = shuffle_ties
+        if shuffle_ties:
+            self._flat_items = torch.from_numpy(np.concatenate(flat_items)).to(device)  # [T]
+            self._flat_runs = torch.from_numpy(np.concatenate(flat_runs)).to(device)  # [T], ascending
+            self._window_positions = torch.full((count, max_len), -1, dtype=torch.long)  # [W, L], -1 = padding
+            for index, positions in enumerate(flat_positions):
+                self._window_positions[index, : len(positions)] = torch.from_numpy(positions)
+            self._window_positions = self._window_positions.to(device)
+            self._tie_order: tuple[int, Tensor, Tensor] | None = None  # (epoch, windows, targets) last built
 
     def __len__(self) -> int:
         return -(-len(self.user_ids) // self.windows_per_batch)
@@ -136,10 +170,28 @@ class SequenceWindows:
         """Windows per batch for about ``batch_size`` training targets."""
         return max(1, round(batch_size * len(self.user_ids) / self.num_targets))
 
+    def reordered_ties(self, epoch_idx: int) -> tuple[Tensor, Tensor]:
+        """(windows [W, L], targets [W, L]) with every run of tied items in the random order of (seed, epoch):
+        the same for every caller of that epoch (e.g. every federated client of a round, on any backend)."""
+        if self._tie_order is not None and self._tie_order[0] == epoch_idx:
+            return self._tie_order[1:]
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch_idx + 50_021)  # not the batch order's
+        jitter = torch.rand(len(self._flat_runs), generator=generator, dtype=torch.float64)  # [T] in [0, 1)
+        # runs keep their place (ids ascend by at least 1), elements within a run take a random order
+        order = torch.argsort(self._flat_runs.to(torch.float64) + 0.5 * jitter.to(self._flat_runs.device))
+        items = self._flat_items[order]  # [T]
+        padding = self._window_positions < 0  # [W, L]
+        windows = items[self._window_positions.clamp(min=0)].masked_fill(padding, 0)  # [W, L]
+        # a position's target is the next element of the user's sequence; the windows' targets never pass its end
+        targets = items[(self._window_positions + 1).clamp(min=0, max=len(items) - 1)].masked_fill(padding, 0)
+        self._tie_order = (epoch_idx, windows, targets)
+        return windows, targets
+
     def epoch(self, epoch_idx: int, subset: Tensor | None = None, windows_per_batch: int | None = None):
         """Yield (user_ids [b], windows [b, L], targets [b, L], target_mask [b, L], target_times [b, L]).
 
-        The order is set by (seed, epoch). ``subset``: only these window indices (a client's data).
+        The order is set by (seed, epoch), and with ``shuffle_ties`` the order of tied items too.
+        ``subset``: only these window indices (a client's data).
         """
         count = len(self.user_ids) if subset is None else len(subset)
         if self.shuffle:
@@ -150,12 +202,13 @@ class SequenceWindows:
         if subset is not None:
             order = subset[order]
         step = windows_per_batch or self.windows_per_batch
+        windows, targets = self.reordered_ties(epoch_idx) if self.shuffle_ties else (self.windows, self.targets)
         for start in range(0, count, step):
             index: Tensor = order[start : start + step]
             yield (
                 self.user_ids[index],
-                self.windows[index],
-                self.targets[index],
+                windows[index],
+                targets[index],
                 self.target_mask[index],
                 self.target_times[index],
             )

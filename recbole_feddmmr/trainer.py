@@ -92,7 +92,12 @@ class WindowTrainer(Trainer):
         """The (cached) windows of ``train_data``."""
         if self._windows is None or self._windows_source is not train_data:
             self._windows = SequenceWindows(
-                train_data, self.model, self.config["train_batch_size"], self.device, self.config["seed"]
+                train_data,
+                self.model,
+                self.config["train_batch_size"],
+                self.device,
+                self.config["seed"],
+                shuffle_ties=bool(self.config["shuffle_tied_items"]),
             )
             self._windows_source = train_data
         return self._windows

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import torch
-from conftest import tiny_run
+from conftest import TEST_DATA, tiny_run
 
-from recbole_feddmmr.data import SequenceWindows, cut_windows, user_sequences
+from recbole_feddmmr.data import SequenceWindows, cut_windows, tie_runs, user_sequences
 
 
 def test_windows_cover_every_target_once_with_at_least_half_a_window_of_history():
@@ -90,3 +93,63 @@ def test_windows_of_groups_finds_each_groups_windows_as_a_scan_would(tiny):
         assert torch.equal(index, windows.windows_of(group))
         assert set(windows.user_ids[index].tolist()) == set(group.tolist()) - {10_000}
     assert sum(len(index) for index in found) == len(windows.user_ids)  # every window in exactly one group
+
+
+def test_tie_runs_group_consecutive_equal_times():
+    times = np.array([-np.inf, 5.0, 5.0, 6.0, 7.0, 7.0, 7.0, 5.0])
+    assert tie_runs(times).tolist() == [0, 1, 1, 2, 3, 3, 3, 4]
+
+
+def tied_copy_of_tiny(tmp_path: Path) -> Path:
+    """The tiny dataset with every two consecutive timestamps of a user made equal (1000, 1010 -> 1000, 1000)."""
+    root = tmp_path / "tied"
+    shutil.copytree(TEST_DATA / "tiny", root / "tiny")
+    inter = root / "tiny" / "tiny.inter"
+    header, *rows = inter.read_text().splitlines()
+    fields = [row.split("\t") for row in rows]
+    for row in fields:
+        row[3] = str(float(row[3]) // 20 * 20)
+    inter.write_text("\n".join([header] + ["\t".join(row) for row in fields]) + "\n")
+    return root
+
+
+def test_shuffled_ties_reorder_only_tied_items_the_same_way_within_an_epoch(tmp_path):
+    _, _, (train_data, _, _), model = tiny_run(tmp_path, data_path=str(tied_copy_of_tiny(tmp_path)))
+    plain = SequenceWindows(train_data, model, batch_size=16, device=torch.device("cpu"), seed=1)
+    tied = SequenceWindows(train_data, model, batch_size=16, device=torch.device("cpu"), seed=1, shuffle_ties=True)
+    # the time of each (user, item) interaction, from the windows as RecBole ordered them
+    time_of = {}
+    for r, p in plain.target_mask.nonzero().tolist():
+        time_of[(int(plain.user_ids[r]), int(plain.targets[r, p]))] = float(plain.target_times[r, p])
+    changed = 0
+    for epoch in range(3):
+        windows, targets = tied.reordered_ties(epoch)
+        again = tied.reordered_ties(epoch)
+        assert torch.equal(windows, again[0]) and torch.equal(targets, again[1])  # one order per epoch
+        assert torch.equal(windows == 0, plain.windows == 0)  # padding stays padding
+        # a target moves only among items of its own time, and the next position's input is that target
+        for r, p in plain.target_mask.nonzero().tolist():
+            assert time_of[(int(plain.user_ids[r]), int(targets[r, p]))] == float(plain.target_times[r, p])
+        following = plain.windows[:, 1:] != 0
+        assert torch.equal(windows[:, 1:][following], targets[:, :-1][following])
+        # every training target is still trained exactly once per epoch
+        assert sorted(targets[plain.target_mask].tolist()) == sorted(plain.targets[plain.target_mask].tolist())
+        changed += int((targets != plain.targets).sum())
+        # the epoch's batches serve exactly these windows and targets, in the plain epoch's window order
+        for (users, served, served_targets, *_), (plain_users, plain_windows, *_) in zip(
+            tied.epoch(epoch), plain.epoch(epoch), strict=True
+        ):
+            assert torch.equal(users, plain_users)
+            order = [int(torch.nonzero((plain.windows == row).all(dim=1))[0]) for row in plain_windows]
+            assert torch.equal(served, windows[order]) and torch.equal(served_targets, targets[order])
+    assert changed > 0
+    assert not torch.equal(tied.reordered_ties(0)[1], tied.reordered_ties(1)[1])
+
+
+def test_shuffled_ties_change_nothing_without_ties(tiny):
+    _, _, (train_data, _, _), model = tiny
+    plain = SequenceWindows(train_data, model, batch_size=16, device=torch.device("cpu"), seed=1)
+    tied = SequenceWindows(train_data, model, batch_size=16, device=torch.device("cpu"), seed=1, shuffle_ties=True)
+    for a, b in zip(plain.epoch(2), tied.epoch(2), strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
