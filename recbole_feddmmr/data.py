@@ -9,7 +9,7 @@ the previous one by half and train only their second half, so such targets see b
 items of history (RecBole: L). The centralised trainer and the federated clients both read these windows.
 
 Interactions with the same timestamp have no order of their own: RecBole's split by time keeps the order
-of the atomic file among them (in ml-100k 51% of consecutive interactions of a user share their second).
+of the atomic file among them (in ml-100k half of the interactions have the timestamp of the user's previous one).
 With ``shuffle_ties`` every epoch trains a fresh random order of each such run of tied items (the same
 order for every reader of that epoch), so the model is not fitted to an order the data does not have.
 Their times are equal, so the targets' times, and what the memory may show each target, do not change.
