@@ -35,10 +35,15 @@ def machine_description() -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads, {device}; torch {torch.__version__}"
 
 
+# the whole checkout but what is not code: results tables, docs and the README (git pathspecs, from the top)
+CODE_PATHSPEC = (":(top)", ":(top,exclude)results", ":(top,exclude)docs", ":(top,exclude)README.md")
+
+
 def git_commit() -> str:
     """The short commit of the checkout this package runs from, with ``-dirty`` when tracked files differ from
     it (a figure then came from uncommitted code); ``unknown`` for an installed copy outside a checkout.
-    Changes under ``results/`` do not count: a run rewrites the committed tables there, which is not code."""
+    Every tracked file of the checkout counts (the package, its ``properties/`` defaults, the scripts), except
+    what is not code: ``results/`` (a run rewrites the committed tables there), ``docs/`` and the README."""
 
     def git(*arguments: str) -> str:
         return subprocess.run(
@@ -51,7 +56,7 @@ def git_commit() -> str:
             return "unknown"
         commit, changes = (
             git("rev-parse", "--short", "HEAD"),
-            git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"),
+            git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHSPEC),
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
