@@ -276,3 +276,29 @@ def test_the_cold_item_protocol_trains_and_validates_on_no_cold_item_and_tests_o
     assert "load_col" in (cold.folder / f"{cold.name}.yaml").read_text()  # the settings tiny runs with
     again = write_cold_dataset(TEST_DATA / "tiny", "tiny", 0.3, seed=1, data_root=tmp_path)
     assert again.cold_item_ids == cold.cold_item_ids  # the same seed, the same cold items
+
+
+def test_report_pairs_two_sets_of_cells_seed_by_seed(tmp_path, capsys):
+    """B - A over the common seeds 1 and 2 (seed 3 is only in A): valid +0.01, +0.03 -> +0.0200 ± 0.0100;
+    test -0.02, 0.00 -> -0.0100 ± 0.0100 (standard error = stdev / sqrt(2))."""
+    from recbole_feddmmr.errors import DataFileError, MissingFileError
+    from recbole_feddmmr.experiments.report import main as report
+
+    def cell(name: str, seed: int, valid: float, test: float) -> None:
+        record = {"kind": "run", "seed": seed, "best_valid_ndcg@10": valid, "test_full": {"ndcg@10": test}}
+        (tmp_path / f"{name}-seed{seed}.json").write_text(json.dumps(record | {"best_epoch": seed, "commit": "abc"}))
+
+    for seed, valid, test in ((1, 0.05, 0.06), (2, 0.06, 0.05), (3, 0.07, 0.07)):
+        cell("A", seed, valid, test)
+    for seed, valid, test in ((1, 0.06, 0.04), (2, 0.09, 0.05)):
+        cell("B", seed, valid, test)
+    (table,) = report(["--paired", str(tmp_path / "A"), str(tmp_path / "B")])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["valid NDCG@10, A / B"].endswith("| 0.0500 / 0.0600 | 0.0600 / 0.0900 | +0.0200 ± 0.0100 |")
+    assert rows["test NDCG@10, A / B"].endswith("| 0.0600 / 0.0400 | 0.0500 / 0.0500 | -0.0100 ± 0.0100 |")
+    assert rows["best epoch, A / B"].startswith("| best epoch, A / B | 1 / 1 | 2 / 2 |")
+    with pytest.raises(MissingFileError, match="no benchmark cells"):
+        report(["--paired", str(tmp_path / "A"), str(tmp_path / "C")])
+    cell("D", 9, 0.1, 0.1)
+    with pytest.raises(DataFileError, match="no seed in common"):
+        report(["--paired", str(tmp_path / "A"), str(tmp_path / "D")])
