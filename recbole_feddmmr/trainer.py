@@ -82,8 +82,8 @@ def train_steps(
 
 
 def plateau_schedule(optimizer: torch.optim.Optimizer, config, *, bigger: bool = True):
-    """``lr_plateau_factor`` x the learning rate once validation has not improved for ``lr_plateau_patience``
-    validations (torch's ReduceLROnPlateau); ``None`` when ``lr_plateau_factor`` is unset or 0.
+    """``lr_plateau_factor`` x the learning rate once validation has not improved for more than
+    ``lr_plateau_patience`` validations (torch's ReduceLROnPlateau); ``None`` when ``lr_plateau_factor`` is unset or 0.
 
     Why: on 943 validation users the score moves by a few thousandths from one epoch to the next while it
     still climbs, so at a constant rate the best epoch is partly chance; a smaller rate later in training

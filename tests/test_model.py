@@ -363,6 +363,23 @@ def test_sequential_loss_adds_the_sequential_experts_own_cross_entropy(tmp_path)
             tiny_run(tmp_path / "bad", **bad)
 
 
+@pytest.mark.parametrize("detached", [False, True])
+def test_a_detached_router_trains_its_own_weights_and_not_the_item_embeddings(tmp_path, detached):
+    """The balance loss depends on the item table only through the router: its gradient reaches the item ID
+    embeddings unless the router reads them detached; the router's own weights learn either way."""
+    _, _, splits, model = tiny_run(
+        tmp_path, router_detached_items=detached, load_balance_weight=1.0, memory_type="history"
+    )  # the history: every user has memory, so the router has a choice to balance
+    model.eval()
+    _, balance = model.calculate_loss(_batch(splits))
+    assert balance.item() > 0
+    balance.backward()
+    item_grad = model.item_embedding.weight.grad
+    reaches_items = item_grad is not None and bool(item_grad.abs().sum() > 0)
+    assert reaches_items is not detached
+    assert model.router.mlp[0].weight.grad.abs().sum() > 0
+
+
 def test_excluded_unseen_items_leave_the_softmax_and_get_no_gradient(tmp_path):
     _, _, splits, model = tiny_run(tmp_path, exclude_unseen_items=True, memory_type="history")  # no writes
     counts = torch.bincount(splits[0]._dataset.inter_feat["item_id"], minlength=model.n_items)

@@ -107,6 +107,9 @@ class UR4RecV2MoE(SequentialRecommender):
         self.loss_type = config["loss_type"]
         self.train_neg_num = config["train_neg_num"]
         self.load_balance_weight = config["load_balance_weight"]
+        # the router reads the item ID embedding, which is also the sequential expert's output embedding; detached,
+        # the router's losses (its share of the fused CE, the balance loss) no longer move that table
+        self.router_detached_items = bool(config["router_detached_items"])
         self.eval_user_chunk = config["eval_user_chunk"] or 256
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
@@ -145,7 +148,7 @@ class UR4RecV2MoE(SequentialRecommender):
         if self.expert_loss_weight and self.loss_type != "CE":
             raise ConfigError("expert_loss_weight applies to loss_type CE (each expert's full-catalogue softmax)")
         # the sequential expert's own CE: the backbone keeps the full training signal it has with the experts off,
-        # however much of the fit the content experts take (docs/results.md, "Experts off")
+        # however much of the fit the content experts take (docs/results.md, "Experts off under reordered ties")
         self.sequential_loss_weight = config["sequential_loss_weight"] or 0.0
         if self.sequential_loss_weight < 0:
             raise ConfigError(f"sequential_loss_weight must be >= 0, got {self.sequential_loss_weight}")
@@ -346,8 +349,9 @@ class UR4RecV2MoE(SequentialRecommender):
             users[slot] = expert.user_vector(seq_repr, memory_feats.to(seq_repr.dtype), memory_mask)  # [B, H]
             candidates[slot] = expert.candidate_vector(feature)  # [U, H]
 
+        router_input = item_id_emb.detach() if self.router_detached_items else item_id_emb  # [U, E]
         routing = self.router(
-            item_id_emb, torch.stack(item_live, dim=1), torch.stack(user_live, dim=1), index, items
+            router_input, torch.stack(item_live, dim=1), torch.stack(user_live, dim=1), index, items
         )  # item_live [U, X], user_live [B, X]
         return routing.score(users, candidates), routing, ExpertVectors(users, candidates)  # [B, C]
 
