@@ -95,37 +95,36 @@ class SequenceWindows:
         time_sequences = {
             int(user_ids[rows[0]]): np.concatenate([[-np.inf], target_times[rows]]) for rows in rows_by_user(user_ids)
         }
-        users, rows = [], []
-        # every user's sequence end to end ([T]) with each element's run of tied times, and each window's
-        # positions in it, so that an epoch can reorder tied items and re-read the windows with one gather
-        flat_items, flat_runs, flat_positions, offset, runs_before = [], [], [], 0, 0
+        # every user's sequence end to end ([T]), its times and each element's run of tied times; a window is
+        # the positions it reads in that flat sequence, so its items, targets and times are one gather each,
+        # and an epoch that reorders tied items re-reads every window with one gather
+        users, position_windows, masks = [], [], []
+        flat_items, flat_times, flat_runs, offset, runs_before = [], [], [], 0, 0
         for user, sequence in sequences.items():
-            time_windows = cut_windows(time_sequences[user], max_len)
-            position_windows = cut_windows(offset + np.arange(len(sequence)), max_len)
-            for (inputs, nexts, mask), (_, next_times, _), (positions, _, _) in zip(
-                cut_windows(sequence, max_len), time_windows, position_windows, strict=True
-            ):
+            for positions, _, mask in cut_windows(offset + np.arange(len(sequence)), max_len):
                 users.append(user)
-                rows.append((inputs, nexts, mask, next_times))
-                flat_positions.append(positions)
+                position_windows.append(positions)
+                masks.append(mask)
             runs = tie_runs(time_sequences[user])
             flat_items.append(sequence)
+            flat_times.append(time_sequences[user])
             flat_runs.append(runs_before + runs)
             offset, runs_before = offset + len(sequence), runs_before + int(runs[-1]) + 1
-        count = len(rows)
-        self.user_ids = torch.tensor(users, dtype=torch.long, device=device)  # [W]
-        self.windows = torch.zeros(count, max_len, dtype=torch.long)  # [W, L]
-        self.targets = torch.zeros(count, max_len, dtype=torch.long)  # [W, L]
+        count = len(position_windows)
+        window_positions = torch.full((count, max_len), -1, dtype=torch.long)  # [W, L], -1 = padding
         self.target_mask = torch.zeros(count, max_len, dtype=torch.bool)  # [W, L]
-        self.target_times = torch.zeros(count, max_len, dtype=torch.float64)  # [W, L]
-        for index, (inputs, nexts, mask, next_times) in enumerate(rows):
-            self.windows[index, : len(inputs)] = torch.from_numpy(inputs)
-            self.targets[index, : len(nexts)] = torch.from_numpy(nexts)
+        for index, (positions, mask) in enumerate(zip(position_windows, masks, strict=True)):
+            window_positions[index, : len(positions)] = torch.from_numpy(positions)
             self.target_mask[index, : len(mask)] = torch.from_numpy(mask)
-            self.target_times[index, : len(next_times)] = torch.from_numpy(next_times)
-        self.windows, self.targets, self.target_mask, self.target_times = (
-            t.to(device) for t in (self.windows, self.targets, self.target_mask, self.target_times)
-        )
+        self.user_ids = torch.tensor(users, dtype=torch.long, device=device)  # [W]
+        self._window_positions = window_positions.to(device)  # [W, L]
+        self._flat_items = torch.from_numpy(np.concatenate(flat_items)).to(device)  # [T]
+        self._flat_runs = torch.from_numpy(np.concatenate(flat_runs)).to(device)  # [T], ascending
+        self.target_mask = self.target_mask.to(device)
+        # a target's time is the next element's; padding reads time 0 (no target there)
+        flat_times = torch.from_numpy(np.concatenate(flat_times)).to(device)  # [T], float64
+        self.target_times = self._next_of(flat_times).masked_fill(self._window_positions < 0, 0.0)  # [W, L]
+        self.windows, self.targets = self._read_windows(self._flat_items)  # [W, L] each
         self.num_targets = int(self.target_mask.sum())
         if self.num_targets != len(feat):
             raise ValueError(f"windows cover {self.num_targets} targets, the training split has {len(feat)}")
@@ -133,14 +132,18 @@ class SequenceWindows:
         self.shuffle = train_data.shuffle
         self.seed = seed
         self.shuffle_ties = shuffle_ties
-        if shuffle_ties:
-            self._flat_items = torch.from_numpy(np.concatenate(flat_items)).to(device)  # [T]
-            self._flat_runs = torch.from_numpy(np.concatenate(flat_runs)).to(device)  # [T], ascending
-            self._window_positions = torch.full((count, max_len), -1, dtype=torch.long)  # [W, L], -1 = padding
-            for index, positions in enumerate(flat_positions):
-                self._window_positions[index, : len(positions)] = torch.from_numpy(positions)
-            self._window_positions = self._window_positions.to(device)
-            self._tie_order: tuple[int, Tensor, Tensor] | None = None  # (epoch, windows, targets) last built
+        self._tie_order: tuple[int, Tensor, Tensor] | None = None  # (epoch, windows, targets) last built
+
+    def _next_of(self, flat: Tensor) -> Tensor:
+        """``flat`` [T] read at each window position's next element -> [W, L] (padding reads element 0)."""
+        return flat[(self._window_positions + 1).clamp(min=0, max=len(flat) - 1)]
+
+    def _read_windows(self, items: Tensor) -> tuple[Tensor, Tensor]:
+        """The windows' inputs and targets [W, L] in the flat item sequence ``items`` [T]; padding is item 0.
+        A position's target is the next element of the user's sequence: a window's targets never pass its end."""
+        padding = self._window_positions < 0  # [W, L]
+        windows = items[self._window_positions.clamp(min=0)].masked_fill(padding, 0)
+        return windows, self._next_of(items).masked_fill(padding, 0)
 
     def __len__(self) -> int:
         return -(-len(self.user_ids) // self.windows_per_batch)
@@ -179,11 +182,7 @@ class SequenceWindows:
         jitter = torch.rand(len(self._flat_runs), generator=generator, dtype=torch.float64)  # [T] in [0, 1)
         # runs keep their place (ids ascend by at least 1), elements within a run take a random order
         order = torch.argsort(self._flat_runs.to(torch.float64) + 0.5 * jitter.to(self._flat_runs.device))
-        items = self._flat_items[order]  # [T]
-        padding = self._window_positions < 0  # [W, L]
-        windows = items[self._window_positions.clamp(min=0)].masked_fill(padding, 0)  # [W, L]
-        # a position's target is the next element of the user's sequence; the windows' targets never pass its end
-        targets = items[(self._window_positions + 1).clamp(min=0, max=len(items) - 1)].masked_fill(padding, 0)
+        windows, targets = self._read_windows(self._flat_items[order])  # [W, L] each
         self._tie_order = (epoch_idx, windows, targets)
         return windows, targets
 

@@ -101,6 +101,7 @@ class ResumableFitMixin:
         def after_validation(epoch_idx: int, valid_score: float) -> None:
             nonlocal last_save
             validated.add(epoch_idx)
+            self._step_lr_schedule(epoch_idx, valid_score)
             if callback_fn:  # first, so that what it records is part of the saved state
                 callback_fn(epoch_idx, valid_score)
             if saved and self.fit_elapsed() - last_save >= every:
@@ -114,6 +115,20 @@ class ResumableFitMixin:
             self._validate_final_epoch(last, valid_data, saved, verbose, show_progress, callback_fn)
         self.resume_file.unlink(missing_ok=True)  # finished: the same command starts afresh
         return self.best_valid_score, self.best_valid_result
+
+    def _step_lr_schedule(self, epoch_idx: int, valid_score: float) -> None:
+        """Feed the validation to the trainer's ``lr_scheduler`` (a plateau schedule), if it has one."""
+        scheduler = getattr(self, "lr_scheduler", None)
+        if scheduler is None:
+            return
+        before = [group["lr"] for group in self.optimizer.param_groups]
+        scheduler.step(valid_score)
+        after = [group["lr"] for group in self.optimizer.param_groups]
+        if after != before:
+            self.logger.info(
+                f"epoch {epoch_idx}: validation on a plateau, learning rate {before[0]:.3g} -> {after[0]:.3g}"
+            )
+        self.run_records.setdefault("learning_rate", []).append((epoch_idx, after[0]))
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         started = time.perf_counter()
@@ -160,6 +175,7 @@ class ResumableFitMixin:
             "run_records": self.run_records,
             "segments": self.segments,
             "rng": rng_states(self.device),
+            "lr_scheduler": scheduler.state_dict() if (scheduler := getattr(self, "lr_scheduler", None)) else None,
         }
 
     def _read_resume_state(self, weights_key: str) -> dict[str, Any] | None:
@@ -188,6 +204,9 @@ class ResumableFitMixin:
         self.segments = state["segments"]
         self.elapsed_before_resume = state["elapsed_seconds"]
         restore_rng_states(state["rng"], self.device)
+        scheduler = getattr(self, "lr_scheduler", None)
+        if scheduler is not None and state.get("lr_scheduler") is not None:
+            scheduler.load_state_dict(state["lr_scheduler"])
 
     # ------------------------------------------------------------ RecBole's epoch loop
     def _save_resume_state(self, epoch_idx: int, train_data) -> None:

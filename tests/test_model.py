@@ -337,6 +337,49 @@ def test_expert_loss_adds_each_content_experts_own_cross_entropy(tmp_path):
             tiny_run(tmp_path / "bad", **bad)
 
 
+def test_sequential_loss_adds_the_sequential_experts_own_cross_entropy(tmp_path):
+    """fused CE + 0.5 x CE of seq_repr . item vectors alone (the catalogue but the padding item), by hand."""
+    _, _, splits, model = tiny_run(tmp_path, sequential_loss_weight=0.5, memory_type="history")
+    batch = _batch(splits)
+    model.eval()  # no dropout: the loss by hand below sees the same vectors
+    rec_loss, _ = model.calculate_loss(batch)
+    user, seq, length, target = batch["user_id"], batch["item_id_list"], batch["item_length"], batch["item_id"]
+    seq_repr = model.encode_sequence(seq, length, user)  # [B, H]
+    fused, routing = model.score_candidates(seq_repr, model.read_memory(user, seq, length, batch["timestamp"]))
+    assert routing is not None  # the content experts are live: the term is not the fused CE again
+    sequential = seq_repr @ model.item_proj(model.item_embedding.weight).T  # [B, n_items]
+    padding = torch.tensor([0])
+    expected = torch.nn.functional.cross_entropy(fused.index_fill(1, padding, float("-inf")), target)
+    expected = expected + 0.5 * torch.nn.functional.cross_entropy(
+        sequential.index_fill(1, padding, float("-inf")), target
+    )
+    torch.testing.assert_close(rec_loss, expected)
+    bad_settings = (
+        ({"sequential_loss_weight": -1.0}, ">= 0"),
+        ({"sequential_loss_weight": 0.5, "loss_type": "SSM"}, "CE"),
+    )
+    for bad, match in bad_settings:
+        with pytest.raises(ConfigError, match="sequential_loss_weight.*" + match):
+            tiny_run(tmp_path / "bad", **bad)
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_a_detached_router_trains_its_own_weights_and_not_the_item_embeddings(tmp_path, detached):
+    """The balance loss depends on the item table only through the router: its gradient reaches the item ID
+    embeddings unless the router reads them detached; the router's own weights learn either way."""
+    _, _, splits, model = tiny_run(
+        tmp_path, router_detached_items=detached, load_balance_weight=1.0, memory_type="history"
+    )  # the history: every user has memory, so the router has a choice to balance
+    model.eval()
+    _, balance = model.calculate_loss(_batch(splits))
+    assert balance.item() > 0
+    balance.backward()
+    item_grad = model.item_embedding.weight.grad
+    reaches_items = item_grad is not None and bool(item_grad.abs().sum() > 0)
+    assert reaches_items is not detached
+    assert model.router.mlp[0].weight.grad.abs().sum() > 0
+
+
 def test_excluded_unseen_items_leave_the_softmax_and_get_no_gradient(tmp_path):
     _, _, splits, model = tiny_run(tmp_path, exclude_unseen_items=True, memory_type="history")  # no writes
     counts = torch.bincount(splits[0]._dataset.inter_feat["item_id"], minlength=model.n_items)

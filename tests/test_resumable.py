@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,53 @@ def test_a_benchmark_cell_killed_mid_training_resumes_with_its_earlier_epochs(tm
     for split in ("test_full", "test_uni100", "test_cold"):
         assert resumed[split] == straight[split], split
     assert resumed["best_epoch"] == straight["best_epoch"]
+
+
+def test_the_plateau_schedule_cuts_the_rate_after_patience_validations_without_a_better_one():
+    """torch's ReduceLROnPlateau as the trainer builds it: validations 0.1, 0.2 improve; 0.2 (equal), 0.19 and
+    0.18 do not, and the third of them (more than ``patience`` = 2) halves the rate; 0.3 improves again."""
+    from recbole_feddmmr.trainer import plateau_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = plateau_schedule(optimizer, {"lr_plateau_factor": 0.5, "lr_plateau_patience": 2})
+    rates = []
+    for score in (0.1, 0.2, 0.2, 0.19, 0.18, 0.3, 0.3, 0.3, 0.3):
+        schedule.step(score)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25]
+    assert plateau_schedule(optimizer, {"lr_plateau_factor": 0.0, "lr_plateau_patience": 2}) is None
+    assert plateau_schedule(optimizer, {"lr_plateau_factor": None, "lr_plateau_patience": 2}) is None
+
+
+@pytest.mark.parametrize(("factor", "patience"), [(1.0, 2), (-0.5, 2), (0.5, -1), (0.5, 1.5), (0.5, None)])
+def test_a_plateau_schedule_with_a_meaningless_setting_is_refused(factor, patience):
+    from recbole_feddmmr.errors import ConfigError
+    from recbole_feddmmr.trainer import plateau_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ConfigError, match="lr_plateau"):
+        plateau_schedule(optimizer, {"lr_plateau_factor": factor, "lr_plateau_patience": patience})
+
+
+def test_a_killed_run_with_a_plateau_schedule_resumes_at_the_rate_and_schedule_it_had(tmp_path):
+    """Patience 0: every validation that is not a new best cuts the rate, so four epochs change it; the run
+    killed after epoch 1 and resumed ends with the uninterrupted run's rates, weights and test result."""
+    schedule = {"lr_plateau_factor": 0.5, "lr_plateau_patience": 0}
+    straight, splits = trainer_for(tmp_path / "a", "UR4RecV2MoE", **schedule)
+    fit(straight, splits)
+    expected = straight.evaluate(splits[2], load_best_model=True)
+    rates = [rate for _, rate in straight.run_records["learning_rate"]]
+    assert len(rates) == 4 and rates == sorted(rates, reverse=True) and rates[-1] < straight.config["learning_rate"]
+    first = straight.config["learning_rate"]
+    assert all(round(math.log2(first / rate), 9).is_integer() for rate in rates)  # halvings of the first rate
+
+    killed, splits = trainer_for(tmp_path / "b", "UR4RecV2MoE", crash_after=1, **schedule)
+    with pytest.raises(KeyboardInterrupt):
+        fit(killed, splits)
+    resumed, splits = trainer_for(tmp_path / "b", "UR4RecV2MoE", **schedule)
+    fit(resumed, splits)
+    assert resumed.start_epoch == 2
+    assert resumed.run_records["learning_rate"] == straight.run_records["learning_rate"]
+    assert resumed.lr_scheduler.state_dict() == straight.lr_scheduler.state_dict()
+    assert resumed.optimizer.param_groups[0]["lr"] == rates[-1]
+    assert resumed.evaluate(splits[2], load_best_model=True) == expected

@@ -49,6 +49,9 @@ class FederatedTrainer(UR4RecV2MoETrainer):
             )
         self.federated = FederatedSettings.from_config(config)  # checked before anything is built
         super().__init__(config, model)
+        if self.lr_scheduler is not None:  # the centralised optimizer's schedule: rounds never step that optimizer
+            self.logger.info("lr_plateau_factor is for centralised training: federated rounds keep their rates")
+            self.lr_scheduler = None
         self.rounds = self.federated.rounds
         self.eval_every = self.federated.eval_every
         self.settings = self.federated.local

@@ -14,7 +14,8 @@ Loss: BPR of the positive against ``train_neg_num`` uniformly sampled negatives
 negatives), or full-softmax CE over all items; plus ``load_balance_weight *
 sum_e (mean router weight_e - 1/E)^2`` over the E experts the dataset enables; with CE, plus
 ``expert_loss_weight`` times each content expert's own CE over the items it scores (its score alone, not
-weighted by the router), so that a content expert learns to rank on its own.
+weighted by the router), so that a content expert learns to rank on its own, and ``sequential_loss_weight``
+times the sequential expert's own CE, so that the backbone learns to rank on its own as with the experts off.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ class UR4RecV2MoE(SequentialRecommender):
         self.loss_type = config["loss_type"]
         self.train_neg_num = config["train_neg_num"]
         self.load_balance_weight = config["load_balance_weight"]
+        # the router reads the item ID embedding, which is also the sequential expert's output embedding; detached,
+        # the router's losses (its share of the fused CE, the balance loss) no longer move that table
+        self.router_detached_items = bool(config["router_detached_items"])
         self.eval_user_chunk = config["eval_user_chunk"] or 256
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
@@ -143,6 +147,13 @@ class UR4RecV2MoE(SequentialRecommender):
             raise ConfigError(f"expert_loss_weight must be >= 0, got {self.expert_loss_weight}")
         if self.expert_loss_weight and self.loss_type != "CE":
             raise ConfigError("expert_loss_weight applies to loss_type CE (each expert's full-catalogue softmax)")
+        # the sequential expert's own CE: the backbone keeps the full training signal it has with the experts off,
+        # however much of the fit the content experts take (docs/results.md, "Experts off under reordered ties")
+        self.sequential_loss_weight = config["sequential_loss_weight"] or 0.0
+        if self.sequential_loss_weight < 0:
+            raise ConfigError(f"sequential_loss_weight must be >= 0, got {self.sequential_loss_weight}")
+        if self.sequential_loss_weight and self.loss_type != "CE":
+            raise ConfigError("sequential_loss_weight applies to loss_type CE (the expert's full-catalogue softmax)")
         self.gbce_beta = gbce_beta(self.train_neg_num, self.n_items - 1, config["gbce_t"])
         dropout = config["dropout"]
         # in training, each input item of a sequence is dropped (its input vector zeroed, its position kept) with
@@ -338,8 +349,9 @@ class UR4RecV2MoE(SequentialRecommender):
             users[slot] = expert.user_vector(seq_repr, memory_feats.to(seq_repr.dtype), memory_mask)  # [B, H]
             candidates[slot] = expert.candidate_vector(feature)  # [U, H]
 
+        router_input = item_id_emb.detach() if self.router_detached_items else item_id_emb  # [U, E]
         routing = self.router(
-            item_id_emb, torch.stack(item_live, dim=1), torch.stack(user_live, dim=1), index, items
+            router_input, torch.stack(item_live, dim=1), torch.stack(user_live, dim=1), index, items
         )  # item_live [U, X], user_live [B, X]
         return routing.score(users, candidates), routing, ExpertVectors(users, candidates)  # [B, C]
 
@@ -438,6 +450,10 @@ class UR4RecV2MoE(SequentialRecommender):
         if self.expert_loss_weight and experts is not None:
             own = self.content_expert_loss(experts, routing, positives, weight)
             rec_loss = rec_loss + self.expert_loss_weight * own
+        if self.sequential_loss_weight and experts is not None:
+            sequential_scores = experts.users[0] @ experts.candidates[0].T  # [P, n_items]
+            own = full_softmax_loss(sequential_scores, positives, weight, self.unseen_items)
+            rec_loss = rec_loss + self.sequential_loss_weight * own
         lb_loss = balance_penalty(*routing.load_balance(self.expert_enabled, weight))
         return rec_loss, self.load_balance_weight * lb_loss, surprise
 
