@@ -307,16 +307,24 @@ def test_padded_points_of_weight_zero_change_no_loss():
     assert load_balance_loss(router, all_on, torch.zeros(3)).item() == 0.0  # no real point: no balance to keep
 
 
-def test_expert_loss_adds_each_content_experts_own_cross_entropy(tmp_path):
-    _, _, splits, model = tiny_run(tmp_path, expert_loss_weight=0.5, memory_type="history")
+def _loss_and_its_parts(tmp_path, **overrides):
+    """A batch's rec loss under ``overrides`` (history memory: every user has memory; eval: no dropout, so a
+    loss by hand sees the same vectors) -> (model, rec_loss, target [B], seq_repr [B, H], memory, the fused CE)."""
+    _, _, splits, model = tiny_run(tmp_path, memory_type="history", **overrides)
     batch = _batch(splits)
-    model.eval()  # no dropout: the loss by hand below sees the same vectors
+    model.eval()
     rec_loss, _ = model.calculate_loss(batch)
     user, seq, length, target = batch["user_id"], batch["item_id_list"], batch["item_length"], batch["item_id"]
     memory = model.read_memory(user, seq, length, batch["timestamp"])
-    seq_repr = model.encode_sequence(seq, length, user)
-    fused, _ = model.score_candidates(seq_repr, memory)  # [B, n_items]
-    expected = torch.nn.functional.cross_entropy(fused.index_fill(1, torch.tensor([0]), float("-inf")), target)
+    seq_repr = model.encode_sequence(seq, length, user)  # [B, H]
+    fused, routing = model.score_candidates(seq_repr, memory)  # [B, n_items]
+    assert routing is not None  # the content experts are live: an own-CE term is not the fused CE again
+    fused_ce = torch.nn.functional.cross_entropy(fused.index_fill(1, torch.tensor([0]), float("-inf")), target)
+    return model, rec_loss, target, seq_repr, memory, fused_ce
+
+
+def test_expert_loss_adds_each_content_experts_own_cross_entropy(tmp_path):
+    model, rec_loss, target, seq_repr, memory, expected = _loss_and_its_parts(tmp_path, expert_loss_weight=0.5)
     features, terms = model.item_features, 0
     for expert, table, available, feats, mask in (
         (model.visual_expert, features.visual, features.visual_available, memory.visual, memory.visual_mask),
@@ -339,19 +347,10 @@ def test_expert_loss_adds_each_content_experts_own_cross_entropy(tmp_path):
 
 def test_sequential_loss_adds_the_sequential_experts_own_cross_entropy(tmp_path):
     """fused CE + 0.5 x CE of seq_repr . item vectors alone (the catalogue but the padding item), by hand."""
-    _, _, splits, model = tiny_run(tmp_path, sequential_loss_weight=0.5, memory_type="history")
-    batch = _batch(splits)
-    model.eval()  # no dropout: the loss by hand below sees the same vectors
-    rec_loss, _ = model.calculate_loss(batch)
-    user, seq, length, target = batch["user_id"], batch["item_id_list"], batch["item_length"], batch["item_id"]
-    seq_repr = model.encode_sequence(seq, length, user)  # [B, H]
-    fused, routing = model.score_candidates(seq_repr, model.read_memory(user, seq, length, batch["timestamp"]))
-    assert routing is not None  # the content experts are live: the term is not the fused CE again
+    model, rec_loss, target, seq_repr, _, expected = _loss_and_its_parts(tmp_path, sequential_loss_weight=0.5)
     sequential = seq_repr @ model.item_proj(model.item_embedding.weight).T  # [B, n_items]
-    padding = torch.tensor([0])
-    expected = torch.nn.functional.cross_entropy(fused.index_fill(1, padding, float("-inf")), target)
     expected = expected + 0.5 * torch.nn.functional.cross_entropy(
-        sequential.index_fill(1, padding, float("-inf")), target
+        sequential.index_fill(1, torch.tensor([0]), float("-inf")), target
     )
     torch.testing.assert_close(rec_loss, expected)
     bad_settings = (

@@ -141,19 +141,18 @@ class UR4RecV2MoE(SequentialRecommender):
             unseen[torch.as_tensor(list(dataset.item_counter.keys()), dtype=torch.long)] = False
         self.register_buffer("unseen_items", unseen, persistent=False)  # [n_items] bool, or None
         # each content expert's own CE, so that it ranks by itself where the sequential expert cannot (an item
-        # with an untrained ID); without it a content expert is trained only as a minor part of the mixture
-        self.expert_loss_weight = config["expert_loss_weight"] or 0.0
-        if self.expert_loss_weight < 0:
-            raise ConfigError(f"expert_loss_weight must be >= 0, got {self.expert_loss_weight}")
-        if self.expert_loss_weight and self.loss_type != "CE":
-            raise ConfigError("expert_loss_weight applies to loss_type CE (each expert's full-catalogue softmax)")
-        # the sequential expert's own CE: the backbone keeps the full training signal it has with the experts off,
+        # with an untrained ID); without it a content expert is trained only as a minor part of the mixture.
+        # The sequential expert's own CE: the backbone keeps the full training signal it has with the experts off,
         # however much of the fit the content experts take (docs/results.md, "Experts off under reordered ties")
-        self.sequential_loss_weight = config["sequential_loss_weight"] or 0.0
-        if self.sequential_loss_weight < 0:
-            raise ConfigError(f"sequential_loss_weight must be >= 0, got {self.sequential_loss_weight}")
-        if self.sequential_loss_weight and self.loss_type != "CE":
-            raise ConfigError("sequential_loss_weight applies to loss_type CE (the expert's full-catalogue softmax)")
+        for name in ("expert_loss_weight", "sequential_loss_weight"):
+            value = config[name] or 0.0
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+            if value and self.loss_type != "CE":
+                raise ConfigError(f"{name} applies to loss_type CE (each expert's full-catalogue softmax)")
+            setattr(self, name, value)
+        # the weight of each expert's own CE, in EXPERTS' order
+        self.own_loss_weights = (self.sequential_loss_weight, self.expert_loss_weight, self.expert_loss_weight)
         self.gbce_beta = gbce_beta(self.train_neg_num, self.n_items - 1, config["gbce_t"])
         dropout = config["dropout"]
         # in training, each input item of a sequence is dropped (its input vector zeroed, its position kept) with
@@ -447,29 +446,25 @@ class UR4RecV2MoE(SequentialRecommender):
             surprise = surprise_of(scores.detach()) if self.writes_memory else None
         if routing is None:  # the sequential expert alone: nothing to balance
             return rec_loss, scores.new_zeros(()), surprise
-        if self.expert_loss_weight and experts is not None:
-            own = self.content_expert_loss(experts, routing, positives, weight)
-            rec_loss = rec_loss + self.expert_loss_weight * own
-        if self.sequential_loss_weight and experts is not None:
-            sequential_scores = experts.users[0] @ experts.candidates[0].T  # [P, n_items]
-            own = full_softmax_loss(sequential_scores, positives, weight, self.unseen_items)
-            rec_loss = rec_loss + self.sequential_loss_weight * own
+        if any(self.own_loss_weights) and experts is not None:
+            rec_loss = rec_loss + self.own_expert_loss(experts, routing, positives, weight)
         lb_loss = balance_penalty(*routing.load_balance(self.expert_enabled, weight))
         return rec_loss, self.load_balance_weight * lb_loss, surprise
 
-    def content_expert_loss(
+    def own_expert_loss(
         self, experts: ExpertVectors, routing: Routing, positives: Tensor, weight: Tensor | None = None
     ) -> Tensor:
-        """Sum over the live content experts of each one's own full-catalogue CE, ``experts`` of P points
-        scored against all items, ``positives`` [P], ``weight`` [P] -> [].
+        """Sum over the live experts of ``own_loss_weights[e]`` x expert e's own full-catalogue CE (its score
+        alone, not weighted by the router), ``experts`` of P points scored against all items, ``positives`` [P],
+        ``weight`` [P] -> [].
 
         Expert e's softmax runs over the items it can score (``routing.item_live[:, e]``; the items left out of
         the main softmax stay out), on its points whose user has memory of its modality and whose positive has
-        its feature. The sequential expert has no term: the fused CE already trains it as the main scorer.
+        its feature. For the sequential expert that is every item with a trained ID and every point.
         """
         total = positives.new_zeros((), dtype=experts.users[0].dtype)
-        for e in range(1, len(EXPERTS)):
-            if experts.users[e] is None:
+        for e, expert_weight in enumerate(self.own_loss_weights):
+            if not expert_weight or experts.users[e] is None:
                 continue
             scores = experts.users[e] @ experts.candidates[e].T  # [P, n_items]
             excluded = ~routing.item_live[:, e]  # [n_items]
@@ -477,7 +472,7 @@ class UR4RecV2MoE(SequentialRecommender):
                 excluded = excluded | self.unseen_items
             point_weight = routing.user_live[:, e] & routing.item_live[positives, e]  # [P]
             point_weight = point_weight.to(scores.dtype) * (1.0 if weight is None else weight)
-            total = total + full_softmax_loss(scores, positives, point_weight, excluded)
+            total = total + expert_weight * full_softmax_loss(scores, positives, point_weight, excluded)
         return total
 
     def sample_negatives(self, positives: Tensor, generator: torch.Generator | None = None) -> Tensor:
